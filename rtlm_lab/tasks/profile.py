@@ -1,0 +1,53 @@
+"""``rtlm-profile``: profile real generation of one LM on one platform (see ``conf/profile.yaml``).
+
+Examples::
+
+    rtlm-profile lm=smollm2_135m platform=cpu data.n_prompts=50
+    rtlm-profile -m lm=smollm2_135m,gemma3_270m platform=cpu data.n_prompts=5
+    rtlm-profile --help          # Hydra's help: config groups and the composed config
+"""
+
+from __future__ import annotations
+
+import logging
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from rtlm_lab.tasks._cli import CONF_DIR, check_group_choices, task_wrapper
+
+log = logging.getLogger("rtlm_lab.profile")
+
+
+@task_wrapper
+def profile(cfg: DictConfig) -> dict:
+    """Compose-and-run body, callable without the CLI (``profile(cfg)``) in tests and notebooks."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from rtlm_lab.profiling.profiler import run_profile
+    from rtlm_lab.profiling.summary import format_summary, plot_profile
+    import pandas as pd
+
+    run_dir = HydraConfig.get().runtime.output_dir
+    container = OmegaConf.to_container(cfg, resolve=True)
+    summary = run_profile(container, run_dir)
+    df = pd.read_parquet(f"{run_dir}/profile.parquet")
+    if cfg.profile.get("figures", True) and len(df) > 2:
+        plot_profile(df, run_dir, title=f"{cfg.lm.name} on {cfg.platform.name}")
+    print(format_summary(df, summary), flush=True)
+    print(f"profile: {run_dir}/profile.parquet", flush=True)
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="profile")
+def _hydra_main(cfg: DictConfig) -> None:
+    profile(cfg)
+
+
+def main() -> None:
+    check_group_choices()
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Shared fixtures: a temporary data/output root, and tiny random-initialised transformers models.
+
+Tiny models are real transformers architectures with a real BPE tokenizer trained on a CCC sample; only
+their weights are random. Real LMs (Gemma, SmolLM2) are loaded in the tests that need them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("RTLM_ROOT", str(ROOT))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def ccc_sample() -> list[str]:
+    from rtlm_lab.data.ccc import load_requests
+
+    return load_requests("train", n=400, seed=1)["text"].tolist()
+
+
+def _tiny_tokenizer(texts):
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+@pytest.fixture(scope="session")
+def tiny_causal_dir(tmp_path_factory, ccc_sample) -> Path:
+    """A random-initialised 2-layer GPT-2 + BPE tokenizer, saved with ``save_pretrained``."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    d = tmp_path_factory.mktemp("tiny_gpt2")
+    tok = _tiny_tokenizer(ccc_sample)
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=256, n_embd=32, n_layer=2, n_head=2,
+                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = GPT2LMHeadModel(cfg)
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_seq2seq_dir(tmp_path_factory, ccc_sample) -> Path:
+    """A random-initialised 1-layer T5 (encoder-decoder) + BPE tokenizer."""
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    d = tmp_path_factory.mktemp("tiny_t5")
+    tok = _tiny_tokenizer(ccc_sample)
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=len(tok), d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16,
+                   pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                   decoder_start_token_id=tok.pad_token_id)
+    model = T5ForConditionalGeneration(cfg)
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def tiny_spec(model_dir: Path, arch: str = "causal", **kw) -> dict:
+    """An LM config for a tiny model; ``stop_strings`` on a frequent letter give varied reply lengths."""
+    spec = {
+        "name": f"tiny_{arch}", "arch": arch, "source": "hub", "hub_id": str(model_dir), "local_dir": None,
+        "chat_format": "lab_seq2seq" if arch == "seq2seq" else "lab_causal", "stop_strings": ["e"],
+        "extra_eos_tokens": [], "max_new_tokens": 24, "max_input_tokens": 128,
+    }
+    spec.update(kw)
+    return spec
+
+
+@pytest.fixture
+def tmp_roots(tmp_path, monkeypatch):
+    """Point RTLM_OUTPUT_DIR at a temporary folder (data stays shared: the corpus cache is read-only)."""
+    out = tmp_path / "outputs"
+    monkeypatch.setenv("RTLM_OUTPUT_DIR", str(out))
+    return out
