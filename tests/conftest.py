@@ -48,7 +48,8 @@ def tiny_causal_dir(tmp_path_factory, ccc_sample) -> Path:
     tok = _tiny_tokenizer(ccc_sample)
     torch.manual_seed(0)
     cfg = GPT2Config(vocab_size=len(tok), n_positions=256, n_embd=32, n_layer=2, n_head=2,
-                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                     tie_word_embeddings=False, initializer_range=0.3)  # untied + wide init: varied replies
     model = GPT2LMHeadModel(cfg)
     model.save_pretrained(d)
     tok.save_pretrained(d)
@@ -66,7 +67,7 @@ def tiny_seq2seq_dir(tmp_path_factory, ccc_sample) -> Path:
     torch.manual_seed(0)
     cfg = T5Config(vocab_size=len(tok), d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16,
                    pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                   decoder_start_token_id=tok.pad_token_id)
+                   decoder_start_token_id=tok.pad_token_id, tie_word_embeddings=False, initializer_factor=3.0)
     model = T5ForConditionalGeneration(cfg)
     model.save_pretrained(d)
     tok.save_pretrained(d)

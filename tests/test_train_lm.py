@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from rtlm_lab.lm import ChatLM, Generation, lm_config, load_lm
@@ -21,20 +22,24 @@ from rtlm_lab.lm.train import LAB_LMS, output_dir_for, train_lab_lm
 from rtlm_lab.paths import ROOT
 
 CONF_DIR = str(ROOT / "conf")
-# The tiny preset shrunk further: a couple of seconds per model on 2 CPU cores.
+# The tiny preset shrunk further: a couple of seconds per model on 2 CPU cores. One torch thread: on a
+# shared 2-core machine, two OpenMP threads competing with another process run ~100x slower.
 FAST = ["preset.max_steps=12", "preset.max_train_pairs=400", "preset.max_val_pairs=64",
-        "preset.tokenizer.max_texts=1500", "preset.log_every=4", "preset.sample_max_new_tokens=8"]
+        "preset.tokenizer.max_texts=1500", "preset.log_every=4", "preset.sample_max_new_tokens=8",
+        "platform.threads=1"]
 
 
 @pytest.fixture(scope="module")
 def lab_env(tmp_path_factory):
     """RTLM_ROOT / RTLM_DATA_DIR / RTLM_OUTPUT_DIR pointed at a module-wide temporary root."""
     root = tmp_path_factory.mktemp("train_lm")
+    threads = torch.get_num_threads()  # resolve_device(platform) sets it; restored for later tests
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RTLM_ROOT", str(ROOT))
         mp.setenv("RTLM_DATA_DIR", str(root / "data"))
         mp.setenv("RTLM_OUTPUT_DIR", str(root / "outputs"))
         yield root
+    torch.set_num_threads(threads)
 
 
 def _cfg(*overrides: str):
@@ -76,7 +81,7 @@ def test_train_save_load_generate(trained, name):
 
     spec = lm_config(name)
     spec["preset"] = "tiny"
-    lm = load_lm(spec)
+    lm = load_lm(spec, {"name": "cpu", "device": "cpu", "dtype": "float32", "threads": 1})
     assert isinstance(lm, ChatLM)
     tok = lm.tokenizer
     assert tok.eos_token == "</s>" and tok.pad_token == "<pad>" and tok.bos_token == "<s>"

@@ -116,11 +116,23 @@ class ChatLM:
     def prompt(self, text: Any, context: Any = "") -> str:
         return format_prompt(_clean(text), _clean(context), self.spec, self.tokenizer)
 
-    def encode(self, texts: Sequence[Any], contexts: Sequence[Any] | None = None):
+    def max_input_tokens(self, max_new_tokens: int) -> int:
+        """Prompt budget: the LM's ``max_input_tokens``, leaving room for the reply in the positions."""
+        limit = int(self.spec.get("max_input_tokens", 1024))
+        cfg = self.model.config
+        n_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        if n_pos and not self.is_encoder_decoder:
+            limit = min(limit, int(n_pos) - max_new_tokens)
+        return max(8, limit)
+
+    def encode(self, texts: Sequence[Any], contexts: Sequence[Any] | None = None, max_new_tokens: int = 64):
         contexts = contexts if contexts is not None else [""] * len(texts)
         prompts = [self.prompt(t, c) for t, c in zip(texts, contexts)]
+        if self.is_encoder_decoder:  # an empty encoder input is degenerate: give it one end-of-text token
+            prompts = [p if p.strip() else (self.tokenizer.eos_token or " ") for p in prompts]
         add_special = self.spec["chat_format"] == "fewshot" or self.is_encoder_decoder
-        max_len = int(self.spec.get("max_input_tokens", 1024))
+        max_len = self.max_input_tokens(max_new_tokens)
+        self.tokenizer.truncation_side = "left"  # keep the end of the prompt: the turn and the reply cue
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=add_special,
                              truncation=True, max_length=max_len)
         return enc
@@ -135,7 +147,7 @@ class ChatLM:
                  max_new_tokens: int | None = None) -> list[Generation]:
         """Greedy replies for a batch of user turns (one real ``generate`` call)."""
         max_new = int(max_new_tokens or self.spec.get("max_new_tokens", 64))
-        enc = self.encode(texts, contexts).to(self.device)
+        enc = self.encode(texts, contexts, max_new).to(self.device)
         batch = enc["input_ids"].shape[0]
         prompt_len = 0 if self.is_encoder_decoder else enc["input_ids"].shape[1]
         # encoder-decoder outputs start with the decoder start token

@@ -211,23 +211,21 @@ def encode_pairs(pairs: Sequence[Pair], tokenizer, seq2seq: bool, max_length: in
       truncated like :meth:`ChatLM.encode`), ``labels = reply + </s>``.
     """
     eos = tokenizer.eos_token_id
+    prompts = [format_lab(p.text, p.context, tokenizer, seq2seq=seq2seq) for p in pairs]
+    replies = tokenizer([p.reply for p in pairs], add_special_tokens=False)["input_ids"]  # batched (Rust)
     out = []
-    for p in pairs:
-        prompt = format_lab(p.text, p.context, tokenizer, seq2seq=seq2seq)
-        reply_ids = tokenizer(p.reply, add_special_tokens=False)["input_ids"]
-        if seq2seq:
-            enc = tokenizer(prompt, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
-            labels = reply_ids[: max_length - 1] + [eos]
-            out.append({"input_ids": enc, "labels": labels})
-        else:
-            prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            reply_ids = reply_ids + [eos]
-            if len(prompt_ids) + len(reply_ids) > max_length:
-                keep_prompt = min(len(prompt_ids), max(max_length - len(reply_ids), max_length // 2))
-                prompt_ids = prompt_ids[len(prompt_ids) - keep_prompt:]
-                reply_ids = reply_ids[: max_length - len(prompt_ids)]
-            out.append({"input_ids": prompt_ids + reply_ids,
-                        "labels": [IGNORE_INDEX] * len(prompt_ids) + reply_ids})
+    if seq2seq:
+        encoded = tokenizer(prompts, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
+        for enc, reply_ids in zip(encoded, replies):
+            out.append({"input_ids": enc, "labels": reply_ids[: max_length - 1] + [eos]})
+        return out
+    for prompt_ids, reply_ids in zip(tokenizer(prompts, add_special_tokens=False)["input_ids"], replies):
+        reply_ids = reply_ids + [eos]
+        if len(prompt_ids) + len(reply_ids) > max_length:
+            keep_prompt = min(len(prompt_ids), max(max_length - len(reply_ids), max_length // 2))
+            prompt_ids = prompt_ids[len(prompt_ids) - keep_prompt:]
+            reply_ids = reply_ids[: max_length - len(prompt_ids)]
+        out.append({"input_ids": prompt_ids + reply_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + reply_ids})
     return out
 
 
@@ -254,9 +252,11 @@ def _amp_context(device: torch.device, amp_dtype: str | None):
 
 def _token_loss(model, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over label tokens and their count (exact token-weighted means)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   **({"labels": batch["labels"]} if model.config.is_encoder_decoder else {})).logits
     labels = batch["labels"]
+    extra = {}
+    if model.config.is_encoder_decoder:  # teacher forcing: labels shifted right after decoder_start_token_id
+        extra["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=labels)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra).logits
     if not model.config.is_encoder_decoder:
         logits, labels = logits[:, :-1, :], labels[:, 1:]
     loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
@@ -328,6 +328,8 @@ def train_loop(model, examples: Sequence[Mapping[str, list[int]]], preset: Mappi
     log_every = max(1, int(preset["log_every"]))
     amp = preset.get("amp_dtype")
     max_norm = preset.get("max_grad_norm")
+    # fp16 autocast needs loss scaling (bf16 does not); a disabled scaler is a no-op
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and str(amp) == "float16")
     model.train()
     curve: list[list[float]] = []
     window_loss, window_tokens = 0.0, 0
@@ -342,10 +344,12 @@ def train_loop(model, examples: Sequence[Mapping[str, list[int]]], preset: Mappi
             loss_sum, n_tok = _token_loss(model, batch)
         loss = loss_sum / max(n_tok, 1)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
         if max_norm:
+            scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), float(max_norm))
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
         value = float(loss.detach())
         if not math.isfinite(value):

@@ -1,0 +1,113 @@
+"""``rtlm-uncertainty``: uncertainty of the requests vs output length and latency, for one profile.
+
+Reads a profile written by ``rtlm-profile`` (``profile=<parquet>``, or by default the run dir of
+``rtlm-profile`` with the same ``lm`` / ``platform`` / ``data`` settings), scores every request with
+:func:`rtlm_lab.uncertainty.quantify` and runs :func:`rtlm_lab.uncertainty.analysis.analyze`. The run dir
+``outputs/uncertainty/<lm>/<platform>/`` receives:
+
+* ``metrics.json``: Spearman per type (+ CI, partial, p-value), output length by uncertainty quartile,
+  latency model per platform, the tidy ``spearman_table``, and provenance (config, commit, machine,
+  versions, the profile's path and sha256);
+* ``scores.parquet``: one row per request, the six scores + total joined with tokens and latencies;
+* ``spearman``, ``output_by_uncertainty``, ``latency_fit`` and ``spearman_heatmap`` as PNG + SVG.
+
+Examples::
+
+    rtlm-uncertainty lm=smollm2_135m platform=cpu
+    rtlm-uncertainty lm=gemma3_270m data.n_prompts=6
+    rtlm-uncertainty profile=outputs/profile/gemma3_270m/cpu/test-n6-s0/profile.parquet n_bootstrap=200
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from rtlm_lab.errors import UserError
+from rtlm_lab.tasks._cli import CONF_DIR, check_group_choices, task_wrapper
+
+log = logging.getLogger("rtlm_lab.uncertainty")
+
+
+def resolve_profile(cfg: DictConfig) -> Path:
+    """The profile parquet to analyse; a :class:`UserError` (one line) when it does not exist."""
+    given = cfg.get("profile")
+    path = Path(str(given) if given else str(cfg.profile_default)).expanduser()
+    if not path.is_absolute():
+        from hydra.core.hydra_config import HydraConfig
+
+        try:
+            path = Path(HydraConfig.get().runtime.cwd) / path
+        except ValueError:  # called without Hydra
+            path = path.resolve()
+    if not path.is_file():
+        hint = f"rtlm-profile lm={cfg.lm.name} platform={cfg.platform.name} data.n_prompts={cfg.data.n_prompts}"
+        raise UserError(f"no profile at {path}; run `{hint}` first (or pass profile=<path/to/profile.parquet>)")
+    return path
+
+
+@task_wrapper
+def uncertainty(cfg: DictConfig) -> dict:
+    """Compose-and-run body, callable without the CLI (``uncertainty(cfg)``) in tests and notebooks."""
+    from hydra.core.hydra_config import HydraConfig
+
+    path = resolve_profile(cfg)  # before the heavy imports: a missing file is a quick one-line error
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import pandas as pd
+
+    from rtlm_lab.io import provenance, sha256_file, write_json_atomic, write_parquet_atomic
+    from rtlm_lab.uncertainty.analysis import analyze, format_table, to_jsonable
+    from rtlm_lab.viz.uncertainty import (
+        plot_latency_fit, plot_output_by_uncertainty, plot_spearman_bars, plot_spearman_heatmap,
+    )
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        profile_df = pd.read_parquet(path)
+    except Exception as exc:  # noqa: BLE001 - a corrupt / non-parquet file is a user mistake
+        raise UserError(f"cannot read profile {path}: {type(exc).__name__}: {exc}".splitlines()[0]) from exc
+    if len(profile_df) == 0:
+        raise UserError(f"profile {path} has no rows; rerun rtlm-profile")
+    result = analyze(profile_df, n_bootstrap=int(cfg.n_bootstrap), seed=int(cfg.seed))
+    if (result["lm"], result["platform"]) != (cfg.lm.name, cfg.platform.name):
+        # labels come from the profile's rows (the truth); the run dir from the config
+        log.warning("profile %s holds lm=%s platform=%s but the config says lm=%s platform=%s", path,
+                    result["lm"], result["platform"], cfg.lm.name, cfg.platform.name)
+    scores = result["scores"]
+    metrics = to_jsonable(result)
+    metrics["provenance"] = provenance(cfg, profile=str(path), profile_sha256=sha256_file(path),
+                                       run_dir=str(run_dir))
+    write_parquet_atomic(scores, run_dir / "scores.parquet")
+    write_json_atomic(run_dir / "metrics.json", metrics)
+    if cfg.get("figures", True):
+        title = f"{result['lm']} on {result['platform']} (n={result['n']})"
+        table = result["spearman_table"]
+        plot_spearman_bars(table, run_dir, title=title)
+        plot_output_by_uncertainty(scores, run_dir, title=title)
+        plot_latency_fit(scores, result["latency_model"], run_dir, title=f"latency vs output tokens: {title}")
+        plot_spearman_heatmap(table, run_dir)
+    print(f"{result['lm']} on {result['platform']}: {result['n']} requests, "
+          f"{result['n_bootstrap']} bootstrap resamples", flush=True)
+    print(format_table(result["spearman_table"]), flush=True)
+    print(f"metrics: {run_dir / 'metrics.json'}", flush=True)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="uncertainty")
+def _hydra_main(cfg: DictConfig) -> None:
+    uncertainty(cfg)
+
+
+def main() -> None:
+    check_group_choices()
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
