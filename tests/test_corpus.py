@@ -35,3 +35,8 @@ def test_bad_requests_config_is_a_user_error():
         load_requests("test", n=0)
     with pytest.raises(UserError):
         SplitSpec(train_frac=0.95, val_frac=0.1).validate()
+
+
+def test_samples_are_nested():
+    small, large = load_requests("test", n=30, seed=0), load_requests("test", n=50, seed=0)
+    assert list(large["request_id"][:30]) == list(small["request_id"])

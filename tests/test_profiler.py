@@ -130,3 +130,12 @@ def test_cli_sigterm_then_resume(tmp_path, tiny_causal_dir):
     assert f"{len(done)} already profiled" in res.stderr + res.stdout
     final = pd.read_parquet(run_dir / "profile.parquet")
     assert len(final) == 30 and final["request_id"].is_unique
+
+
+def test_batched_profile_reports_batch1_agreement(tmp_path, tiny_causal_dir):
+    spec = tiny_spec(tiny_causal_dir)
+    summary = run_profile(_cfg(spec, n=8, batch_size=4, check_batch1=8), tmp_path)
+    df = pd.read_parquet(tmp_path / "profile.parquet")
+    assert (df["batch_size"] == 4).all() and len(df) == 8
+    assert summary["batch1_check"]["n"] == 8
+    assert summary["batch1_check"]["identical"] == 8, summary["batch1_check"]["mismatches"]

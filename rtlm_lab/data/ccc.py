@@ -95,9 +95,13 @@ def build_corpus(spec: SplitSpec = SplitSpec(), force: bool = False) -> Path:
 
     src = _dataset_json()
     log.info("building CCC turns from %s", src)
-    ds = datasets.Dataset.from_generator(_iter_turns, gen_kwargs={"path": src}, keep_in_memory=True,
-                                         cache_dir=str(processed_dir() / "hf_cache"))
-    df = ds.to_pandas()
+    import tempfile
+
+    processed_dir().mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=processed_dir()) as hf_cache:  # datasets' arrow cache: throwaway
+        ds = datasets.Dataset.from_generator(_iter_turns, gen_kwargs={"path": src}, keep_in_memory=True,
+                                             cache_dir=hf_cache)
+        df = ds.to_pandas()
     df = df[df["text"].str.len() > 0].reset_index(drop=True)
     convs = np.array(sorted(df["conv_id"].unique()))
     rng = np.random.default_rng(spec.seed)
@@ -138,7 +142,7 @@ def load_requests(split: str = "test", n: int | None = None, seed: int = 0, with
                   max_chars: int | None = 600, spec: SplitSpec = SplitSpec()) -> pd.DataFrame:
     """Requests of one split: columns ``request_id, conv_id, turn_idx, text, context``.
 
-    ``n`` draws a seeded sample (without replacement) in a stable order; ``with_context=False`` blanks
+    ``n`` draws a seeded sample (without replacement; nested: a larger ``n`` extends a smaller one); ``with_context=False`` blanks
     the context column; ``max_chars`` drops turns longer than that (pasted essays, a few dozen).
     """
     if split not in SPLITS:
@@ -149,8 +153,11 @@ def load_requests(split: str = "test", n: int | None = None, seed: int = 0, with
     df = df[df["split"] == split]
     if max_chars:
         df = df[df["text"].str.len() <= max_chars]
+    # a seeded permutation, then its first n: samples are nested (n=300 is a prefix of n=500), so runs of
+    # different sizes (e.g. cpu and cuda reference profiles) share their requests
+    df = df.sample(frac=1.0, random_state=seed)
     if n is not None and n < len(df):
-        df = df.sample(n=n, random_state=seed)
+        df = df.head(n)
     df = df[["request_id", "conv_id", "turn_idx", "text", "context", "reply"]].reset_index(drop=True)
     if not with_context:
         df["context"] = ""

@@ -54,8 +54,11 @@ class Generation:
 class _TurnStopper(StoppingCriteria):
     """Per-row end-of-turn detection and timing, called by ``generate`` after every new token."""
 
-    def __init__(self, tokenizer, stop_strings: Sequence[str], prompt_len: int, batch: int, sync):
+    def __init__(self, tokenizer, stop_strings: Sequence[str], prompt_len: int, batch: int, sync,
+                 eos_ids: Sequence[int] = ()):
         self.tok = tokenizer
+        self.eos = set(eos_ids)
+        self.t_eos: list[float | None] = [None] * batch
         self.stops = [s for s in stop_strings if s]
         self.prompt_len = prompt_len
         self.t_first: float | None = None
@@ -69,6 +72,10 @@ class _TurnStopper(StoppingCriteria):
         if self.t_first is None:
             self.t_first = now
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        if self.eos and input_ids.shape[0] > 1:  # when each row of a batch emitted its end-of-sequence
+            for i, t in enumerate(input_ids[:, -1].tolist()):
+                if self.t_eos[i] is None and t in self.eos and input_ids.shape[1] > self.prompt_len:
+                    self.t_eos[i] = now
         if not self.stops:
             return done
         new = input_ids[:, self.prompt_len:].tolist()
@@ -152,7 +159,8 @@ class ChatLM:
         prompt_len = 0 if self.is_encoder_decoder else enc["input_ids"].shape[1]
         # encoder-decoder outputs start with the decoder start token
         stopper = _TurnStopper(self.tokenizer, self.spec.get("stop_strings", []) or [],
-                               prompt_len + (1 if self.is_encoder_decoder else 0), batch, self._sync)
+                               prompt_len + (1 if self.is_encoder_decoder else 0), batch, self._sync,
+                               self.eos_ids)
         self._sync()
         t0 = time.perf_counter()
         out = self.model.generate(
@@ -176,9 +184,12 @@ class ChatLM:
                 if s and s in text:
                     text = text[: text.index(s)]
             t_first = stopper.t_first if stopper.t_first is not None else t_end
-            t_done = stopper.t_done[i] if (reason == "stop_string" and stopper.t_done[i]) else t_end
-            if batch > 1 and reason != "stop_string":
-                t_done = t_end  # rows ending by EOS/cap inside a batch: batch end is an upper bound
+            # when this row's last token came out: its stop string, its EOS, else the end of the call
+            t_done = t_end
+            if reason == "stop_string" and stopper.t_done[i]:
+                t_done = stopper.t_done[i]
+            elif reason == "eos" and stopper.t_eos[i]:
+                t_done = stopper.t_eos[i]
             results.append(Generation(
                 text=text.strip(), n_input_tokens=int(n_in[i]), n_output_tokens=n, stop_reason=reason,
                 ttft_s=t_first - t0, e2e_s=max(t_done, t_first) - t0, batch_size=batch, output_ids=reply_ids,

@@ -250,12 +250,22 @@ def _amp_context(device: torch.device, amp_dtype: str | None):
     return torch.autocast(device.type, enabled=False)
 
 
+def shift_right(labels: torch.Tensor, start_id: int, pad_id: int) -> torch.Tensor:
+    """Decoder inputs for teacher forcing: ``[start] + labels[:-1]`` with ignored positions as padding
+    (what BlenderBot-small and T5 do internally when given ``labels``)."""
+    out = labels.new_full(labels.shape, pad_id)
+    out[:, 0] = start_id
+    out[:, 1:] = labels[:, :-1].masked_fill(labels[:, :-1] == IGNORE_INDEX, pad_id)
+    return out
+
+
 def _token_loss(model, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over label tokens and their count (exact token-weighted means)."""
     labels = batch["labels"]
     extra = {}
     if model.config.is_encoder_decoder:  # teacher forcing: labels shifted right after decoder_start_token_id
-        extra["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=labels)
+        extra["decoder_input_ids"] = shift_right(labels, model.config.decoder_start_token_id,
+                                                 model.config.pad_token_id)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra).logits
     if not model.config.is_encoder_decoder:
         logits, labels = logits[:, :-1, :], labels[:, 1:]

@@ -117,6 +117,19 @@ def select_requests(cfg: Mapping) -> pd.DataFrame:
                          with_context=bool(d.get("with_context", False)), max_chars=d.get("max_chars"), spec=spec)
 
 
+def check_batch1(lm, requests: pd.DataFrame, batch_size: int) -> dict:
+    """Token counts of the same requests generated one at a time and in batches (greedy): agreement."""
+    texts, ctx = requests["text"].tolist(), requests["context"].tolist()
+    single = [lm.generate([t], [c])[0].n_output_tokens for t, c in zip(texts, ctx)]
+    batched = []
+    for i in range(0, len(texts), batch_size):
+        batched += [g.n_output_tokens for g in lm.generate(texts[i:i + batch_size], ctx[i:i + batch_size])]
+    same = [a == b for a, b in zip(single, batched)]
+    return {"n": len(same), "identical": int(sum(same)),
+            "mismatches": [{"request_id": r, "batch1": a, "batched": b}
+                           for r, a, b, ok in zip(requests["request_id"], single, batched, same) if not ok]}
+
+
 def run_profile(cfg: Mapping, run_dir: str | Path, lm=None) -> dict:
     """Profile ``cfg.data`` requests with ``cfg.lm`` on ``cfg.platform``; return the summary dict.
 
@@ -149,6 +162,11 @@ def run_profile(cfg: Mapping, run_dir: str | Path, lm=None) -> dict:
                 log.info("sanity check passed: %r -> %r", sanity["prompt"], sanity["got"])
         for _ in range(int(prof.get("warmup", 1))):
             lm.generate(["hello, how are you?"], max_new_tokens=4)
+    batch1 = None
+    n_check = int(prof.get("check_batch1", 0) or 0)
+    if batch_size > 1 and n_check > 0 and len(todo):
+        batch1 = check_batch1(lm, todo.head(min(n_check, len(todo))), batch_size)
+        log.info("batched vs batch-1 token counts: %d/%d identical", batch1["identical"], batch1["n"])
     decoding = json.dumps({"greedy": True, "max_new_tokens": int(lm_cfg.get("max_new_tokens", 64)),
                            "chat_format": lm_cfg.get("chat_format"), "stop_strings": lm_cfg.get("stop_strings", []),
                            "with_context": bool(cfg["data"].get("with_context", False))})
@@ -186,6 +204,6 @@ def run_profile(cfg: Mapping, run_dir: str | Path, lm=None) -> dict:
     write_parquet_atomic(df, run_dir / "profile.parquet")
     summary = summarize(df)
     summary.update({"lm": lm_cfg["name"], "platform": platform.get("name"), "wall_s": time.perf_counter() - t0,
-                    "sanity": sanity})
+                    "sanity": sanity, "batch_size": batch_size, "batch1_check": batch1})
     write_json_atomic(run_dir / "summary.json", {"summary": summary, "provenance": provenance(cfg)})
     return summary

@@ -15,16 +15,13 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from rtlm_lab.errors import user_errors
-from rtlm_lab.paths import ROOT
+from rtlm_lab.tasks._cli import CONF_DIR, check_group_choices, task_wrapper
 
 log = logging.getLogger(__name__)
 
-CONF_DIR = str(ROOT / "conf")
-
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train_lm")
-@user_errors
+@task_wrapper
 def run(cfg: DictConfig) -> None:
     """Train (or reuse) the configured lab LM and print its validation metrics."""
     from rtlm_lab.lm.train import train_lab_lm
@@ -37,6 +34,7 @@ def run(cfg: DictConfig) -> None:
 
 def main() -> None:
     """Console script ``rtlm-train-lm``."""
+    check_group_choices()
     run()
 
 

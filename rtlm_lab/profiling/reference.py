@@ -1,0 +1,82 @@
+"""Commit-ready reference profiles: ``outputs/reference/profiles/``.
+
+``python -m rtlm_lab.profiling.reference RUN_DIR [RUN_DIR ...]`` copies each run's ``profile.parquet`` to
+``<lm>__<platform>.parquet`` with a ``<lm>__<platform>.provenance.json`` (the run's config, commit, date,
+machine, versions and summary), then rebuilds ``summary.csv`` (one row per LM x platform) and prints it
+as a Markdown table for the README. Running it with no arguments just rebuilds the summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+
+from rtlm_lab.io import atomic_path, sha256_file, write_json_atomic
+from rtlm_lab.paths import reference_dir
+from rtlm_lab.profiling.summary import SUMMARY_COLUMNS, summarize
+
+EXTRA_COLUMNS = ["capped_share", "mean_e2e_s", "latency_r2"]
+
+
+def ref_profiles_dir() -> Path:
+    return reference_dir() / "profiles"
+
+
+def add_run(run_dir: str | Path, out_dir: Path | None = None) -> Path:
+    """Copy one finished run into the reference folder (atomically), with its provenance."""
+    run_dir = Path(run_dir)
+    out_dir = out_dir or ref_profiles_dir()
+    df = pd.read_parquet(run_dir / "profile.parquet")
+    meta = json.loads((run_dir / "summary.json").read_text())
+    lm, platform = df["lm"].iloc[0], df["platform"].iloc[0]
+    target = out_dir / f"{lm}__{platform}.parquet"
+    with atomic_path(target) as tmp:
+        shutil.copyfile(run_dir / "profile.parquet", tmp)
+    write_json_atomic(out_dir / f"{lm}__{platform}.provenance.json", {
+        "source_run": str(run_dir), "sha256": sha256_file(target), "n": int(len(df)), **meta})
+    return target
+
+
+def build_summary(out_dir: Path | None = None) -> pd.DataFrame:
+    """``summary.csv`` over every reference profile (columns: SUMMARY_COLUMNS + a few extras)."""
+    out_dir = out_dir or ref_profiles_dir()
+    rows = []
+    for path in sorted(out_dir.glob("*__*.parquet")):
+        df = pd.read_parquet(path)
+        s = summarize(df)
+        rows.append({"lm": df["lm"].iloc[0], "platform": df["platform"].iloc[0], **{k: s[k] for k in SUMMARY_COLUMNS[2:]},
+                     "capped_share": s["capped_share"], "mean_e2e_s": s["mean_e2e_s"],
+                     "latency_r2": s["latency_fit"]["r2"]})
+    table = pd.DataFrame(rows, columns=SUMMARY_COLUMNS + EXTRA_COLUMNS)
+    with atomic_path(out_dir / "summary.csv") as tmp:
+        table.round(4).to_csv(tmp, index=False)
+    return table
+
+
+def markdown(table: pd.DataFrame) -> str:
+    """The README table: LMs as rows, platforms side by side."""
+    cols = ["n", "mean_out_tokens", "p50_out_tokens", "p99_out_tokens", "capped_share", "ttft_ms", "ms_per_token"]
+    lines = ["| lm | platform | n | mean out tok | p50 | p99 | capped | TTFT ms | ms/token |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for _, r in table.sort_values(["lm", "platform"]).iterrows():
+        lines.append(f"| {r['lm']} | {r['platform']} | {int(r['n'])} | {r['mean_out_tokens']:.1f} | "
+                     f"{r['p50_out_tokens']:.0f} | {r['p99_out_tokens']:.0f} | {100 * r['capped_share']:.1f}% | "
+                     f"{r['ttft_ms']:.0f} | {r['ms_per_token']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run_dirs", nargs="*", help="finished rtlm-profile run dirs to add")
+    args = ap.parse_args(argv)
+    for d in args.run_dirs:
+        print("added", add_run(d))
+    print(markdown(build_summary()))
+
+
+if __name__ == "__main__":
+    main()
