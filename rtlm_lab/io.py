@@ -65,7 +65,12 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 
 def git_commit() -> str:
-    """Current commit of the lab's checkout (``+dirty`` when the tree has changes), or ``unknown``."""
+    """Current commit of the lab's checkout (``+dirty`` when the tree has changes), or ``unknown``.
+
+    ``RTLM_GIT_COMMIT`` overrides it (copies of the tree without ``.git``, e.g. on a remote GPU box).
+    """
+    if os.environ.get("RTLM_GIT_COMMIT"):
+        return os.environ["RTLM_GIT_COMMIT"]
     try:
         res = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=ROOT, capture_output=True,
                              text=True, timeout=10)
