@@ -37,3 +37,17 @@ def outputs_dir() -> Path:
 def reference_dir() -> Path:
     """Committed results from real runs (``outputs/reference/``)."""
     return ROOT / "outputs" / "reference"
+
+
+def _register_resolvers() -> None:
+    """``${rtlm_root:}`` in configs: the repository root, also where Hydra's runtime is not set yet
+    (multirun sweep dirs are resolved before any job starts)."""
+    try:
+        from omegaconf import OmegaConf
+    except ImportError:  # pragma: no cover
+        return
+    if not OmegaConf.has_resolver("rtlm_root"):
+        OmegaConf.register_new_resolver("rtlm_root", lambda: str(ROOT))
+
+
+_register_resolvers()
