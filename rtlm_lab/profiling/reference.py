@@ -19,7 +19,7 @@ from rtlm_lab.io import atomic_path, sha256_file, write_json_atomic
 from rtlm_lab.paths import reference_dir
 from rtlm_lab.profiling.summary import SUMMARY_COLUMNS, summarize
 
-EXTRA_COLUMNS = ["capped_share", "mean_e2e_s", "latency_r2"]
+EXTRA_COLUMNS = ["capped_share", "capped_loop_share", "mean_e2e_s", "latency_r2", "batch_size"]
 
 
 def ref_profiles_dir() -> Path:
@@ -49,22 +49,44 @@ def build_summary(out_dir: Path | None = None) -> pd.DataFrame:
         df = pd.read_parquet(path)
         s = summarize(df)
         rows.append({"lm": df["lm"].iloc[0], "platform": df["platform"].iloc[0], **{k: s[k] for k in SUMMARY_COLUMNS[2:]},
-                     "capped_share": s["capped_share"], "mean_e2e_s": s["mean_e2e_s"],
-                     "latency_r2": s["latency_fit"]["r2"]})
+                     "capped_share": s["capped_share"], "capped_loop_share": s["capped_loop_share"],
+                     "mean_e2e_s": s["mean_e2e_s"], "latency_r2": s["latency_fit"]["r2"],
+                     "batch_size": int(df["batch_size"].max())})
     table = pd.DataFrame(rows, columns=SUMMARY_COLUMNS + EXTRA_COLUMNS)
     with atomic_path(out_dir / "summary.csv") as tmp:
         table.round(4).to_csv(tmp, index=False)
     return table
 
 
+def cross_platform_agreement(out_dir: Path | None = None) -> pd.DataFrame:
+    """Greedy output lengths of the same requests on cpu and cuda (``agreement.csv``)."""
+    out_dir = out_dir or ref_profiles_dir()
+    rows = []
+    for cpu_path in sorted(out_dir.glob("*__cpu.parquet")):
+        cuda_path = cpu_path.with_name(cpu_path.name.replace("__cpu", "__cuda"))
+        if not cuda_path.exists():
+            continue
+        a, b = pd.read_parquet(cpu_path), pd.read_parquet(cuda_path)
+        m = a.merge(b, on="request_id", suffixes=("_cpu", "_cuda"))
+        diff = (m["n_output_tokens_cpu"] - m["n_output_tokens_cuda"]).abs()
+        rows.append({"lm": a["lm"].iloc[0], "n_common": int(len(m)), "identical_share": float((diff == 0).mean()),
+                     "mean_abs_diff_tokens": float(diff.mean()), "max_abs_diff_tokens": int(diff.max()),
+                     "same_reply_share": float((m["reply_cpu"] == m["reply_cuda"]).mean())})
+    table = pd.DataFrame(rows)
+    if len(table):
+        with atomic_path(out_dir / "agreement.csv") as tmp:
+            table.round(4).to_csv(tmp, index=False)
+    return table
+
+
 def markdown(table: pd.DataFrame) -> str:
     """The README table: LMs as rows, platforms side by side."""
-    cols = ["n", "mean_out_tokens", "p50_out_tokens", "p99_out_tokens", "capped_share", "ttft_ms", "ms_per_token"]
-    lines = ["| lm | platform | n | mean out tok | p50 | p99 | capped | TTFT ms | ms/token |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| lm | platform | n | batch | mean out tok | p50 | p99 | capped (loops) | TTFT ms | ms/token |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for _, r in table.sort_values(["lm", "platform"]).iterrows():
-        lines.append(f"| {r['lm']} | {r['platform']} | {int(r['n'])} | {r['mean_out_tokens']:.1f} | "
-                     f"{r['p50_out_tokens']:.0f} | {r['p99_out_tokens']:.0f} | {100 * r['capped_share']:.1f}% | "
+        lines.append(f"| {r['lm']} | {r['platform']} | {int(r['n'])} | {int(r['batch_size'])} | "
+                     f"{r['mean_out_tokens']:.1f} | {r['p50_out_tokens']:.0f} | {r['p99_out_tokens']:.0f} | "
+                     f"{100 * r['capped_share']:.1f}% ({100 * r['capped_loop_share']:.0f}%) | "
                      f"{r['ttft_ms']:.0f} | {r['ms_per_token']:.1f} |")
     return "\n".join(lines)
 
@@ -76,6 +98,14 @@ def main(argv: list[str] | None = None) -> None:
     for d in args.run_dirs:
         print("added", add_run(d))
     print(markdown(build_summary()))
+    agreement = cross_platform_agreement()
+    if len(agreement):
+        print()
+        print("| lm | common requests | identical length | identical reply | mean abs diff (tokens) |")
+        print("|---|---|---|---|---|")
+        for _, r in agreement.iterrows():
+            print(f"| {r['lm']} | {r['n_common']} | {100 * r['identical_share']:.1f}% | "
+                  f"{100 * r['same_reply_share']:.1f}% | {r['mean_abs_diff_tokens']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,19 @@ SUMMARY_COLUMNS = ["lm", "platform", "n", "mean_out_tokens", "p50_out_tokens", "
                    "ms_per_token"]
 
 
+def is_repetition_loop(text: str, window: int = 6, min_words: int = 20) -> bool:
+    """True when a reply ends inside a verbatim repetition: its last ``window`` words occurred earlier.
+
+    Greedy decoding of small LMs falls into such loops ("I'm sorry. I'm sorry. ..."), which never end by
+    themselves, so they hit ``max_new_tokens`` whatever the cap.
+    """
+    words = str(text).split()
+    if len(words) < min_words:
+        return False
+    tail = " ".join(words[-window:])
+    return tail in " ".join(words[:-window])
+
+
 def latency_fit(df: pd.DataFrame) -> dict[str, float]:
     """Least-squares ``e2e_s = a + b * n_output_tokens`` with its R^2 (NaN when degenerate)."""
     x = df["n_output_tokens"].to_numpy(float)
@@ -45,6 +58,8 @@ def summarize(df: pd.DataFrame) -> dict[str, Any]:
         "p99_out_tokens": float(out.quantile(0.99)),
         "max_out_tokens": int(out.max()),
         "capped_share": float((df["stop_reason"] == "max_tokens").mean()),
+        "capped_loop_share": (float(df.loc[df["stop_reason"] == "max_tokens", "reply"].map(is_repetition_loop).mean())
+                              if "reply" in df and (df["stop_reason"] == "max_tokens").any() else 0.0),
         "stop_reasons": {k: int(v) for k, v in df["stop_reason"].value_counts().items()},
         "mean_in_tokens": float(df["n_input_tokens"].mean()),
         "ttft_ms": float(1000 * df["ttft_s"].mean()),
@@ -72,7 +87,8 @@ def format_summary(df: pd.DataFrame, summary: dict[str, Any] | None = None, widt
         f"{s.get('lm', '?')} on {s.get('platform', '?')}: {s['n']} requests",
         f"output tokens: mean {s['mean_out_tokens']:.1f} (sd {s['sd_out_tokens']:.1f}), p50 "
         f"{s['p50_out_tokens']:.0f}, p90 {s['p90_out_tokens']:.0f}, p99 {s['p99_out_tokens']:.0f}, max "
-        f"{s['max_out_tokens']}; hit the cap: {100 * s['capped_share']:.1f}%",
+        f"{s['max_out_tokens']}; hit the cap: {100 * s['capped_share']:.1f}% "
+        f"({100 * s['capped_loop_share']:.0f}% of those in a repetition loop)",
         "",
         "output-length distribution:",
     ]
