@@ -1,0 +1,14 @@
+"""RT-LM's output-length regressor over input-uncertainty features, its baselines and evaluation.
+
+* :class:`LengthPredictor` (:mod:`.predictor`): fit / predict / predict_quantile / update / save / load;
+* :mod:`.features`: uncertainty features and the MiniLM embedding;
+* :mod:`.baselines`: constant, input length, MiniLM proxy (SSJF / S3), pairwise learning-to-rank (vLLM-LTR);
+* :mod:`.evaluate`: the method comparison on held-out conversations (``rtlm-train-regressor``);
+* :mod:`.recalibration`: cross-LM recalibration experiment; :mod:`.bench`: overhead benchmark;
+  :mod:`.reference`: the comparison over every reference profile.
+"""
+
+from rtlm_lab.regressor.features import FEATURE_NAMES
+from rtlm_lab.regressor.predictor import KINDS, LengthPredictor
+
+__all__ = ["LengthPredictor", "KINDS", "FEATURE_NAMES"]

@@ -1,0 +1,278 @@
+"""The method comparison behind ``rtlm-train-regressor``: RT-LM's regressor vs baselines, on held-out
+conversations of one real profile.
+
+:func:`compare` splits the profile by conversation (``GroupShuffleSplit`` on the conversation prefix of
+``request_id``, i.e. everything before its last ``-``; seeded), computes the features once, fits
+``rtlm_<kind>`` (:class:`~rtlm_lab.regressor.LengthPredictor`) and the baselines of
+:mod:`rtlm_lab.regressor.baselines` on the training conversations and scores every method on the test
+conversations with :func:`score` (table columns :data:`METRIC_COLUMNS`):
+
+* ``mae``: mean absolute error in output tokens (NaN for the rank-only ``ltr_minilm``);
+* ``spearman``, ``kendall_tau`` (tau-b) with a **bootstrap 95% percentile CI** (``tau_ci_low/high``: test
+  rows resampled with replacement, seeded, same resamples for every method);
+* ``pairwise_acc``: share of test pairs with different true lengths whose order the method gets right
+  (a tie in the prediction counts one half; so ``constant`` scores 0.5);
+* ``bucket_acc``: short / medium / long accuracy, buckets cut at the tertiles of the *training* lengths
+  (``y < t1``, ``t1 <= y < t2``, ``y >= t2``; with heavily tied lengths a bucket can be empty). A rank-only
+  score is cut at its own training quantiles matching the buckets' training shares;
+* ``us_per_prompt``: wall-clock microseconds per prompt on this machine's CPU for features + predict,
+  over one batch of ``timing_n`` test prompts (embedding included for MiniLM methods; NaN for ``oracle``).
+
+``oracle`` predicts the true length: the ceiling of every metric.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from rtlm_lab.errors import UserError
+from rtlm_lab.regressor import features as F
+from rtlm_lab.regressor.baselines import EMBEDDING_METHODS, RANK_ONLY, make_baselines
+from rtlm_lab.regressor.predictor import LengthPredictor
+
+METRIC_COLUMNS = ["method", "mae", "spearman", "kendall_tau", "tau_ci_low", "tau_ci_high", "pairwise_acc",
+                  "bucket_acc", "us_per_prompt", "n_test"]
+TARGET = "n_output_tokens"
+MIN_ROWS = 10
+
+
+def conversation_ids(df: pd.DataFrame) -> np.ndarray:
+    """Conversation of each row: ``request_id`` up to its last ``-`` (the row index when absent)."""
+    if "request_id" not in df.columns:
+        return np.arange(len(df)).astype(str)
+    return np.array([str(r).rsplit("-", 1)[0] for r in df["request_id"]])
+
+
+def split_by_conversation(df: pd.DataFrame, test_size: float = 0.3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.model_selection import GroupShuffleSplit
+
+    groups = conversation_ids(df)
+    if len(set(groups)) < 2:
+        raise UserError("need requests from at least 2 conversations to split train/test")
+    gss = GroupShuffleSplit(n_splits=1, test_size=test_size, random_state=seed)
+    tr, te = next(gss.split(np.zeros(len(df)), groups=groups))
+    return np.sort(tr), np.sort(te)
+
+
+# -------------------------------------------------------------------------------------------- metrics
+def _kendall(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy.stats import kendalltau
+
+    if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return math.nan
+    return float(kendalltau(a, b).statistic)
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+
+    if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return math.nan
+    return float(spearmanr(a, b).statistic)
+
+
+def pairwise_accuracy(y: np.ndarray, p: np.ndarray) -> float:
+    y, p = np.asarray(y, float), np.asarray(p, float)
+    dy = np.sign(y[:, None] - y[None, :])
+    dp = np.sign(p[:, None] - p[None, :])
+    iu = np.triu_indices(len(y), 1)
+    dy, dp = dy[iu], dp[iu]
+    m = dy != 0
+    if not m.any():
+        return math.nan
+    return float(np.mean(np.where(dp[m] == 0, 0.5, (dp[m] == dy[m]).astype(float))))
+
+
+def bucket_edges(train_y: np.ndarray) -> np.ndarray:
+    return np.quantile(np.asarray(train_y, float), [1 / 3, 2 / 3])
+
+
+def buckets(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    return np.searchsorted(edges, np.asarray(values, float), side="right")
+
+
+def score(y: np.ndarray, pred: np.ndarray, train_y: np.ndarray, rank_only: bool = False,
+          train_pred: np.ndarray | None = None, idx: np.ndarray | None = None) -> dict[str, float]:
+    """Metrics of one method on the test rows (``idx``: bootstrap index matrix (B, n) for the tau CI)."""
+    y, pred = np.asarray(y, float), np.asarray(pred, float)
+    edges = bucket_edges(train_y)
+    if rank_only:
+        tp = np.asarray(train_pred, float)
+        shares = [np.mean(np.asarray(train_y) < e) for e in edges]
+        pedges = np.quantile(tp, np.clip(shares, 0, 1)) if len(tp) else edges
+        bacc = float(np.mean(buckets(pred, pedges) == buckets(y, edges)))
+    else:
+        bacc = float(np.mean(buckets(pred, edges) == buckets(y, edges)))
+    out = {"mae": math.nan if rank_only else float(np.mean(np.abs(pred - y))),
+           "spearman": _spearman(pred, y), "kendall_tau": _kendall(pred, y),
+           "tau_ci_low": math.nan, "tau_ci_high": math.nan, "pairwise_acc": pairwise_accuracy(y, pred),
+           "bucket_acc": bacc, "n_test": int(len(y))}
+    if idx is not None and len(idx) and math.isfinite(out["kendall_tau"]):
+        taus = np.array([_kendall(pred[r], y[r]) for r in idx])
+        ok = taus[np.isfinite(taus)]
+        if len(ok) >= max(2, 0.5 * len(taus)):
+            out["tau_ci_low"], out["tau_ci_high"] = (float(v) for v in np.quantile(ok, [0.025, 0.975]))
+    return out
+
+
+def _timed(fn, *args) -> float:
+    t0 = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t0
+
+
+# -------------------------------------------------------------------------------------------- compare
+def compare(profile_df: pd.DataFrame, regressor: Mapping[str, Any] | None = None, test_size: float = 0.3,
+            seed: int = 0, n_bootstrap: int = 1000, timing_n: int = 64, embedding_baselines: bool = True,
+            E: np.ndarray | None = None) -> dict[str, Any]:
+    """Fit and score every method on one profile; see the module doc.
+
+    ``regressor``: keyword arguments of :class:`LengthPredictor` (``kind``...; a ``name`` key is ignored).
+    ``E``: precomputed embeddings of ``profile_df["text"]`` (shared across calls by the reference builder).
+    Returns ``table`` (DataFrame, :data:`METRIC_COLUMNS`), ``predictions`` (test rows: request_id, true and
+    per-method predicted lengths), ``predictor`` (the fitted ours), ``split``, ``lm``, ``platform``.
+    """
+    if "text" not in profile_df.columns or TARGET not in profile_df.columns:
+        raise UserError(f"not a profile: needs columns text and {TARGET}")
+    df = profile_df[profile_df[TARGET].notna()].reset_index(drop=True)
+    if len(df) < MIN_ROWS:
+        raise UserError(f"profile has {len(df)} usable rows; need at least {MIN_ROWS}")
+    params = {k: v for k, v in dict(regressor or {}).items() if k != "name"}
+    params.setdefault("random_state", seed)
+    if isinstance(params.get("hidden_layer_sizes"), list):
+        params["hidden_layer_sizes"] = tuple(params["hidden_layer_sizes"])
+    if isinstance(params.get("quantiles"), list):
+        params["quantiles"] = tuple(params["quantiles"])
+    ours = LengthPredictor(**params)
+    kind = ours.kind
+    texts = df["text"].fillna("").astype(str).tolist()
+    y = df[TARGET].to_numpy(dtype=float)
+    tr, te = split_by_conversation(df, test_size, seed)
+    groups = conversation_ids(df)
+
+    U = F.uncertainty_features(texts)
+    need_e = ours.use_embedding or embedding_baselines
+    if need_e and E is None:
+        E = F.embed(texts).astype(float)
+    X = np.hstack([U, E]) if ours.use_embedding else U
+
+    t_tr = [texts[i] for i in tr]
+    t_te = [texts[i] for i in te]
+    preds: dict[str, np.ndarray] = {}
+    train_preds: dict[str, np.ndarray] = {}
+    models: dict[str, Any] = {}
+    ours.fit(t_tr, y[tr], X=X[tr])
+    name = f"rtlm_{kind}"
+    preds[name] = ours.predict_from_features(X[te])
+    train_preds[name] = ours.predict_from_features(X[tr])
+    models[name] = ours
+    for bname, model in make_baselines(seed).items():
+        if bname in EMBEDDING_METHODS and not embedding_baselines:
+            continue
+        Etr = E[tr] if E is not None else None
+        Ete = E[te] if E is not None else None
+        model.fit(t_tr, y[tr], E=Etr)
+        preds[bname] = model.predict(t_te, E=Ete)
+        train_preds[bname] = model.predict(t_tr, E=Etr)
+        models[bname] = model
+    preds["oracle"] = y[te]
+    train_preds["oracle"] = y[tr]
+
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(te), size=(int(n_bootstrap), len(te))) if n_bootstrap and len(te) > 2 else None
+    rows = []
+    timing = [t for t in t_te[:max(1, int(timing_n))]]
+    for m, p in preds.items():
+        r = {"method": m, **score(y[te], p, y[tr], rank_only=m in RANK_ONLY, train_pred=train_preds[m], idx=idx)}
+        if m == name:
+            sec = _timed(lambda t: ours.predict_from_features(ours.featurize(t)), timing)
+        elif m == "oracle":
+            sec = math.nan
+        elif m in EMBEDDING_METHODS:
+            sec = _timed(lambda t, mm=models[m]: mm.predict(t, E=F.embed(t)), timing)
+        else:
+            sec = _timed(models[m].predict, timing)
+        r["us_per_prompt"] = sec / len(timing) * 1e6
+        rows.append(r)
+    table = pd.DataFrame(rows)[METRIC_COLUMNS]
+    pred_df = pd.DataFrame({"request_id": df["request_id"].to_numpy()[te] if "request_id" in df else te,
+                            "true": y[te], **{m: p for m, p in preds.items()}})
+    lm = str(df["lm"].iloc[0]) if "lm" in df.columns else "unknown"
+    platform = str(df["platform"].iloc[0]) if "platform" in df.columns else "unknown"
+    split = {"n_train": int(len(tr)), "n_test": int(len(te)), "n_train_conversations": int(len(set(groups[tr]))),
+             "n_test_conversations": int(len(set(groups[te]))), "test_size": float(test_size), "seed": int(seed),
+             "bucket_edges_tokens": [float(v) for v in bucket_edges(y[tr])]}
+    return {"table": table, "predictions": pred_df, "predictor": ours, "split": split, "lm": lm,
+            "platform": platform, "n_bootstrap": int(n_bootstrap) if idx is not None else 0}
+
+
+def _clean(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return None if not math.isfinite(float(obj)) else float(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def to_jsonable(result: Mapping[str, Any]) -> dict[str, Any]:
+    """``compare``'s result as JSON (NaN -> null); ``methods`` is the table as a list of records."""
+    return _clean({"lm": result["lm"], "platform": result["platform"], "split": result["split"],
+                   "n_bootstrap": result["n_bootstrap"], "regressor": result["predictor"].get_params(),
+                   "methods": result["table"].to_dict(orient="records")})
+
+
+def format_table(table: pd.DataFrame) -> str:
+    return table.to_string(index=False, float_format=lambda v: f"{v:.3f}")
+
+
+# -------------------------------------------------------------------------------------------- figures
+def plot_comparison(result: Mapping[str, Any], out_dir=None, title: str = "", stem: str = "comparison"):
+    """Left: predicted vs true output tokens (test rows) for the methods that predict tokens; right:
+    Kendall tau per method with its bootstrap 95% CI. PNG + SVG in ``out_dir``."""
+    import matplotlib.pyplot as plt
+
+    from rtlm_lab.viz.uncertainty import save_figure
+
+    table, pred = result["table"], result["predictions"]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    y = pred["true"].to_numpy()
+    show = [m for m in table["method"] if m not in ("oracle", "constant", *RANK_ONLY) and m in pred]
+    for m in show:
+        a1.scatter(y, pred[m], s=10, alpha=0.55, label=m)
+    hi = float(max(y.max(), max(pred[m].max() for m in show) if show else 1)) * 1.05
+    a1.plot([0, hi], [0, hi], color="grey", lw=1, ls="--")
+    a1.set_xlabel("true output tokens")
+    a1.set_ylabel("predicted output tokens")
+    a1.set_title("held-out conversations")
+    a1.legend(fontsize=8)
+    t = table.set_index("method")
+    taus = t["kendall_tau"].astype(float)
+    lo = (taus - t["tau_ci_low"]).clip(lower=0).fillna(0)
+    up = (t["tau_ci_high"] - taus).clip(lower=0).fillna(0)
+    colors = ["tab:red" if m.startswith("rtlm_") else ("lightgrey" if m == "oracle" else "tab:blue")
+              for m in t.index]
+    a2.bar(range(len(t)), taus.fillna(0), yerr=[lo, up], color=colors, capsize=3)
+    for i, v in enumerate(taus):
+        if not math.isfinite(v):
+            a2.text(i, 0.01, "n/a", ha="center", fontsize=8)
+    a2.set_xticks(range(len(t)))
+    a2.set_xticklabels(t.index, rotation=30, ha="right", fontsize=8)
+    a2.axhline(0, color="black", lw=0.8)
+    a2.set_ylabel("Kendall tau (95% CI)")
+    a2.set_title("rank quality vs true length")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    if out_dir is not None:
+        save_figure(fig, out_dir, stem)
+    plt.close(fig)
+    return fig

@@ -1,0 +1,134 @@
+"""The regressor comparison over every committed reference profile.
+
+``python -m rtlm_lab.regressor.reference`` runs :func:`rtlm_lab.regressor.evaluate.compare` for every
+``outputs/reference/profiles/<lm>__<platform>.parquet`` present and each ``--kinds`` regressor (ridge and
+hgb by default; the MiniLM embedding is computed once per profile and shared), and writes to
+``outputs/reference/regressor/``:
+
+* ``summary.csv``: one row per (lm, platform, method): ``lm, platform, method, kendall_tau, spearman, mae,
+  us_per_prompt`` + ``tau_ci_low, tau_ci_high, pairwise_acc, bucket_acc, n_test`` (baselines once per
+  profile, from the first kind's run; the split is the same for every kind);
+* ``kendall_tau.png/svg``: Kendall tau per method and profile with bootstrap 95% CIs;
+* ``provenance.json``: arguments, commit, machine, versions, each profile's sha256.
+
+``--profiles gemma3_270m__cuda,smollm2_135m__cuda`` restricts the run; ``--out`` writes elsewhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+SUMMARY_COLUMNS = ["lm", "platform", "method", "kendall_tau", "spearman", "mae", "us_per_prompt", "tau_ci_low",
+                   "tau_ci_high", "pairwise_acc", "bucket_acc", "n_test"]
+
+
+def build(profiles: list[Path], kinds=("ridge", "hgb"), n_bootstrap: int = 1000, seed: int = 0,
+          test_size: float = 0.3) -> pd.DataFrame:
+    from rtlm_lab.regressor import features as F
+    from rtlm_lab.regressor.evaluate import compare
+
+    rows = []
+    for p in profiles:
+        lm, platform = p.stem.split("__", 1)
+        df = pd.read_parquet(p)
+        df = df[df["n_output_tokens"].notna()].reset_index(drop=True)
+        E = F.embed(df["text"].fillna("").astype(str).tolist()).astype(float)
+        for i, kind in enumerate(kinds):
+            res = compare(df, {"kind": kind}, test_size=test_size, seed=seed, n_bootstrap=n_bootstrap, E=E)
+            t = res["table"]
+            if i > 0:
+                t = t[t["method"].str.startswith("rtlm_")]
+            t = t.assign(lm=lm, platform=platform)
+            rows.append(t)
+            print(f"{lm} on {platform}, {kind}: " + ", ".join(
+                f"{m}={v:.3f}" for m, v in zip(t["method"], t["kendall_tau"]) if math.isfinite(v)), flush=True)
+    out = pd.concat(rows, ignore_index=True)
+    return out[SUMMARY_COLUMNS]
+
+
+def plot_summary(summary: pd.DataFrame, out_dir=None, stem: str = "kendall_tau"):
+    import matplotlib.pyplot as plt
+
+    from rtlm_lab.viz.uncertainty import save_figure
+
+    s = summary[summary["method"] != "oracle"].copy()
+    s["profile"] = s["lm"] + "\n" + s["platform"]
+    profiles = list(dict.fromkeys(s["profile"]))
+    methods = list(dict.fromkeys(s["method"]))
+    w = 0.8 / max(1, len(methods))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(profiles) + 2), 4.2))
+    cmap = plt.get_cmap("tab10")
+    for j, m in enumerate(methods):
+        d = s[s["method"] == m].set_index("profile").reindex(profiles)
+        tau = d["kendall_tau"].astype(float)
+        lo = (tau - d["tau_ci_low"]).clip(lower=0).fillna(0)
+        hi = (d["tau_ci_high"] - tau).clip(lower=0).fillna(0)
+        ax.bar(np.arange(len(profiles)) + (j - (len(methods) - 1) / 2) * w, tau.fillna(0), w, yerr=[lo, hi],
+               capsize=2, label=m, color=cmap(j % 10))
+    ax.set_xticks(range(len(profiles)))
+    ax.set_xticklabels(profiles, fontsize=8)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_ylabel("Kendall tau vs true length (95% CI)")
+    ax.set_title("output-length ranking on held-out conversations")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    if out_dir is not None:
+        save_figure(fig, out_dir, stem)
+    plt.close(fig)
+    return fig
+
+
+def main(argv: list[str] | None = None) -> None:
+    from rtlm_lab.errors import UserError, user_errors
+
+    ap = argparse.ArgumentParser(prog="python -m rtlm_lab.regressor.reference", description=__doc__.split("\n")[0])
+    ap.add_argument("--profiles", default="", help="comma list of <lm>__<platform> (default: every one present)")
+    ap.add_argument("--kinds", default="ridge,hgb")
+    ap.add_argument("--n-bootstrap", type=int, default=1000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--profiles-dir", default=None, help="default outputs/reference/profiles")
+    ap.add_argument("--out", default=None, help="default outputs/reference/regressor")
+    args = ap.parse_args(argv)
+
+    @user_errors
+    def run():
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from rtlm_lab.io import atomic_path, provenance, sha256_file, write_json_atomic
+        from rtlm_lab.paths import reference_dir
+
+        pdir = Path(args.profiles_dir) if args.profiles_dir else reference_dir() / "profiles"
+        present = sorted(pdir.glob("*__*.parquet"))
+        if args.profiles:
+            want = [w.strip() for w in args.profiles.split(",") if w.strip()]
+            missing = [w for w in want if not (pdir / f"{w}.parquet").is_file()]
+            if missing:
+                raise UserError(f"no reference profile {', '.join(missing)} in {pdir}")
+            present = [pdir / f"{w}.parquet" for w in want]
+        if not present:
+            raise UserError(f"no reference profiles in {pdir}; run `rtlm-profile` then "
+                            f"`python -m rtlm_lab.profiling.reference`")
+        kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+        summary = build(present, kinds, n_bootstrap=args.n_bootstrap, seed=args.seed)
+        out = Path(args.out) if args.out else reference_dir() / "regressor"
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out / "summary.csv") as tmp:
+            summary.to_csv(tmp, index=False, float_format="%.6g")
+        plot_summary(summary, out)
+        write_json_atomic(out / "provenance.json", provenance(
+            vars(args), profiles={p.stem: sha256_file(p) for p in present}))
+        print(summary.pivot_table(index="method", columns=["lm", "platform"], values="kendall_tau", sort=False)
+              .round(3).to_string())
+        print(f"wrote {out / 'summary.csv'}")
+
+    run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""``rtlm-train-regressor``: RT-LM's output-length regressor vs baselines, on one real profile.
+
+Reads a profile (``profile=<parquet>``, by default the committed reference profile
+``outputs/reference/profiles/<lm>__<platform>.parquet``), splits it by conversation (seeded) and runs
+:func:`rtlm_lab.regressor.evaluate.compare`: ``rtlm_<regressor>`` against ``constant``, ``input_length``,
+``proxy_minilm``, ``ltr_minilm`` and ``oracle`` on the held-out conversations. The run dir
+``outputs/train_regressor/<lm>/<platform>/<regressor>/`` receives:
+
+* ``predictor.joblib``: the fitted :class:`~rtlm_lab.regressor.LengthPredictor` (training conversations
+  only; ``LengthPredictor.load`` checks the library versions);
+* ``metrics.json``: the method table (MAE, Spearman, Kendall tau + bootstrap CI, pairwise and bucket
+  accuracy, us_per_prompt), the split and provenance (config, commit, machine, versions, profile sha256);
+* ``predictions.csv`` (test rows) and ``comparison.png/svg``.
+
+Examples::
+
+    rtlm-train-regressor lm=gemma3_270m platform=cuda regressor=hgb
+    rtlm-train-regressor -m regressor=ridge,hgb lm=smollm2_135m,gemma3_270m platform=cuda
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from rtlm_lab.errors import UserError
+from rtlm_lab.tasks._cli import CONF_DIR, check_group_choices, task_wrapper
+
+log = logging.getLogger("rtlm_lab.regressor")
+
+
+def resolve_profile(cfg: DictConfig) -> Path:
+    given = cfg.get("profile")
+    path = Path(str(given) if given else str(cfg.profile_default)).expanduser()
+    if not path.is_absolute():
+        from hydra.core.hydra_config import HydraConfig
+
+        try:
+            path = Path(HydraConfig.get().runtime.cwd) / path
+        except ValueError:
+            path = path.resolve()
+    if not path.is_file():
+        hint = f"rtlm-profile lm={cfg.lm.name} platform={cfg.platform.name}"
+        raise UserError(f"no profile at {path}; run `{hint}` first (or pass profile=<path/to/profile.parquet>)")
+    return path
+
+
+@task_wrapper
+def train_regressor(cfg: DictConfig) -> dict:
+    """Compose-and-run body (callable without the CLI)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    path = resolve_profile(cfg)
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import pandas as pd
+
+    from rtlm_lab.io import atomic_path, provenance, sha256_file, write_json_atomic
+    from rtlm_lab.regressor.evaluate import compare, format_table, plot_comparison, to_jsonable
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        profile_df = pd.read_parquet(path)
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"cannot read profile {path}: {type(exc).__name__}: {exc}".splitlines()[0]) from exc
+    reg = OmegaConf.to_container(cfg.regressor, resolve=True)
+    result = compare(profile_df, reg, test_size=float(cfg.test_size), seed=int(cfg.seed),
+                     n_bootstrap=int(cfg.n_bootstrap), timing_n=int(cfg.timing_n),
+                     embedding_baselines=bool(cfg.embedding_baselines))
+    if (result["lm"], result["platform"]) != (cfg.lm.name, cfg.platform.name):
+        log.warning("profile %s holds lm=%s platform=%s but the config says lm=%s platform=%s", path,
+                    result["lm"], result["platform"], cfg.lm.name, cfg.platform.name)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    result["predictor"].save(run_dir / "predictor.joblib")
+    metrics = to_jsonable(result)
+    metrics["provenance"] = provenance(cfg, profile=str(path), profile_sha256=sha256_file(path),
+                                       run_dir=str(run_dir))
+    write_json_atomic(run_dir / "metrics.json", metrics)
+    with atomic_path(run_dir / "predictions.csv") as tmp:
+        result["predictions"].to_csv(tmp, index=False)
+    if cfg.get("figures", True):
+        plot_comparison(result, run_dir, title=f"{result['lm']} on {result['platform']}: "
+                                               f"{result['split']['n_test']} held-out requests")
+    print(f"{result['lm']} on {result['platform']}, regressor={cfg.regressor.name}: "
+          f"train {result['split']['n_train']} / test {result['split']['n_test']} requests", flush=True)
+    print(format_table(result["table"]), flush=True)
+    print(f"metrics: {run_dir / 'metrics.json'}", flush=True)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train_regressor")
+def _hydra_main(cfg: DictConfig) -> None:
+    train_regressor(cfg)
+
+
+def main() -> None:
+    check_group_choices()
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
