@@ -32,7 +32,7 @@ data: setup
 	$(BIN)/rtlm-corpus
 
 demo: setup
-	$(BIN)/rtlm-profile +experiment=demo
+	$(BIN)/rtlm-profile experiment=demo
 
 test: setup
 	$(BIN)/python -m pytest -m "not slow" -q

@@ -7,7 +7,8 @@ under the same machine load):
 * ``proxy_minilm``: all-MiniLM-L6-v2 embedding + ridge (the SSJF / S3-style proxy), ``embed + predict``;
 
 each at batch 1 (``--n-single`` prompts one at a time; median per prompt) and batched (one call over
-``--batch`` prompts; per prompt). Both models are fitted on a reference profile's requests (texts are the
+``--batch`` prompts, per prompt; best of ``--repeats``). The two methods are timed interleaved, so a burst
+of load from other processes hits both. Both models are fitted on a reference profile's requests (texts are the
 profile's real CCC requests). The share of service time divides that cost by the mean ``e2e_s`` of every
 reference profile (per LM and platform). Wall-clock on this machine's CPU (``machine.loadavg_1m`` in the
 provenance says how loaded it was). Writes ``outputs/bench/regressor.json``.
@@ -24,22 +25,13 @@ import numpy as np
 import pandas as pd
 
 
-def _per_prompt_single(fn, texts) -> float:
-    times = []
-    for t in texts:
-        t0 = time.perf_counter()
-        fn([t])
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e6
-
-
 def _per_prompt_batched(fn, texts) -> float:
     t0 = time.perf_counter()
     fn(texts)
     return (time.perf_counter() - t0) / len(texts) * 1e6
 
 
-def run_bench(n_single: int = 32, batch: int = 256, fit_profile: Path | None = None) -> dict:
+def run_bench(n_single: int = 32, batch: int = 256, repeats: int = 3, fit_profile: Path | None = None) -> dict:
     from rtlm_lab.errors import UserError
     from rtlm_lab.paths import reference_dir
     from rtlm_lab.regressor import features as F
@@ -65,10 +57,19 @@ def run_bench(n_single: int = 32, batch: int = 256, fit_profile: Path | None = N
         "rtlm_ridge": lambda t: ours.predict(t),
         "proxy_minilm": lambda t: proxy.predict(t),
     }
-    cost = {}
-    for m, fn in methods.items():
-        cost[m] = {"us_per_prompt_batch1": _per_prompt_single(fn, single),
-                   f"us_per_prompt_batch{batch}": _per_prompt_batched(fn, reps)}
+    # interleaved (ours, proxy, ours, proxy...) so both see the same machine load; median / min of repeats
+    single_t = {m: [] for m in methods}
+    for t in single:
+        for m, fn in methods.items():
+            t0 = time.perf_counter()
+            fn([t])
+            single_t[m].append(time.perf_counter() - t0)
+    batch_t = {m: [] for m in methods}
+    for _ in range(int(repeats)):
+        for m, fn in methods.items():
+            batch_t[m].append(_per_prompt_batched(fn, reps))
+    cost = {m: {"us_per_prompt_batch1": statistics.median(single_t[m]) * 1e6,
+                f"us_per_prompt_batch{batch}": min(batch_t[m])} for m in methods}
     service = []
     for p in profiles:
         d = pd.read_parquet(p, columns=["lm", "platform", "e2e_s"])
@@ -91,6 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m rtlm_lab.regressor.bench", description=__doc__.split("\n")[0])
     ap.add_argument("--n-single", type=int, default=32, help="prompts timed one at a time (batch 1)")
     ap.add_argument("--batch", type=int, default=256, help="prompts in the batched call")
+    ap.add_argument("--repeats", type=int, default=3, help="batched calls per method (best is kept)")
     ap.add_argument("--out", default=None, help="JSON path (default outputs/bench/regressor.json)")
     args = ap.parse_args(argv)
 
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
         from rtlm_lab.io import provenance, write_json_atomic
         from rtlm_lab.paths import outputs_dir
 
-        res = run_bench(args.n_single, args.batch)
+        res = run_bench(args.n_single, args.batch, args.repeats)
         res["provenance"] = provenance(vars(args))
         out = Path(args.out) if args.out else outputs_dir() / "bench" / "regressor.json"
         write_json_atomic(out, res)
