@@ -1,6 +1,7 @@
 # rtlm_lab — every target sets up what it needs (.venv, torch, the package, models, corpus) idempotently.
 #   make demo   the main job on the embedded default (real Gemma-3-270M on the CPU)
-#   make test   the fast test suite (what CI runs);  make test-full  adds the slow real-LM tests
+#   make test   the fast test suite (what CI runs);  make test-full  adds the slow tests
+#   make bench  benchmarks -> outputs/bench/*.json (ratios measured in one run on one machine)
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
@@ -9,7 +10,7 @@ STAMP := $(VENV)/.rtlm-setup
 TORCH := torch==2.13.0
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: setup demo test test-full bench data lab clean-venv help
+.PHONY: setup demo test test-full bench data clean-venv help
 
 help:
 	@grep -E '^#   make' Makefile | sed 's/^#   //'
@@ -42,6 +43,7 @@ test-full: setup
 
 bench: setup
 	$(BIN)/python -m rtlm_lab.uncertainty.bench
+	$(BIN)/python -m rtlm_lab.regressor.bench
 
 clean-venv:
 	rm -rf $(VENV)
