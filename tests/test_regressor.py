@@ -197,7 +197,7 @@ def _env(tmp_path):
 
 def test_cli_writes_metrics_with_all_methods(tmp_path, small_profile):
     res = subprocess.run([sys.executable, "-m", "rtlm_lab.tasks.train_regressor", f"profile={small_profile}",
-                          "n_bootstrap=20", "timing_n=8"], env=_env(tmp_path), capture_output=True, text=True,
+                          "platform=cuda", "n_bootstrap=20", "timing_n=8"], env=_env(tmp_path), capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     run_dir = tmp_path / "train_regressor" / "gemma3_270m" / "cuda" / "ridge"
@@ -219,7 +219,7 @@ def test_cli_missing_profile_is_one_line(tmp_path):
 
 def test_cli_multirun(tmp_path, small_profile):
     res = subprocess.run([sys.executable, "-m", "rtlm_lab.tasks.train_regressor", "-m", "regressor=ridge,hgb",
-                          f"profile={small_profile}", "n_bootstrap=10", "embedding_baselines=false",
+                          "platform=cuda", f"profile={small_profile}", "n_bootstrap=10", "embedding_baselines=false",
                           "figures=false"], env=_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     for kind in ("ridge", "hgb"):

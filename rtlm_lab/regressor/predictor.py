@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import copy
 import math
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -55,13 +54,9 @@ VERSIONED = ("scikit-learn", "numpy", "joblib", "rtlm_lab")
 
 
 def _versions() -> dict[str, str]:
-    out = {}
-    for name in VERSIONED:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "absent"
-    return out
+    from rtlm_lab.io import package_versions
+
+    return package_versions(VERSIONED)
 
 
 def _minor(v: str) -> str:

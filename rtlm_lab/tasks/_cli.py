@@ -69,3 +69,36 @@ def task_wrapper(task: Callable[..., Any]) -> Callable[..., Any]:
                 log.info("run dir: %s", run_dir)
 
     return wrapped
+
+
+def resolve_profile(cfg, hint: str) -> Path:
+    """The profile parquet a task reads: ``cfg.profile`` or ``cfg.profile_default``; relative paths are
+    taken from where the command was started. A missing file is a :class:`UserError` naming ``hint``."""
+    given = cfg.get("profile")
+    path = Path(str(given) if given else str(cfg.profile_default)).expanduser()
+    if not path.is_absolute():
+        from hydra.core.hydra_config import HydraConfig
+
+        try:
+            path = Path(HydraConfig.get().runtime.cwd) / path
+        except ValueError:  # called without Hydra
+            path = path.resolve()
+    if not path.is_file():
+        raise UserError(f"no profile at {path}; run `{hint}` first (or pass profile=<path/to/profile.parquet>)")
+    return path
+
+
+def make_main(config_name: str, task: Callable[..., Any]) -> Callable[[], None]:
+    """The console-script ``main`` of a task: validate group choices, then run it under ``@hydra.main``."""
+    import hydra
+
+    @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name)
+    def _hydra_main(cfg) -> None:
+        task(cfg)
+
+    def main() -> None:
+        check_group_choices()
+        _hydra_main()
+
+    main.__doc__ = f"Console script for the ``{config_name}`` task (see ``conf/{config_name}.yaml``)."
+    return main

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import logging
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from rtlm_lab.tasks._cli import CONF_DIR, check_group_choices, task_wrapper
+from rtlm_lab.tasks._cli import make_main, task_wrapper
 
 log = logging.getLogger("rtlm_lab.profile")
 
@@ -39,14 +38,7 @@ def profile(cfg: DictConfig) -> dict:
     return summary
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="profile")
-def _hydra_main(cfg: DictConfig) -> None:
-    profile(cfg)
-
-
-def main() -> None:
-    check_group_choices()
-    _hydra_main()
+main = make_main("profile", profile)
 
 
 if __name__ == "__main__":

@@ -12,15 +12,13 @@ from __future__ import annotations
 import json
 import logging
 
-import hydra
 from omegaconf import DictConfig
 
-from rtlm_lab.tasks._cli import CONF_DIR, check_group_choices, task_wrapper
+from rtlm_lab.tasks._cli import make_main, task_wrapper
 
 log = logging.getLogger(__name__)
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train_lm")
 @task_wrapper
 def run(cfg: DictConfig) -> None:
     """Train (or reuse) the configured lab LM and print its validation metrics."""
@@ -32,10 +30,7 @@ def run(cfg: DictConfig) -> None:
                       "val_perplexity": val.get("perplexity")}))
 
 
-def main() -> None:
-    """Console script ``rtlm-train-lm``."""
-    check_group_choices()
-    run()
+main = make_main("train_lm", run)
 
 
 if __name__ == "__main__":

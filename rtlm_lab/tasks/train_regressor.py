@@ -23,29 +23,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from rtlm_lab.errors import UserError
-from rtlm_lab.tasks._cli import CONF_DIR, check_group_choices, task_wrapper
+from rtlm_lab.tasks._cli import make_main, resolve_profile, task_wrapper
 
 log = logging.getLogger("rtlm_lab.regressor")
-
-
-def resolve_profile(cfg: DictConfig) -> Path:
-    given = cfg.get("profile")
-    path = Path(str(given) if given else str(cfg.profile_default)).expanduser()
-    if not path.is_absolute():
-        from hydra.core.hydra_config import HydraConfig
-
-        try:
-            path = Path(HydraConfig.get().runtime.cwd) / path
-        except ValueError:
-            path = path.resolve()
-    if not path.is_file():
-        hint = f"rtlm-profile lm={cfg.lm.name} platform={cfg.platform.name}"
-        raise UserError(f"no profile at {path}; run `{hint}` first (or pass profile=<path/to/profile.parquet>)")
-    return path
 
 
 @task_wrapper
@@ -53,7 +36,7 @@ def train_regressor(cfg: DictConfig) -> dict:
     """Compose-and-run body (callable without the CLI)."""
     from hydra.core.hydra_config import HydraConfig
 
-    path = resolve_profile(cfg)
+    path = resolve_profile(cfg, f"rtlm-profile lm={cfg.lm.name} platform={cfg.platform.name}")
 
     import matplotlib
 
@@ -93,14 +76,7 @@ def train_regressor(cfg: DictConfig) -> dict:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train_regressor")
-def _hydra_main(cfg: DictConfig) -> None:
-    train_regressor(cfg)
-
-
-def main() -> None:
-    check_group_choices()
-    _hydra_main()
+main = make_main("train_regressor", train_regressor)
 
 
 if __name__ == "__main__":

@@ -23,30 +23,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
 from rtlm_lab.errors import UserError
-from rtlm_lab.tasks._cli import CONF_DIR, check_group_choices, task_wrapper
+from rtlm_lab.tasks._cli import make_main, resolve_profile, task_wrapper
 
 log = logging.getLogger("rtlm_lab.uncertainty")
-
-
-def resolve_profile(cfg: DictConfig) -> Path:
-    """The profile parquet to analyse; a :class:`UserError` (one line) when it does not exist."""
-    given = cfg.get("profile")
-    path = Path(str(given) if given else str(cfg.profile_default)).expanduser()
-    if not path.is_absolute():
-        from hydra.core.hydra_config import HydraConfig
-
-        try:
-            path = Path(HydraConfig.get().runtime.cwd) / path
-        except ValueError:  # called without Hydra
-            path = path.resolve()
-    if not path.is_file():
-        hint = f"rtlm-profile lm={cfg.lm.name} platform={cfg.platform.name} data.n_prompts={cfg.data.n_prompts}"
-        raise UserError(f"no profile at {path}; run `{hint}` first (or pass profile=<path/to/profile.parquet>)")
-    return path
 
 
 @task_wrapper
@@ -54,7 +36,8 @@ def uncertainty(cfg: DictConfig) -> dict:
     """Compose-and-run body, callable without the CLI (``uncertainty(cfg)``) in tests and notebooks."""
     from hydra.core.hydra_config import HydraConfig
 
-    path = resolve_profile(cfg)  # before the heavy imports: a missing file is a quick one-line error
+    path = resolve_profile(cfg, f"rtlm-profile lm={cfg.lm.name} platform={cfg.platform.name} "
+                                f"data.n_prompts={cfg.data.n_prompts}")  # before the heavy imports: a missing file is a quick one-line error
 
     import matplotlib
 
@@ -99,14 +82,7 @@ def uncertainty(cfg: DictConfig) -> dict:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="uncertainty")
-def _hydra_main(cfg: DictConfig) -> None:
-    uncertainty(cfg)
-
-
-def main() -> None:
-    check_group_choices()
-    _hydra_main()
+main = make_main("uncertainty", uncertainty)
 
 
 if __name__ == "__main__":
