@@ -247,3 +247,13 @@ def test_notebook_runs_with_papermill(six_rows, tmp_path):
     metrics = json.loads((out_dir / "metrics.json").read_text())
     assert metrics["n"] == 40 and metrics["provenance"]["config"]["n_bootstrap"] == 50
     assert (out_dir / "spearman.png").is_file() and (out_dir / "latency_fit.svg").is_file()
+
+
+def test_find_profile_prefers_the_largest(tmp_path):
+    from rtlm_lab.uncertainty.analysis import find_profile
+
+    small = tmp_path / "profile" / "gemma3_270m" / "cpu" / "test-n5-s0" / "profile.parquet"
+    small.parent.mkdir(parents=True)
+    pd.read_parquet(REAL_PROFILE).head(5).to_parquet(small, index=False)
+    assert find_profile("gemma3_270m", "cpu", tmp_path) == REAL_PROFILE  # a quick run never hides it
+    assert find_profile("nope", "cpu", tmp_path) is None

@@ -335,17 +335,27 @@ def table_from_metrics(metrics: Mapping[str, Any]) -> pd.DataFrame:
 
 
 def find_profile(lm: str, platform: str, output_root: str | Path | None = None) -> Path | None:
-    """The newest ``profile.parquet`` under ``<outputs>/profile/<lm>/<platform>/``, else the committed
-    ``outputs/reference/profiles/<lm>__<platform>.parquet``, else ``None``."""
+    """The largest profile of ``lm`` on ``platform``: among ``<outputs>/profile/<lm>/<platform>/*/profile.parquet``
+    and the committed ``outputs/reference/profiles/<lm>__<platform>.parquet``, the one with the most rows
+    (ties: the newest); ``None`` when there is none. A quick 5-request run never hides the reference."""
+    import pyarrow.parquet as pq
+
     from rtlm_lab.paths import outputs_dir, reference_dir
 
     root = Path(output_root) if output_root else outputs_dir()
-    found = sorted((root / "profile" / lm / platform).glob("*/profile.parquet"),
-                   key=lambda p: p.stat().st_mtime)
-    if found:
-        return found[-1]
+    candidates = list((root / "profile" / lm / platform).glob("*/profile.parquet"))
     ref = reference_dir() / "profiles" / f"{lm}__{platform}.parquet"
-    return ref if ref.is_file() else None
+    if ref.is_file():
+        candidates.append(ref)
+
+    def size(p: Path) -> tuple[int, float]:
+        try:
+            return pq.ParquetFile(p).metadata.num_rows, p.stat().st_mtime
+        except Exception:  # noqa: BLE001 - an unreadable file is never chosen
+            return -1, 0.0
+
+    ranked = sorted(candidates, key=size)
+    return ranked[-1] if ranked and size(ranked[-1])[0] > 0 else None
 
 
 def format_table(table: pd.DataFrame) -> str:
