@@ -72,9 +72,9 @@ class _TurnStopper(StoppingCriteria):
         if self.t_first is None:
             self.t_first = now
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        if self.eos and input_ids.shape[0] > 1:  # when each row of a batch emitted its end-of-sequence
-            for i, t in enumerate(input_ids[:, -1].tolist()):
-                if self.t_eos[i] is None and t in self.eos and input_ids.shape[1] > self.prompt_len:
+        if self.eos and input_ids.shape[0] > 1 and input_ids.shape[1] > self.prompt_len:
+            for i, t in enumerate(input_ids[:, -1].tolist()):  # when each row emitted its end-of-sequence
+                if self.t_eos[i] is None and t in self.eos:
                     self.t_eos[i] = now
         if not self.stops:
             return done
@@ -104,6 +104,7 @@ class ChatLM:
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "right" if self.is_encoder_decoder else "left"
+        tokenizer.truncation_side = "left"  # keep the end of the prompt: the turn and the reply cue
         self.eos_ids = self._eos_ids()
 
     def _eos_ids(self) -> list[int]:
@@ -139,7 +140,6 @@ class ChatLM:
             prompts = [p if p.strip() else (self.tokenizer.eos_token or " ") for p in prompts]
         add_special = self.spec["chat_format"] == "fewshot" or self.is_encoder_decoder
         max_len = self.max_input_tokens(max_new_tokens)
-        self.tokenizer.truncation_side = "left"  # keep the end of the prompt: the turn and the reply cue
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=add_special,
                              truncation=True, max_length=max_len)
         return enc

@@ -293,9 +293,9 @@ def evaluate(model, examples: Sequence[Mapping[str, list[int]]], pad_id: int, se
 
 
 # ---------------------------------------------------------------------------------------------- training
-def _num_steps(preset: Mapping[str, Any], n_examples: int) -> int:
+def _num_steps(preset: Mapping[str, Any], n_examples: int, lm_name: str = "") -> int:
     per_epoch = math.ceil(n_examples / int(preset["batch_size"]))
-    per_lm = (preset.get("max_steps_by_lm") or {}).get(preset.get("_lm_name"))
+    per_lm = (preset.get("max_steps_by_lm") or {}).get(lm_name)
     if per_lm:  # the encoder-decoders take ~3.5x longer a step: a smaller budget, named per LM
         return int(per_lm)
     if preset.get("max_steps"):
@@ -316,12 +316,13 @@ def _batches(n: int, batch_size: int, gen: torch.Generator):
 
 
 def train_loop(model, examples: Sequence[Mapping[str, list[int]]], preset: Mapping[str, Any], pad_id: int,
-               seq2seq: bool, device: torch.device, seed: int) -> dict[str, Any]:
-    """AdamW + warmup/decay schedule for ``preset.max_steps`` (or ``preset.epochs``); returns the loss curve."""
+               seq2seq: bool, device: torch.device, seed: int, lm_name: str = "") -> dict[str, Any]:
+    """AdamW + warmup/decay schedule for ``preset.max_steps`` (``preset.max_steps_by_lm[lm_name]`` first,
+    or ``preset.epochs``); returns the loss curve."""
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
-    steps = _num_steps(preset, len(examples))
+    steps = _num_steps(preset, len(examples), lm_name)
     bs = int(preset["batch_size"])
     opt_cfg = preset["optimizer"]
     decay, no_decay = [], []
@@ -477,7 +478,8 @@ def train_lab_lm(cfg: DictConfig) -> dict[str, Any]:
     log.info("%s: %s, %.2f M parameters, on %s", lm.name, type(model).__name__, n_params / 1e6, device)
 
     # ---- train + evaluate
-    train_metrics = train_loop(model, train_ex, {**preset, "_lm_name": lm.name}, tokenizer.pad_token_id, seq2seq, device, seed)
+    train_metrics = train_loop(model, train_ex, preset, tokenizer.pad_token_id, seq2seq, device, seed,
+                               lm_name=lm.name)
     val = evaluate(model, val_ex, tokenizer.pad_token_id, seq2seq, int(preset.eval_batch_size), device,
                    preset.get("amp_dtype"))
     log.info("val loss %.4f  perplexity %.1f  (%d reply tokens)", val["loss"], val["perplexity"], val["n_tokens"])

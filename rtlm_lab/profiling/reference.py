@@ -17,7 +17,7 @@ import pandas as pd
 
 from rtlm_lab.io import atomic_path, sha256_file, write_json_atomic
 from rtlm_lab.paths import reference_dir
-from rtlm_lab.profiling.summary import SUMMARY_COLUMNS, summarize
+from rtlm_lab.profiling.summary import SUMMARY_COLUMNS, summarize, summary_row
 
 EXTRA_COLUMNS = ["capped_share", "capped_loop_share", "mean_e2e_s", "latency_r2", "batch_size"]
 
@@ -47,9 +47,8 @@ def build_summary(out_dir: Path | None = None) -> pd.DataFrame:
     rows = []
     for path in sorted(out_dir.glob("*__*.parquet")):
         df = pd.read_parquet(path)
-        s = summarize(df)
-        rows.append({"lm": df["lm"].iloc[0], "platform": df["platform"].iloc[0], **{k: s[k] for k in SUMMARY_COLUMNS[2:]},
-                     "capped_share": s["capped_share"], "capped_loop_share": s["capped_loop_share"],
+        s = {**summarize(df), "lm": df["lm"].iloc[0], "platform": df["platform"].iloc[0]}
+        rows.append({**summary_row(s), "capped_share": s["capped_share"], "capped_loop_share": s["capped_loop_share"],
                      "mean_e2e_s": s["mean_e2e_s"], "latency_r2": s["latency_fit"]["r2"],
                      "batch_size": int(df["batch_size"].max())})
     table = pd.DataFrame(rows, columns=SUMMARY_COLUMNS + EXTRA_COLUMNS)
