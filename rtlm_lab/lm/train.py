@@ -259,8 +259,9 @@ def shift_right(labels: torch.Tensor, start_id: int, pad_id: int) -> torch.Tenso
     return out
 
 
-def _token_loss(model, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over label tokens and their count (exact token-weighted means)."""
+def _token_loss(model, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy over label tokens and their count, both device tensors (exact token-weighted
+    means, no host sync)."""
     labels = batch["labels"]
     extra = {}
     if model.config.is_encoder_decoder:  # teacher forcing: labels shifted right after decoder_start_token_id
@@ -271,7 +272,7 @@ def _token_loss(model, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor,
         logits, labels = logits[:, :-1, :], labels[:, 1:]
     loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                              ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, int((labels != IGNORE_INDEX).sum())
+    return loss, (labels != IGNORE_INDEX).sum()
 
 
 @torch.no_grad()
@@ -286,18 +287,24 @@ def evaluate(model, examples: Sequence[Mapping[str, list[int]]], pad_id: int, se
         with _amp_context(device, amp_dtype):
             loss, n = _token_loss(model, batch)
         total += float(loss)
-        count += n
+        count += int(n)
     model.train(was_training)
     mean = total / max(count, 1)
     return {"loss": mean, "perplexity": float(math.exp(min(mean, 50.0))), "n_tokens": count}
 
 
 # ---------------------------------------------------------------------------------------------- training
-def _num_steps(preset: Mapping[str, Any], n_examples: int, lm_name: str = "") -> int:
+def preset_for(preset: DictConfig | Mapping[str, Any], lm_name: str) -> DictConfig:
+    """The preset as ``lm_name`` trains with it: ``preset.by_lm.<lm_name>`` (batch size, steps, optimizer, ...)
+    merged over the shared values, ``by_lm`` itself dropped."""
+    base = preset if isinstance(preset, DictConfig) else OmegaConf.create(dict(preset))
+    plain = OmegaConf.to_container(base, resolve=True)
+    overrides = (plain.pop("by_lm", None) or {}).get(lm_name) or {}
+    return OmegaConf.merge(OmegaConf.create(plain), OmegaConf.create(overrides))
+
+
+def _num_steps(preset: Mapping[str, Any], n_examples: int) -> int:
     per_epoch = math.ceil(n_examples / int(preset["batch_size"]))
-    per_lm = (preset.get("max_steps_by_lm") or {}).get(lm_name)
-    if per_lm:  # the encoder-decoders take ~3.5x longer a step: a smaller budget, named per LM
-        return int(per_lm)
     if preset.get("max_steps"):
         return int(preset["max_steps"])
     if preset.get("epochs"):
@@ -316,13 +323,16 @@ def _batches(n: int, batch_size: int, gen: torch.Generator):
 
 
 def train_loop(model, examples: Sequence[Mapping[str, list[int]]], preset: Mapping[str, Any], pad_id: int,
-               seq2seq: bool, device: torch.device, seed: int, lm_name: str = "") -> dict[str, Any]:
-    """AdamW + warmup/decay schedule for ``preset.max_steps`` (``preset.max_steps_by_lm[lm_name]`` first,
-    or ``preset.epochs``); returns the loss curve."""
+               seq2seq: bool, device: torch.device, seed: int) -> dict[str, Any]:
+    """AdamW + warmup/decay schedule for ``preset.max_steps`` (or ``preset.epochs``); returns the loss curve.
+
+    ``preset`` is one LM's (see :func:`preset_for`). The loss stays on the device between log steps (no
+    per-step host sync), so small models on a GPU are not bound by launch latency twice over.
+    """
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
-    steps = _num_steps(preset, len(examples), lm_name)
+    steps = _num_steps(preset, len(examples))
     bs = int(preset["batch_size"])
     opt_cfg = preset["optimizer"]
     decay, no_decay = [], []
@@ -346,17 +356,20 @@ def train_loop(model, examples: Sequence[Mapping[str, list[int]]], preset: Mappi
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and str(amp) == "float16")
     model.train()
     curve: list[list[float]] = []
-    window_loss, window_tokens = 0.0, 0
+    window_loss = torch.zeros((), device=device, dtype=torch.float64)
+    window_tokens = torch.zeros((), device=device, dtype=torch.int64)
+    step_losses: list[torch.Tensor] = []  # per-step means, kept on the device until a log step
     losses: list[float] = []
     t0 = time.perf_counter()
     bar = tqdm(range(1, steps + 1), desc=f"train {preset.get('name')}", unit="step", dynamic_ncols=True,
                mininterval=1.0)
     for step in bar:
         idx = next(batches)
-        batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id, seq2seq).items()}
+        batch = {k: v.to(device, non_blocking=True)
+                 for k, v in collate([examples[i] for i in idx], pad_id, seq2seq).items()}
         with _amp_context(device, amp):
             loss_sum, n_tok = _token_loss(model, batch)
-        loss = loss_sum / max(n_tok, 1)
+        loss = loss_sum / n_tok.clamp(min=1)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if max_norm:
@@ -365,19 +378,23 @@ def train_loop(model, examples: Sequence[Mapping[str, list[int]]], preset: Mappi
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise RuntimeError(f"training diverged at step {step} (loss {value}); lower preset.optimizer.lr")
-        losses.append(value)
-        window_loss += float(loss_sum.detach())
+        step_losses.append(loss.detach())
+        window_loss += loss_sum.detach().double()
         window_tokens += n_tok
         if step % log_every == 0 or step == steps:
-            mean = window_loss / max(window_tokens, 1)
+            values = torch.stack(step_losses).float().cpu().tolist()  # the one host sync per log window
+            step_losses.clear()
+            bad = next((v for v in values if not math.isfinite(v)), None)
+            if bad is not None:
+                raise RuntimeError(f"training diverged before step {step} (loss {bad}); lower preset.optimizer.lr")
+            losses.extend(values)
+            mean = float(window_loss) / max(int(window_tokens), 1)
             curve.append([step, round(mean, 4)])
             bar.set_postfix(loss=f"{mean:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
             log.info("step %d/%d  loss %.4f  lr %.2e  %.1f s", step, steps, mean, scheduler.get_last_lr()[0],
                      time.perf_counter() - t0)
-            window_loss, window_tokens = 0.0, 0
+            window_loss.zero_()
+            window_tokens.zero_()
     bar.close()
     tail = losses[-max(1, len(losses) // 10):]
     return {
@@ -428,7 +445,7 @@ def train_lab_lm(cfg: DictConfig) -> dict[str, Any]:
     Reuses an existing output directory whose manifest checks out, unless ``cfg.force``.
     """
     lm = cfg.lm
-    preset = cfg.preset
+    preset = preset_for(cfg.preset, lm.name)
     if lm.get("source") != "lab" or lm.name not in LAB_LMS:
         raise UserError(f"rtlm-train-lm trains the lab LMs only: {', '.join(LAB_LMS)}")
     if lm.name not in preset.model:
@@ -478,8 +495,7 @@ def train_lab_lm(cfg: DictConfig) -> dict[str, Any]:
     log.info("%s: %s, %.2f M parameters, on %s", lm.name, type(model).__name__, n_params / 1e6, device)
 
     # ---- train + evaluate
-    train_metrics = train_loop(model, train_ex, preset, tokenizer.pad_token_id, seq2seq, device, seed,
-                               lm_name=lm.name)
+    train_metrics = train_loop(model, train_ex, preset, tokenizer.pad_token_id, seq2seq, device, seed)
     val = evaluate(model, val_ex, tokenizer.pad_token_id, seq2seq, int(preset.eval_batch_size), device,
                    preset.get("amp_dtype"))
     log.info("val loss %.4f  perplexity %.1f  (%d reply tokens)", val["loss"], val["perplexity"], val["n_tokens"])
@@ -531,4 +547,4 @@ def train_lab_lm(cfg: DictConfig) -> dict[str, Any]:
 
 
 __all__ = ["LAB_LMS", "MANIFEST", "Pair", "build_model", "encode_pairs", "evaluate", "load_pairs",
-           "output_dir_for", "train_lab_lm", "train_loop", "train_tokenizer"]
+           "output_dir_for", "preset_for", "train_lab_lm", "train_loop", "train_tokenizer"]
