@@ -48,6 +48,20 @@ def _register_resolvers() -> None:
         return
     if not OmegaConf.has_resolver("rtlm_root"):
         OmegaConf.register_new_resolver("rtlm_root", lambda: str(ROOT))
+    if not OmegaConf.has_resolver("rtlm_hash"):
+        OmegaConf.register_new_resolver("rtlm_hash", config_hash)
+
+
+def config_hash(*nodes) -> str:
+    """Six hex digits naming a config's values (``${rtlm_hash:${policy},${workload}}`` in run names), so that
+    runs differing in any parameter land in different run dirs."""
+    import hashlib
+    import json
+
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    plain = [OmegaConf.to_container(n, resolve=True) if isinstance(n, (DictConfig, ListConfig)) else n for n in nodes]
+    return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:6]
 
 
 _register_resolvers()

@@ -1,0 +1,241 @@
+"""One scheduling experiment end to end: profile -> predictors -> service model -> trace -> run -> results.
+
+:func:`run_experiment` is what ``rtlm-schedule`` (and notebook 03, and the reference builder) call. Inputs
+are plain dicts (a composed Hydra config works too); outputs go to ``run_dir``:
+
+* ``trace.parquet``: the workload (replay it with ``workload.trace=<path>``);
+* ``requests.parquet``: one record per request (:data:`~rtlm_lab.scheduler.core.RECORD_COLUMNS`);
+* ``metrics.json``: the headline numbers, the service model, the policy's parameters and provenance;
+* ``response_cdf.png/svg``: the response-time CDF of the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+
+from rtlm_lab.errors import UserError
+from rtlm_lab.scheduler.core import WorkerSpec
+from rtlm_lab.scheduler.policies import Policy, Request, make_policy
+from rtlm_lab.scheduler.service import ServiceModel
+
+log = logging.getLogger("rtlm_lab.scheduler")
+MODES = ("real", "sim")
+
+
+def service_dir() -> Path:
+    from rtlm_lab.paths import reference_dir
+
+    return reference_dir() / "scheduler" / "service"
+
+
+def reference_service(lm: str, platform: str, role: str = "main") -> Path:
+    suffix = "" if role == "main" else f"__{role}"
+    return service_dir() / f"{lm}__{platform}{suffix}.json"
+
+
+def calibration_cache(lm: str, platform: str, role: str = "main") -> Path:
+    """Where a real run keeps its calibration, reused by every later run of the LM on the platform (so that
+    all policies see the same service model, hence the same trace)."""
+    from rtlm_lab.paths import outputs_dir
+
+    suffix = "" if role == "main" else f"__{role}"
+    return outputs_dir() / "schedule" / "service" / f"{lm}__{platform}{suffix}.json"
+
+
+def sim_service(lm: str, platform: str, profile: pd.DataFrame, given: str | None = None,
+                role: str = "main") -> ServiceModel | None:
+    """Service model for a simulation: ``given`` path, else this machine's calibration, else the committed
+    one, else (main worker, batch-1 profile) a fit to the profile."""
+    if given:
+        return ServiceModel.load(given)
+    for p in (calibration_cache(lm, platform, role), reference_service(lm, platform, role)):
+        if p.is_file():
+            return ServiceModel.load(p)
+    if role != "main":
+        return None
+    if "batch_size" in profile.columns and (profile["batch_size"] == 1).all():
+        log.info("no calibrated service model for %s on %s: fitting one to the batch-1 profile", lm, platform)
+        return ServiceModel.from_profile(profile)
+    raise UserError(f"no service model for {lm} on {platform}: run `rtlm-schedule mode=real lm={lm} "
+                    f"platform={platform}` once (it calibrates) or pass scheduler.service=<json>")
+
+
+def to_requests(trace: pd.DataFrame, service: ServiceModel, keep_predictions: bool) -> list[Request]:
+    reqs = []
+    for row in trace.itertuples(index=False):
+        pred = {}
+        if keep_predictions:
+            for c in ("pred_rtlm", "uncertainty", "pred_proxy", "ltr_score"):
+                v = getattr(row, c, None)
+                if v is not None and not (isinstance(v, float) and math.isnan(v)):
+                    pred[c] = float(v)
+        reqs.append(Request(request_id=str(row.request_id), text=str(row.text), context=str(row.context or ""),
+                            arrival_s=float(row.arrival_s), n_input_tokens=int(row.n_input_tokens),
+                            true_tokens=int(row.true_tokens), pred=pred,
+                            isolated_s=service.isolated(row.n_input_tokens, row.true_tokens)))
+    return reqs
+
+
+def make_trace(held: pd.DataFrame, service: ServiceModel, workload: Mapping[str, Any], seed: int) -> tuple[pd.DataFrame, dict]:
+    from rtlm_lab.scheduler.workload import build_trace, choose_requests, load_trace
+
+    if workload.get("trace"):
+        trace = load_trace(workload["trace"])
+        info = {"kind": "replay", "trace": str(workload["trace"]), "n_requests": len(trace),
+                "duration_s": float(trace["arrival_s"].max())}
+        return trace, info
+    n = int(workload.get("n_requests", 100))
+    pool = held.rename(columns={"n_output_tokens": "true_tokens"})
+    cols = [c for c in ("request_id", "text", "context", "n_input_tokens", "true_tokens", "pred_rtlm",
+                        "uncertainty", "pred_proxy", "ltr_score") if c in pool.columns]
+    chosen = choose_requests(pool[cols].copy(), n, seed)
+    chosen["context"] = chosen["context"].fillna("").astype(str) if "context" in chosen else ""
+    trace, info = build_trace(chosen, service, workload, seed=seed)
+    info["heldout_pool"] = len(held)
+    info["repeats"] = bool(n > len(held))
+    return trace, info
+
+
+def workers_for(policy: Policy, platform: Mapping[str, Any], main_service: ServiceModel,
+                offload_service: ServiceModel | None, n_offload: int) -> list[WorkerSpec]:
+    cap = int(platform.get("max_batch", 1))
+    specs = [WorkerSpec("main", "main", max(1, min(policy.max_batch, cap)), main_service)]
+    if getattr(policy, "offload", False) and n_offload > 0 and offload_service is not None:
+        specs += [WorkerSpec(f"cpu{i}", "offload", 1, offload_service) for i in range(n_offload)]
+    return specs
+
+
+def run_experiment(cfg: Mapping[str, Any], run_dir: Path, profile_path: Path, progress: bool = True) -> dict:
+    """See the module doc. ``cfg`` keys: lm, platform, policy, workload, scheduler, mode, seed."""
+    from rtlm_lab.io import provenance, sha256_file, write_json_atomic, write_parquet_atomic
+    from rtlm_lab.paths import data_dir
+    from rtlm_lab.scheduler.predictions import load_or_fit
+
+    mode = str(cfg["mode"])
+    if mode not in MODES:
+        raise UserError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
+    lm_spec, platform, sched = dict(cfg["lm"]), dict(cfg["platform"]), dict(cfg["scheduler"])
+    workload = dict(cfg["workload"])
+    seed = int(cfg.get("seed", 0))
+    policy = make_policy(str(cfg["policy"]["name"]), cfg["policy"])
+    try:
+        profile = pd.read_parquet(profile_path)
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"cannot read profile {profile_path}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+    slo_k = float(sched.get("slo_k", 5.0))
+    if not slo_k > 0:
+        raise UserError(f"scheduler.slo_k must be > 0 (got {slo_k})")
+    predictors, _train, held = load_or_fit(profile_path, profile, float(sched.get("heldout_frac", 0.4)), seed,
+                                           cache_dir=data_dir() / "cache" / "scheduler")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    n_offload = int(platform.get("offload_workers", 0)) if getattr(policy, "offload", False) else 0
+    extra: dict[str, Any] = {}
+
+    if mode == "sim":
+        main_service = sim_service(lm_spec["name"], platform["name"], profile, sched.get("service"))
+        offload_service = sim_service(lm_spec["name"], platform["name"], profile, sched.get("offload_service"),
+                                      role="offload") if n_offload else None
+        trace, info = make_trace(held, main_service, workload, seed)
+        reqs = to_requests(trace, main_service, keep_predictions=True)
+        per_req = _prediction_cost(predictors, trace, policy.needs, int(sched.get("overhead_samples", 20)))
+        from rtlm_lab.scheduler.sim import simulate
+
+        workers = workers_for(policy, platform, main_service, offload_service, n_offload)
+        records, m = simulate(reqs, policy, workers, slo_k=slo_k, prediction_s_per_request=per_req)
+        extra["prediction_s_per_request"] = per_req
+    else:
+        records, m, main_service, offload_service, trace, info = _run_real(
+            cfg, lm_spec, platform, sched, workload, seed, policy, held, predictors, slo_k, n_offload, progress)
+    missing = set(trace["request_id"].astype(str)) - set(records["request_id"].astype(str)) if len(records) else set(trace["request_id"])
+    if missing or m["n_unique_completed"] != len(trace):
+        raise RuntimeError(f"{len(missing)} request(s) not accounted for: {sorted(missing)[:5]}")
+    write_parquet_atomic(trace, run_dir / "trace.parquet")
+    write_parquet_atomic(records, run_dir / "requests.parquet")
+    m.update(extra)
+    out = {
+        "lm": lm_spec["name"], "platform": platform["name"], "mode": mode, "policy": policy.describe(),
+        "workload": info, "rho": float(workload.get("rho", math.nan)), "seed": seed,
+        "service_model": main_service.to_dict(),
+        "offload_service_model": offload_service.to_dict() if offload_service is not None else None,
+        "n_offload_workers": n_offload if offload_service is not None else 0,
+        **m,
+        "provenance": provenance(cfg, profile=str(profile_path), profile_sha256=sha256_file(profile_path),
+                                 run_dir=str(run_dir)),
+    }
+    write_json_atomic(run_dir / "metrics.json", out)
+    if sched.get("figures", True):
+        from rtlm_lab.viz.scheduler import plot_cdf
+
+        plot_cdf({policy.name: records["response_s"].to_numpy(float)}, run_dir,
+                 title=f"{lm_spec['name']} on {platform['name']} ({mode}), rho={workload.get('rho')}")
+    return out
+
+
+def _prediction_cost(predictors, trace: pd.DataFrame, needs, n: int) -> float:
+    """Mean seconds of the policy's per-arrival predictions, timed on ``n`` single requests."""
+    if not needs or n <= 0:
+        return 0.0
+    texts = trace["text"].astype(str).tolist()[:n]
+    predictors.predict_one(texts[0], needs)  # warm-up (model loads)
+    secs = [predictors.predict_one(t, needs)[1] for t in texts]
+    return float(np.mean(secs))
+
+
+def _run_real(cfg, lm_spec, platform, sched, workload, seed, policy, held, predictors, slo_k, n_offload, progress):
+    from rtlm_lab.io import write_json_atomic
+    from rtlm_lab.lm.fastdecode import make_decoder
+    from rtlm_lab.lm.loader import load_lm
+    from rtlm_lab.lm.sanity import check_sanity
+    from rtlm_lab.scheduler.executor import execute
+    from rtlm_lab.scheduler.service import calibrate
+
+    lm = load_lm(lm_spec, platform)
+    sanity = check_sanity(lm, platform["name"]) if sched.get("sanity_check", True) else None  # raises if wrong
+    cap = int(platform.get("max_batch", 1))
+    decode = make_decoder(lm, bool(platform.get("fast_decode", False)), max_batch=cap,
+                          max_len=int(sched.get("fast_max_len", 512)))
+    calib_texts = held["text"].astype(str).tolist()[:64]
+    cache = calibration_cache(lm_spec["name"], platform["name"])
+    if sched.get("service"):
+        main_service = ServiceModel.load(sched["service"])
+    elif cache.is_file() and not sched.get("recalibrate", False):
+        main_service = ServiceModel.load(cache)
+        log.info("service model: %s (recalibrate with scheduler.recalibrate=true)", cache)
+    else:
+        sizes = sorted({b for b in (1, 2, 4, 8, 16, 32, 64) if b <= cap} | {cap})
+        main_service = calibrate(lm, calib_texts, sizes, max_new_tokens=int(sched.get("calibration_tokens", 32)),
+                                 repeats=int(sched.get("calibration_repeats", 2)),
+                                 generate=lambda t, m: decode(t, None, m))
+        main_service.meta["decoder"] = type(getattr(decode, "__self__", None)).__name__
+        write_json_atomic(cache, main_service.to_dict())
+    offload_service = None
+    if n_offload:
+        off = sched.get("offload_service")
+        off_cache = calibration_cache(lm_spec["name"], platform["name"], "offload")
+        if off:
+            offload_service = ServiceModel.load(off)
+        elif off_cache.is_file() and not sched.get("recalibrate", False):
+            offload_service = ServiceModel.load(off_cache)
+        else:  # time the CPU path in this process at batch 1 (threads as the offload workers get)
+            cpu_lm = load_lm(lm_spec, {"name": "cpu", "device": "cpu", "dtype": "float32",
+                                       "threads": int(platform.get("offload_threads", 4))})
+            offload_service = calibrate(cpu_lm, calib_texts, [1], max_new_tokens=int(sched.get("calibration_tokens", 32)),
+                                        repeats=3)
+            offload_service.source = "calibration (cpu offload)"
+            write_json_atomic(off_cache, offload_service.to_dict())
+            del cpu_lm
+    trace, info = make_trace(held, main_service, workload, seed)
+    reqs = to_requests(trace, main_service, keep_predictions=False)
+    workers = workers_for(policy, platform, main_service, offload_service, n_offload)
+    records, m = execute(reqs, policy, lambda t, c: decode(t, c), workers, predictors=predictors, slo_k=slo_k,
+                         offload_spec=lm_spec, offload_threads=int(platform.get("offload_threads", 4)),
+                         progress=progress)
+    m["decoder"] = type(getattr(decode, "__self__", None)).__name__
+    m["sanity"] = sanity
+    return records, m, main_service, offload_service, trace, info

@@ -1,0 +1,267 @@
+"""Scheduling policies behind one small interface.
+
+A policy sees the queue (requests that arrived and wait), the workers (which are idle, when the busy ones
+are predicted to be free) and the clock, and returns what to start now plus, optionally, when it wants to be
+asked again (a batching wait):
+
+    class MyPolicy(Policy):
+        name = "my_policy"
+        needs = ("pred_proxy",)               # prediction columns it reads (predictions.ALL_COLUMNS)
+
+        def priority(self, req, now):         # lower is served first
+            return req.pred["pred_proxy"]
+
+The default :meth:`Policy.select` serves the idle *main* worker (the platform's device) with the first
+``max_batch`` requests in priority order; offload workers are left to policies that use them (RT-LM).
+Register a new policy in :data:`POLICIES` (or pass an instance to the simulator / executor directly).
+
+Built in: ``fcfs``, ``sjf_input`` (prompt tokens), ``sjf_proxy`` (MiniLM proxy prediction), ``ltr`` (MiniLM
+ranking score), ``oracle_sjf`` (the true output length: the lower bound of what ordering alone can do) and
+``rtlm`` with its ablations ``rtlm_no_uncertainty``, ``rtlm_no_aging``, ``rtlm_no_consolidation``,
+``rtlm_no_offload``, ``rtlm_batch1``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+from rtlm_lab.errors import UserError
+
+
+@dataclass
+class Request:
+    """One request as the scheduler sees it."""
+
+    request_id: str
+    text: str
+    context: str
+    arrival_s: float
+    n_input_tokens: int
+    true_tokens: int                       # known to the oracle policy (and the simulator) only
+    pred: dict[str, float] = field(default_factory=dict)
+    isolated_s: float = math.nan           # service model, batch 1, true tokens (SLO reference)
+    retries: int = 0
+
+    @property
+    def uncertainty(self) -> float:
+        return float(self.pred.get("uncertainty", math.nan))
+
+
+@dataclass
+class WorkerView:
+    """What a policy may know about a worker."""
+
+    worker_id: str
+    kind: str                              # "main" (the platform's device) or "offload" (a CPU worker)
+    idle: bool
+    free_at: float                         # predicted time the running batch ends (now when idle)
+    max_batch: int
+    service: Any                           # its ServiceModel
+
+
+@dataclass
+class Assignment:
+    worker_id: str
+    requests: list[Request]
+
+
+class Policy:
+    """Base policy: priority order, greedy batches of up to ``max_batch`` on the main worker."""
+
+    name = "policy"
+    needs: tuple[str, ...] = ()
+
+    def __init__(self, max_batch: int = 1, **params: Any):
+        if int(max_batch) < 1:
+            raise UserError(f"policy.max_batch must be >= 1 (got {max_batch})")
+        self.max_batch = int(max_batch)
+        self.params = params
+
+    def priority(self, req: Request, now: float) -> float:
+        return req.arrival_s
+
+    def order(self, queue: Sequence[Request], now: float) -> list[Request]:
+        # ties broken by arrival then id: deterministic schedules
+        return sorted(queue, key=lambda r: (self.priority(r, now), r.arrival_s, r.request_id))
+
+    def select(self, queue: Sequence[Request], workers: Sequence[WorkerView], now: float
+               ) -> tuple[list[Assignment], float | None]:
+        out: list[Assignment] = []
+        if not queue:
+            return out, None
+        ordered = self.order(queue, now)
+        for w in workers:
+            if w.kind != "main" or not w.idle or not ordered:
+                continue
+            take = ordered[: min(self.max_batch, w.max_batch)]
+            ordered = ordered[len(take):]
+            out.append(Assignment(w.worker_id, take))
+        return out, None
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "max_batch": self.max_batch, **self.params}
+
+
+class FCFS(Policy):
+    name = "fcfs"
+
+
+class SJFInput(Policy):
+    name = "sjf_input"
+
+    def priority(self, req, now):
+        return req.n_input_tokens
+
+
+class SJFProxy(Policy):
+    name = "sjf_proxy"
+    needs = ("pred_proxy",)
+
+    def priority(self, req, now):
+        return req.pred["pred_proxy"]
+
+
+class LTR(Policy):
+    name = "ltr"
+    needs = ("ltr_score",)
+
+    def priority(self, req, now):
+        return req.pred["ltr_score"]
+
+
+class OracleSJF(Policy):
+    name = "oracle_sjf"
+
+    def priority(self, req, now):
+        return req.true_tokens
+
+
+class RTLM(Policy):
+    """RT-LM: uncertainty-aware priority with aging, dynamic consolidation, strategic CPU offloading.
+
+    * priority = ``predicted isolated service time x (1 + uncertainty_weight x uncertainty)
+      - aging x waited seconds`` (the uncertainty term pushes requests whose length is least certain back;
+      aging lets every request reach the head eventually);
+    * consolidation: the head request plus queued requests whose predicted lengths are within a factor
+      ``length_window`` of the head's, up to ``max_batch``; when fewer than ``max_batch`` qualify and the head
+      has waited less than ``batch_wait_s``, wait (bounded) for more to arrive;
+    * offloading: an idle CPU worker takes the first request (priority order) whose predicted completion there
+      beats its predicted completion on the main worker, the main worker's queue and running batch included.
+    """
+
+    name = "rtlm"
+    needs = ("pred_rtlm", "uncertainty")
+
+    def __init__(self, max_batch: int = 8, uncertainty_weight: float = 0.5, aging: float = 0.02,
+                 consolidation: bool = True, length_window: float = 2.0, batch_wait_s: float = 0.05,
+                 offload: bool = True, name: str | None = None, **params: Any):
+        super().__init__(max_batch=max_batch, **params)
+        if name:
+            self.name = name
+        if length_window < 1:
+            raise UserError(f"policy.length_window must be >= 1 (got {length_window})")
+        if aging < 0 or batch_wait_s < 0 or uncertainty_weight < 0:
+            raise UserError("policy.aging, policy.batch_wait_s and policy.uncertainty_weight must be >= 0")
+        self.uncertainty_weight = float(uncertainty_weight)
+        self.aging = float(aging)
+        self.consolidation = bool(consolidation)
+        self.length_window = float(length_window)
+        self.batch_wait_s = float(batch_wait_s)
+        self.offload = bool(offload)
+        self._main_service = None
+
+    def describe(self):
+        return {**super().describe(), "uncertainty_weight": self.uncertainty_weight, "aging": self.aging,
+                "consolidation": self.consolidation, "length_window": self.length_window,
+                "batch_wait_s": self.batch_wait_s, "offload": self.offload}
+
+    def predicted_service(self, req: Request, service) -> float:
+        return service.isolated(req.n_input_tokens, max(1.0, req.pred.get("pred_rtlm", 1.0)))
+
+    def priority(self, req, now):
+        s = self.predicted_service(req, self._main_service) if self._main_service else req.pred["pred_rtlm"]
+        u = req.uncertainty if math.isfinite(req.uncertainty) else 0.0
+        return s * (1.0 + self.uncertainty_weight * u) - self.aging * max(0.0, now - req.arrival_s)
+
+    def _close(self, a: Request, b: Request) -> bool:
+        pa, pb = max(1.0, a.pred["pred_rtlm"]), max(1.0, b.pred["pred_rtlm"])
+        return max(pa, pb) / min(pa, pb) <= self.length_window
+
+    def select(self, queue, workers, now):
+        out: list[Assignment] = []
+        if not queue:
+            return out, None
+        main = [w for w in workers if w.kind == "main"]
+        if main:
+            self._main_service = main[0].service
+        ordered = self.order(queue, now)
+        wake: float | None = None
+        for w in main:
+            if not w.idle or not ordered:
+                continue
+            cap = min(self.max_batch, w.max_batch)
+            head = ordered[0]
+            if self.consolidation and cap > 1:
+                group = [r for r in ordered if self._close(head, r)][:cap]
+                if len(group) < cap and now - head.arrival_s < self.batch_wait_s:
+                    wake = head.arrival_s + self.batch_wait_s   # bounded wait for a fuller batch
+                    continue
+            else:
+                group = ordered[:cap]
+            taken = {id(r) for r in group}
+            ordered = [r for r in ordered if id(r) not in taken]
+            out.append(Assignment(w.worker_id, group))
+        if self.offload and ordered:
+            busy_main = [w for w in main if not w.idle] or main
+            for w in workers:
+                if w.kind != "offload" or not w.idle or not ordered:
+                    continue
+                pick = self._offload_pick(ordered, busy_main, w, now)
+                if pick is not None:
+                    ordered.remove(pick)
+                    out.append(Assignment(w.worker_id, [pick]))
+        return out, wake
+
+    def _offload_pick(self, ordered: list[Request], main: Sequence[WorkerView], cpu: WorkerView, now: float):
+        if not main:
+            return None
+        m = main[0]
+        cap = max(1, min(self.max_batch, m.max_batch))
+        backlog = 0.0
+        for k, r in enumerate(ordered):
+            pred = max(1.0, r.pred["pred_rtlm"])
+            # on the main worker: its running batch, then the batches of the requests ahead of r
+            t_main = max(m.free_at, now) + backlog + m.service.batch_time([r.n_input_tokens] * min(cap, k + 1),
+                                                                          [pred] * min(cap, k + 1))
+            t_cpu = now + cpu.service.isolated(r.n_input_tokens, pred)
+            if t_cpu < t_main:
+                return r
+            if (k + 1) % cap == 0:  # a full batch of requests ahead of the next ones
+                backlog += m.service.batch_time([r.n_input_tokens] * cap, [pred] * cap)
+        return None
+
+
+BASELINES = {"fcfs": FCFS, "sjf_input": SJFInput, "sjf_proxy": SJFProxy, "ltr": LTR, "oracle_sjf": OracleSJF}
+ABLATIONS = {
+    "rtlm": {},
+    "rtlm_no_uncertainty": {"uncertainty_weight": 0.0},
+    "rtlm_no_aging": {"aging": 0.0},
+    "rtlm_no_consolidation": {"consolidation": False},
+    "rtlm_no_offload": {"offload": False},
+    "rtlm_batch1": {"max_batch": 1},
+}
+POLICIES = tuple(BASELINES) + tuple(ABLATIONS)
+
+
+def make_policy(name: str, params: Mapping[str, Any] | None = None) -> Policy:
+    """A policy by name (``conf/policy/<name>.yaml`` holds its parameters)."""
+    params = {k: v for k, v in dict(params or {}).items() if k not in ("name", "kind")}
+    if name in BASELINES:
+        for k in ("uncertainty_weight", "aging", "consolidation", "length_window", "batch_wait_s", "offload"):
+            params.pop(k, None)
+        return BASELINES[name](**params)
+    if name in ABLATIONS:
+        return RTLM(name=name, **{**params, **ABLATIONS[name]})
+    raise UserError(f"unknown policy {name!r}; choose one of: {', '.join(POLICIES)}")

@@ -1,0 +1,165 @@
+"""The length predictions each policy ranks by, fitted on requests *outside* the workload.
+
+A profile's requests are split by conversation (seeded): the ``train`` share fits the predictors, the
+held-out share is the pool workloads draw from, so no policy has seen the requests it schedules.
+
+=============  ==========================================================  ===========================
+column         what                                                        used by
+=============  ==========================================================  ===========================
+pred_rtlm      :class:`~rtlm_lab.regressor.LengthPredictor` (uncertainty     ``rtlm*``
+               features, ridge) -> predicted output tokens
+uncertainty    the quantifier's total uncertainty in [0, 1]                 ``rtlm*``
+pred_proxy     ridge on the MiniLM embedding (the SSJF/S3 BERT-class        ``sjf_proxy``
+               proxy) -> predicted tokens
+ltr_score      pairwise logistic ranking on MiniLM (vLLM-LTR style)         ``ltr``
+=============  ==========================================================  ===========================
+
+:class:`Predictors` serves one request at a time (``predict_one``, timed: that time is the policy's run-time
+overhead) or a batch (``predict_many``: the simulator, identical values).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from rtlm_lab.errors import UserError
+
+log = logging.getLogger("rtlm_lab.scheduler")
+
+ALL_COLUMNS = ("pred_rtlm", "uncertainty", "pred_proxy", "ltr_score")
+
+
+def split_pool(profile: pd.DataFrame, heldout_frac: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train, held-out) requests of a profile, split by conversation."""
+    from rtlm_lab.regressor.evaluate import split_by_conversation
+
+    need = {"request_id", "text", "n_input_tokens", "n_output_tokens"}
+    missing = need - set(profile.columns)
+    if missing:
+        raise UserError(f"not a profile: missing columns {', '.join(sorted(missing))}")
+    if not 0 < heldout_frac < 1:
+        raise UserError(f"scheduler.heldout_frac must be in (0, 1) (got {heldout_frac})")
+    df = profile[profile["n_output_tokens"].notna()].reset_index(drop=True)
+    tr, te = split_by_conversation(df, test_size=heldout_frac, seed=seed)
+    return df.iloc[tr].reset_index(drop=True), df.iloc[te].reset_index(drop=True)
+
+
+class Predictors:
+    """Fitted length predictors for one LM/platform (see the module doc)."""
+
+    def __init__(self, columns: Sequence[str] = ALL_COLUMNS, seed: int = 0):
+        unknown = set(columns) - set(ALL_COLUMNS)
+        if unknown:
+            raise UserError(f"unknown prediction columns {sorted(unknown)}")
+        self.columns = tuple(columns)
+        self.seed = seed
+
+    def fit(self, texts: Sequence[str], lengths: Sequence[float]) -> "Predictors":
+        from rtlm_lab.regressor import LengthPredictor
+        from rtlm_lab.regressor import features as F
+        from rtlm_lab.regressor.baselines import LtrMiniLM, ProxyMiniLM
+
+        texts = [str(t) for t in texts]
+        y = np.asarray(lengths, float)
+        if len(texts) < 5:
+            raise UserError(f"need at least 5 training requests for the predictors (got {len(texts)})")
+        self.rtlm_ = LengthPredictor(kind="ridge", random_state=self.seed).fit(texts, y) \
+            if {"pred_rtlm", "uncertainty"} & set(self.columns) else None
+        E = F.embed(texts).astype(float) if {"pred_proxy", "ltr_score"} & set(self.columns) else None
+        self.proxy_ = ProxyMiniLM().fit(texts, y, E=E) if "pred_proxy" in self.columns else None
+        self.ltr_ = LtrMiniLM(seed=self.seed).fit(texts, y, E=E) if "ltr_score" in self.columns else None
+        self.n_train_ = len(texts)
+        return self
+
+    def predict_many(self, texts: Sequence[str]) -> pd.DataFrame:
+        from rtlm_lab.regressor import features as F
+        from rtlm_lab.uncertainty import quantify
+
+        texts = [str(t) for t in texts]
+        out: dict[str, Any] = {}
+        if self.rtlm_ is not None:
+            X = self.rtlm_.featurize(texts)
+            out["pred_rtlm"] = self.rtlm_.predict_from_features(X)
+            out["uncertainty"] = quantify(texts)["total"].to_numpy(float) if "uncertainty" in self.columns else None
+        if self.proxy_ is not None or self.ltr_ is not None:
+            E = F.embed(texts).astype(float)
+            if self.proxy_ is not None:
+                out["pred_proxy"] = self.proxy_.predict(texts, E=E)
+            if self.ltr_ is not None:
+                out["ltr_score"] = self.ltr_.predict(texts, E=E)
+        return pd.DataFrame({k: v for k, v in out.items() if v is not None}, index=range(len(texts)))
+
+    def predict_one(self, text: str, columns: Sequence[str]) -> tuple[dict[str, float], float]:
+        """Predictions for one arriving request (only ``columns``) and the seconds they took."""
+        from rtlm_lab.regressor import FEATURE_NAMES
+        from rtlm_lab.regressor import features as F
+
+        t0 = time.perf_counter()
+        out: dict[str, float] = {}
+        cols = set(columns)
+        if cols & {"pred_rtlm", "uncertainty"}:
+            X = self.rtlm_.featurize([text])
+            out["pred_rtlm"] = float(self.rtlm_.predict_from_features(X)[0])
+            # the total uncertainty is one of the predictor's features: no second spaCy pass
+            out["uncertainty"] = float(X[0, FEATURE_NAMES.index("total")])
+        if cols & {"pred_proxy", "ltr_score"}:
+            E = F.embed([text]).astype(float)
+            if "pred_proxy" in cols:
+                out["pred_proxy"] = float(self.proxy_.predict([text], E=E)[0])
+            if "ltr_score" in cols:
+                out["ltr_score"] = float(self.ltr_.predict([text], E=E)[0])
+        return out, time.perf_counter() - t0
+
+
+def profile_key(profile_path: Path, heldout_frac: float, seed: int, columns: Sequence[str]) -> str:
+    from rtlm_lab.io import sha256_file
+
+    h = hashlib.sha256(f"{sha256_file(profile_path)}|{heldout_frac}|{seed}|{','.join(columns)}".encode())
+    return h.hexdigest()[:16]
+
+
+def load_or_fit(profile_path: Path, profile: pd.DataFrame, heldout_frac: float, seed: int,
+                columns: Sequence[str] = ALL_COLUMNS, cache_dir: Path | None = None) -> tuple[Predictors, pd.DataFrame, pd.DataFrame]:
+    """Fitted predictors, the train pool and the held-out pool (with predictions for every held-out request).
+
+    Cached per (profile sha256, split, columns) under ``cache_dir`` (joblib + parquet); a cache that does not
+    load is refitted (and overwritten), never trusted.
+    """
+    import joblib
+
+    from rtlm_lab.io import atomic_path, write_parquet_atomic
+
+    train, held = split_pool(profile, heldout_frac, seed)
+    key = profile_key(profile_path, heldout_frac, seed, columns)
+    if cache_dir is not None:
+        jpath, ppath = Path(cache_dir) / f"predictors-{key}.joblib", Path(cache_dir) / f"heldout-{key}.parquet"
+        if jpath.is_file() and ppath.is_file():
+            try:
+                pred = joblib.load(jpath)
+                held_pred = pd.read_parquet(ppath)
+                if list(held_pred["request_id"]) == list(held["request_id"].astype(str)):
+                    return pred, train, held_pred
+                log.warning("predictor cache %s does not match the profile; refitting", key)
+            except Exception as exc:  # noqa: BLE001 - corrupt cache: refit
+                log.warning("predictor cache %s unreadable (%s); refitting", key, type(exc).__name__)
+    t0 = time.perf_counter()
+    pred = Predictors(columns, seed=seed).fit(train["text"].fillna("").tolist(), train["n_output_tokens"])
+    p = pred.predict_many(held["text"].fillna("").tolist())
+    held = held.copy()
+    held["request_id"] = held["request_id"].astype(str)
+    for c in p.columns:
+        held[c] = p[c].to_numpy()
+    log.info("predictors fitted on %d requests, %d held out (%.1f s)", len(train), len(held), time.perf_counter() - t0)
+    if cache_dir is not None:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        with atomic_path(jpath) as tmp:
+            joblib.dump(pred, tmp)
+        write_parquet_atomic(held, ppath)
+    return pred, train, held

@@ -1,0 +1,126 @@
+"""Workloads: which requests arrive when.
+
+A *trace* is a table with one row per request, in arrival order: ``request_id``, ``text``, ``context``,
+``arrival_s`` (seconds from the start of the run), ``n_input_tokens`` and ``true_tokens`` (the LM's greedy
+output length from the profile, known to the oracle only), plus the predictions each policy may use
+(:mod:`rtlm_lab.scheduler.predictions`). Traces are saved as parquet and replayed as they are
+(``workload.trace=<path>``), so a real run and its simulation see the same arrivals.
+
+Arrival processes, all seeded, at rate ``lambda = rho / E[S]`` where ``E[S]`` is the mean *isolated* (batch-1)
+service time of the trace's requests under the platform's service model:
+
+* ``poisson``: exponential gaps (coefficient of variation 1);
+* ``gamma``: Gamma gaps with coefficient of variation ``cv`` (> 1 is bursty);
+* ``mmpp``: a two-state Markov-modulated Poisson process: a ``burst`` state at ``burst_factor`` times the
+  calm state's rate, entered ``burst_share`` of the time, mean sojourn ``mean_sojourn_requests`` arrivals;
+  the long-run rate is still ``lambda``;
+* ``burst``: every request at time 0 (a stress test: throughput at saturation).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+
+from rtlm_lab.errors import UserError
+
+KINDS = ("poisson", "gamma", "mmpp", "burst")
+TRACE_COLUMNS = ("request_id", "text", "context", "arrival_s", "n_input_tokens", "true_tokens")
+
+
+def arrival_times(kind: str, rate: float, n: int, seed: int = 0, **params: Any) -> np.ndarray:
+    """``n`` increasing arrival times (s), starting at the first gap after 0 (``burst``: all zeros)."""
+    if kind not in KINDS:
+        raise UserError(f"unknown workload kind {kind!r}; choose one of: {', '.join(KINDS)}")
+    if n < 1:
+        raise UserError(f"workload.n_requests must be >= 1 (got {n})")
+    if kind == "burst":
+        return np.zeros(n)
+    if not np.isfinite(rate) or rate <= 0:
+        raise UserError(f"arrival rate must be > 0 (got {rate}); check workload.rho and the service model")
+    rng = np.random.default_rng(seed)
+    if kind == "poisson":
+        gaps = rng.exponential(1.0 / rate, n)
+    elif kind == "gamma":
+        cv = float(params.get("cv", 3.0))
+        if cv <= 0:
+            raise UserError(f"workload.cv must be > 0 (got {cv})")
+        shape = 1.0 / cv**2
+        gaps = rng.gamma(shape, 1.0 / (rate * shape), n)
+    else:  # mmpp
+        factor = float(params.get("burst_factor", 8.0))
+        share = float(params.get("burst_share", 0.2))
+        sojourn = float(params.get("mean_sojourn_requests", 20.0))
+        if factor <= 1 or not 0 < share < 1 or sojourn < 1:
+            raise UserError("mmpp needs burst_factor > 1, 0 < burst_share < 1, mean_sojourn_requests >= 1")
+        # time shares: calm (1-share) at rate r0, burst (share) at factor*r0; mean rate = rate
+        r0 = rate / ((1 - share) + share * factor)
+        # per-arrival switching probabilities giving the time shares above
+        p_burst_arrivals = share * factor / ((1 - share) + share * factor)
+        leave_burst = 1.0 / sojourn
+        enter_burst = leave_burst * p_burst_arrivals / (1 - p_burst_arrivals)
+        state = rng.random() < p_burst_arrivals
+        gaps = np.empty(n)
+        for i in range(n):
+            gaps[i] = rng.exponential(1.0 / (r0 * factor if state else r0))
+            state = (rng.random() >= leave_burst) if state else (rng.random() < enter_burst)
+    return np.cumsum(gaps)
+
+
+def choose_requests(pool: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
+    """``n`` requests from ``pool`` in a seeded order; when ``n`` exceeds the pool, whole seeded passes over it
+    repeat (each repeat gets a ``#k`` suffix on its ``request_id``)."""
+    if pool.empty:
+        raise UserError("no requests to build a workload from")
+    rng = np.random.default_rng(seed)
+    parts, k = [], 0
+    while sum(len(p) for p in parts) < n:
+        part = pool.iloc[rng.permutation(len(pool))].copy()
+        if k:
+            part["request_id"] = part["request_id"].astype(str) + f"#{k}"
+        parts.append(part)
+        k += 1
+    return pd.concat(parts, ignore_index=True).head(n).reset_index(drop=True)
+
+
+def build_trace(requests: pd.DataFrame, service, workload: Mapping[str, Any], seed: int = 0) -> tuple[pd.DataFrame, dict]:
+    """Attach arrival times to ``requests`` (already chosen, with ``n_input_tokens`` and ``true_tokens``).
+
+    Returns the trace and a dict with the rate and the mean isolated service time it was derived from.
+    """
+    rho = float(workload.get("rho", 0.9))
+    kind = str(workload.get("kind", "poisson"))
+    if kind != "burst" and (not np.isfinite(rho) or rho <= 0):
+        raise UserError(f"workload.rho must be > 0 (got {rho}); rho > 1 is an overload and allowed")
+    iso = np.array([service.isolated(a, b) for a, b in zip(requests["n_input_tokens"], requests["true_tokens"])])
+    mean_s = float(iso.mean())
+    rate = rho / mean_s if kind != "burst" else float("inf")
+    params = {k: workload[k] for k in ("cv", "burst_factor", "burst_share", "mean_sojourn_requests") if k in workload}
+    t = arrival_times(kind, rate, len(requests), seed=seed, **params)
+    trace = requests.copy()
+    trace.insert(3, "arrival_s", t)
+    trace["isolated_s"] = iso
+    info = {"kind": kind, "rho": rho, "rate_rps": rate if np.isfinite(rate) else None,
+            "mean_isolated_s": mean_s, "duration_s": float(t[-1]) if len(t) else 0.0, "n_requests": len(trace)}
+    return trace, info
+
+
+def load_trace(path) -> pd.DataFrame:
+    """Read a saved trace (parquet) and check its columns; one clear error when it is not one."""
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no trace at {path}")
+    try:
+        df = pd.read_parquet(path)
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"cannot read trace {path}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+    missing = [c for c in TRACE_COLUMNS if c not in df.columns]
+    if missing:
+        raise UserError(f"{path} is not a trace: missing columns {', '.join(missing)}")
+    if not df["arrival_s"].is_monotonic_increasing:
+        raise UserError(f"{path}: arrival_s must be non-decreasing")
+    return df.reset_index(drop=True)
