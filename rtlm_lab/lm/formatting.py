@@ -20,10 +20,11 @@ LAB_SEP = " <sep> "
 
 
 def _clean(text: Any) -> str:
-    """Any input becomes a single-line string (newlines would end the turn in line-based frames)."""
+    """Any input becomes a single-line string (newlines would end the turn in line-based frames); lone
+    surrogates (not encodable: the tokenizers reject them) become ``?``."""
     if text is None:
         return ""
-    text = str(text)
+    text = str(text).encode("utf-8", "replace").decode("utf-8", "replace")
     return " ".join(text.replace("\x00", " ").split())
 
 

@@ -199,7 +199,10 @@ def execute(requests: Sequence[Request], policy: Policy, main_decode: DecodeFn, 
         rows: list[dict] = []
         running: dict[str, tuple[int, list[Request], float]] = {}
         prediction_s = 0.0
+        deaths = 0
         served: set[str] = set()
+        if predictors is not None and needs and pending:  # load the predictors' models before the clock starts
+            predictors.predict_one(pending[0].text, needs)
         bar = tqdm(total=n, desc=f"{policy.name} (real)", unit="req", disable=not progress, mininterval=1.0)
         t_origin[0] = time.perf_counter()  # arrivals are relative to now
         if on_start:
@@ -224,6 +227,8 @@ def execute(requests: Sequence[Request], policy: Policy, main_decode: DecodeFn, 
                 kind, wid, batch_id, t_start, t_end, payload = ev
                 if kind == "error":
                     raise payload
+                if wid not in running or running[wid][0] != batch_id:
+                    continue  # a late result from a worker already declared dead: its batch was requeued
                 batch_id0, batch, t_disp = running.pop(wid)
                 disp.finish(wid, t_end)
                 e2e_max = max(g.e2e_s for g in payload)
@@ -240,6 +245,7 @@ def execute(requests: Sequence[Request], policy: Policy, main_decode: DecodeFn, 
                 if wid in disp.alive_workers and not w.alive():
                     back = disp.fail_worker(wid, clock())
                     running.pop(wid, None)
+                    deaths += 1
                     log.warning("offload worker %s died; %d request(s) back in the queue", wid, len(back))
             now = clock()
             assignments, wake = disp.decide(now)
@@ -262,5 +268,5 @@ def execute(requests: Sequence[Request], policy: Policy, main_decode: DecodeFn, 
     df = pd.DataFrame(rows)
     m = metrics(df, len(requests), disp, prediction_s,
                 {"mode": "real", "oom_splits": main.n_splits,
-                 "offload_deaths": sum(1 for w in offload.values() if not w.alive())})
+                 "offload_deaths": deaths})
     return df, m

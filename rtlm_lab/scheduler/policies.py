@@ -24,7 +24,7 @@ ranking score), ``oracle_sjf`` (the true output length: the lower bound of what 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
 from rtlm_lab.errors import UserError
@@ -205,14 +205,20 @@ class RTLM(Policy):
             head = ordered[0]
             if self.consolidation and cap > 1:
                 group = [r for r in ordered if self._close(head, r)][:cap]
-                if len(group) < cap and now - head.arrival_s < self.batch_wait_s:
-                    wake = head.arrival_s + self.batch_wait_s   # bounded wait for a fuller batch
+                # bounded wait for a fuller batch; compared as the wake time itself (not now - arrival <
+                # batch_wait_s, which float rounding can keep true at the wake instant: a lost wake-up)
+                if len(group) < cap and head.arrival_s + self.batch_wait_s > now:
+                    wake = head.arrival_s + self.batch_wait_s
                     continue
             else:
                 group = ordered[:cap]
             taken = {id(r) for r in group}
             ordered = [r for r in ordered if id(r) not in taken]
             out.append(Assignment(w.worker_id, group))
+            # the offload estimate below must see this worker busy with the batch just given to it
+            preds = [max(1.0, r.pred["pred_rtlm"]) for r in group]
+            main = [replace(m, idle=False, free_at=now + m.service.batch_time([r.n_input_tokens for r in group], preds))
+                    if m.worker_id == w.worker_id else m for m in main]
         if self.offload and ordered:
             busy_main = [w for w in main if not w.idle] or main
             for w in workers:

@@ -126,11 +126,13 @@ def profile_key(profile_path: Path, heldout_frac: float, seed: int, columns: Seq
 
 
 def load_or_fit(profile_path: Path, profile: pd.DataFrame, heldout_frac: float, seed: int,
-                columns: Sequence[str] = ALL_COLUMNS, cache_dir: Path | None = None) -> tuple[Predictors, pd.DataFrame, pd.DataFrame]:
+                columns: Sequence[str] = ALL_COLUMNS, cache_dir: Path | None = None,
+                need_model: bool = True) -> tuple[Predictors | None, pd.DataFrame, pd.DataFrame]:
     """Fitted predictors, the train pool and the held-out pool (with predictions for every held-out request).
 
     Cached per (profile sha256, split, columns) under ``cache_dir`` (joblib + parquet); a cache that does not
-    load is refitted (and overwritten), never trusted.
+    load is refitted (and overwritten), never trusted. ``need_model=False`` (offline predictions, e.g. on a
+    GPU box without spaCy) only reads the cached held-out predictions and returns ``None`` as predictors.
     """
     import joblib
 
@@ -140,6 +142,16 @@ def load_or_fit(profile_path: Path, profile: pd.DataFrame, heldout_frac: float, 
     key = profile_key(profile_path, heldout_frac, seed, columns)
     if cache_dir is not None:
         jpath, ppath = Path(cache_dir) / f"predictors-{key}.joblib", Path(cache_dir) / f"heldout-{key}.parquet"
+        if not need_model:
+            try:
+                held_pred = pd.read_parquet(ppath)
+            except Exception as exc:  # noqa: BLE001
+                raise UserError(f"no usable cached predictions {ppath.name} for {profile_path} "
+                                f"({type(exc).__name__}); run once with scheduler.online_predictions=true where "
+                                "the quantifier (spaCy, WordNet) is installed") from None
+            if list(held_pred["request_id"]) != list(held["request_id"].astype(str)):
+                raise UserError(f"cached predictions {ppath.name} do not match {profile_path}")
+            return None, train, held_pred
         if jpath.is_file() and ppath.is_file():
             try:
                 pred = joblib.load(jpath)

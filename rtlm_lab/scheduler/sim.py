@@ -64,6 +64,9 @@ def simulate(requests: Sequence[Request], policy: Policy, workers: Sequence[Work
             wake_pending.add(wake)
             heapq.heappush(ev, (wake, _WAKE, seq, None))
             seq += 1
+    if disp.queue or running:
+        raise RuntimeError(f"simulation ended with {len(disp.queue)} request(s) never served (policy "
+                           f"{policy.name} waited without a wake-up)")
     df = pd.DataFrame(rows)
     m = metrics(df, len(requests), disp, prediction_s_per_request * len(requests), {"mode": "sim"})
     return df, m
