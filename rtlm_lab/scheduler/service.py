@@ -1,7 +1,7 @@
 """Service-time model of one worker: what a batch costs on a platform.
 
-``batch_time(B, max_input_tokens, tokens) = prefill(B * max_input_tokens) + step(B) * (max(tokens) - 1)``
-with ``prefill(x) = ttft_a + ttft_b * x`` and ``step(B) = step_1 + step_slope * (B - 1)``; row ``i`` of the
+``batch_time(B, max_input_tokens, tokens) = prefill(B, max_input_tokens) + step(B) * (max(tokens) - 1)``
+with ``prefill(B, T) = ttft_a + ttft_c * (B - 1) + ttft_b * B * T`` and ``step(B) = step_1 + step_slope * (B - 1)``; row ``i`` of the
 batch finishes at ``prefill + step(B) * (tokens_i - 1)`` (its last token), the worker when the longest row
 does (static batching: one real ``generate`` call per batch).
 
@@ -34,11 +34,12 @@ class ServiceModel:
     ttft_b: float                 # s per prompt token in the padded batch (B x max input tokens)
     step_1: float                 # s per decoding step at batch 1
     step_slope: float = 0.0       # extra s per step for each additional row in the batch
+    ttft_c: float = 0.0           # extra s of prefill for each additional row (beyond its tokens)
     source: str = ""              # where the numbers come from (calibration run, profile)
     meta: dict[str, Any] = field(default_factory=dict)
 
     def prefill(self, batch: int, max_input_tokens: float) -> float:
-        return max(0.0, self.ttft_a + self.ttft_b * batch * max_input_tokens)
+        return max(0.0, self.ttft_a + self.ttft_c * (max(1, batch) - 1) + self.ttft_b * batch * max_input_tokens)
 
     def step(self, batch: int) -> float:
         return max(1e-6, self.step_1 + self.step_slope * (max(1, batch) - 1))
@@ -89,10 +90,16 @@ class ServiceModel:
         B = np.array([c["batch"] for c in calls], float)
         X = B * np.array([c["max_input_tokens"] for c in calls], float)
         ttft = np.array([c["ttft_s"] for c in calls], float)
-        A = np.vstack([np.ones_like(X), X]).T
-        (a, b), *_ = np.linalg.lstsq(A, ttft, rcond=None)
-        if b < 0:
-            a, b = float(np.mean(ttft)), 0.0
+        c_ = 0.0
+        if len(set(B)) > 1:  # batch-1 intercept, per-row and per-token terms
+            (a, c_, b), *_ = np.linalg.lstsq(np.vstack([np.ones_like(X), B - 1, X]).T, ttft, rcond=None)
+        else:
+            (a, b), *_ = np.linalg.lstsq(np.vstack([np.ones_like(X), X]).T, ttft, rcond=None)
+        if b < 0 or c_ < 0 or a < 0:  # an ill-conditioned fit: fall back to the per-token term only
+            (a, b), *_ = np.linalg.lstsq(np.vstack([np.ones_like(X), X]).T, ttft, rcond=None)
+            c_ = 0.0
+            if b < 0 or a < 0:
+                a, b = float(np.mean(ttft)), 0.0
         step = np.array([c["step_s"] for c in calls], float)
         ok = np.isfinite(step)
         if not ok.any():
@@ -102,8 +109,24 @@ class ServiceModel:
         else:
             s1, slope = float(np.mean(step[ok])), 0.0
         s1 = float(s1) if s1 > 0 else float(np.min(step[ok]))
-        return cls(ttft_a=float(a), ttft_b=float(b), step_1=s1, step_slope=float(max(slope, 0.0)), source=source,
-                   meta={"n_calls": len(calls), "calls": list(calls)})
+        return cls(ttft_a=float(a), ttft_b=float(b), step_1=s1, step_slope=float(max(slope, 0.0)),
+                   ttft_c=float(c_), source=source, meta={"n_calls": len(calls), "calls": list(calls)})
+
+    @classmethod
+    def from_records(cls, records, source: str = "records") -> "ServiceModel":
+        """Fit to the batches a run actually served (``requests.parquet`` of a real run): per batch, the
+        time to its first token and the decoding step of its longest row."""
+        calls = []
+        for _, g in records.groupby(["worker", "batch_id"]):
+            longest = g.loc[g["actual_tokens"].idxmax()]
+            n = int(longest["actual_tokens"])
+            ttft = float(g["first_token_s"].min() - g["start_s"].min())
+            step = (float(longest["finish_s"] - longest["first_token_s"]) / (n - 1)) if n > 1 else float("nan")
+            calls.append({"batch": int(len(g)), "max_input_tokens": int(g["n_input_tokens"].max()),
+                          "ttft_s": ttft, "step_s": step})
+        m = cls.fit(calls, source=source)
+        m.meta = {"n_calls": len(calls)}
+        return m
 
     # ---------------------------------------------------------------------------------- files
     def to_dict(self) -> dict[str, Any]:
@@ -112,13 +135,14 @@ class ServiceModel:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ServiceModel":
         keys = ("ttft_a", "ttft_b", "step_1", "step_slope")
+        extra = {"ttft_c": float(d.get("ttft_c", 0.0) or 0.0)}
         try:
             vals = {k: float(d[k]) for k in keys}
         except (KeyError, TypeError, ValueError) as exc:
             raise UserError(f"service model lacks or garbles {exc}; expected keys {', '.join(keys)}") from None
         if not all(math.isfinite(v) for v in vals.values()) or vals["step_1"] <= 0:
             raise UserError(f"service model has non-finite or non-positive values: {vals}")
-        return cls(**vals, source=str(d.get("source", "")), meta=dict(d.get("meta") or {}))
+        return cls(**vals, **extra, source=str(d.get("source", "")), meta=dict(d.get("meta") or {}))
 
     @classmethod
     def load(cls, path: str | Path) -> "ServiceModel":
@@ -153,6 +177,7 @@ def calibrate(chat_lm, texts: Sequence[str], batch_sizes: Sequence[int], max_new
             calls.append({"batch": B, "max_input_tokens": max(o.n_input_tokens for o in outs),
                           "ttft_s": min(o.ttft_s for o in outs), "step_s": step, "max_tokens": n_max})
     model = ServiceModel.fit(calls)
-    log.info("service model: prefill %.1f ms + %.3f ms/prompt token, step %.2f ms (+%.3f ms per extra row)",
-             1e3 * model.ttft_a, 1e3 * model.ttft_b, 1e3 * model.step_1, 1e3 * model.step_slope)
+    log.info("service model: prefill %.1f ms (+%.2f ms per extra row) + %.3f ms/prompt token, step %.2f ms "
+             "(+%.3f ms per extra row)", 1e3 * model.ttft_a, 1e3 * model.ttft_c, 1e3 * model.ttft_b,
+             1e3 * model.step_1, 1e3 * model.step_slope)
     return model

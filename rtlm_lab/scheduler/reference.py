@@ -1,0 +1,276 @@
+"""Reference scheduler results: real runs, their simulations (the simulator's error) and the sim grid.
+
+``python -m rtlm_lab.scheduler.reference add <run dir roots...>`` copies the real runs' small results
+(``metrics.json``, ``requests.parquet``, ``trace.parquet``) under ``outputs/reference/scheduler/runs/`` and
+their calibrations under ``service/``; ``python -m rtlm_lab.scheduler.reference build`` then
+
+* replays every real run's trace in the simulator with the same policy and the run's own calibrated service
+  model -> ``sim_error.csv`` (mean response time, sim vs real);
+* runs the sim grid (every policy and ablation x rho in {0.5, 0.7, 0.8, 0.9, 0.95} x 3 seeds) for each
+  LM/platform with real runs, fed by a service model fit to the batches those runs served
+  (``service/<lm>__<platform>.measured.json``) -> rows with ``mode=sim``;
+* writes ``summary.csv`` (one row per run: lm, platform, mode, rho, policy, seed, n_requests, n_completed,
+  mean_rt_s, p50_rt_s, p99_rt_s, throughput_rps, overhead_share, ...), ``summary.md`` (normalized to FCFS and to
+  oracle SJF) and figures (response-time CDFs of the real runs, mean response time against rho).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger("rtlm_lab.scheduler")
+
+SUMMARY_COLUMNS = ["lm", "platform", "mode", "rho", "policy", "seed", "n_requests", "n_completed", "mean_rt_s",
+                   "p50_rt_s", "p95_rt_s", "p99_rt_s", "throughput_rps", "throughput_tok_s", "slo_miss_rate",
+                   "mean_batch_size", "max_batch", "overhead_share", "offload_share"]
+RHOS = (0.5, 0.7, 0.8, 0.9, 0.95)
+SEEDS = (0, 1, 2)
+
+
+def ref_dir() -> Path:
+    from rtlm_lab.paths import reference_dir
+
+    return reference_dir() / "scheduler"
+
+
+def _row(m: dict, mode: str | None = None) -> dict[str, Any]:
+    per_worker = m.get("requests_per_worker") or {}
+    n = max(1, int(m.get("n_completed", 0)))
+    return {"lm": m["lm"], "platform": m["platform"], "mode": mode or m["mode"], "rho": m["rho"],
+            "policy": m["policy"]["name"], "seed": m["seed"], "n_requests": m["n_requests"],
+            "n_completed": m["n_completed"], "mean_rt_s": m["mean_rt_s"], "p50_rt_s": m["p50_rt_s"],
+            "p95_rt_s": m["p95_rt_s"], "p99_rt_s": m["p99_rt_s"], "throughput_rps": m["throughput_rps"],
+            "throughput_tok_s": m["throughput_tok_s"], "slo_miss_rate": m["slo_miss_rate"],
+            "mean_batch_size": m["mean_batch_size"], "max_batch": m["policy"].get("max_batch"),
+            "overhead_share": m["overhead_share"],
+            "offload_share": sum(v for k, v in per_worker.items() if k != "main") / n}
+
+
+def add_runs(roots: list[Path]) -> list[Path]:
+    """Copy real runs found under ``roots`` into the reference tree (one dir per lm/platform/policy/seed)."""
+    out = []
+    for root in roots:
+        for mpath in sorted(Path(root).rglob("metrics.json")):
+            m = json.loads(mpath.read_text())
+            if m.get("mode") != "real" or "policy" not in m:
+                continue
+            dst = ref_dir() / "runs" / m["lm"] / m["platform"] / f"rho{m['rho']}-n{m['n_requests']}" / \
+                m["policy"]["name"] / f"s{m['seed']}"
+            dst.mkdir(parents=True, exist_ok=True)
+            for f in ("metrics.json", "requests.parquet", "trace.parquet"):
+                shutil.copy2(mpath.parent / f, dst / f)
+            svc = ref_dir() / "service"
+            svc.mkdir(parents=True, exist_ok=True)
+            (svc / f"{m['lm']}__{m['platform']}.json").write_text(json.dumps(m["service_model"], indent=1))
+            if m.get("offload_service_model"):
+                (svc / f"{m['lm']}__{m['platform']}__offload.json").write_text(
+                    json.dumps(m["offload_service_model"], indent=1))
+            out.append(dst)
+            log.info("added %s", dst)
+    return out
+
+
+def _platform_cfg(name: str) -> dict:
+    from omegaconf import OmegaConf
+
+    from rtlm_lab.tasks._cli import CONF_DIR
+
+    return OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR) / "platform" / f"{name}.yaml"))
+
+
+def _policy_cfg(name: str, platform: dict) -> dict:
+    from omegaconf import OmegaConf
+
+    from rtlm_lab.tasks._cli import CONF_DIR
+
+    cfg = OmegaConf.create({"platform": platform, "policy": OmegaConf.load(Path(CONF_DIR) / "policy" / f"{name}.yaml")})
+    pol = OmegaConf.to_container(cfg.policy, resolve=True)
+    if "defaults" in pol:  # an ablation file: rtlm.yaml underneath
+        base = OmegaConf.to_container(OmegaConf.merge(
+            OmegaConf.create({"platform": platform, "p": OmegaConf.load(Path(CONF_DIR) / "policy" / "rtlm.yaml")}),
+        ).p, resolve=True)
+        pol = {**base, **{k: v for k, v in pol.items() if k != "defaults"}}
+    return pol
+
+
+def replay(run: Path) -> dict:
+    """Simulate a real run's trace with its policy and calibrated service model(s)."""
+    from rtlm_lab.scheduler.harness import to_requests, workers_for
+    from rtlm_lab.scheduler.policies import make_policy
+    from rtlm_lab.scheduler.service import ServiceModel
+    from rtlm_lab.scheduler.sim import simulate
+    from rtlm_lab.scheduler.workload import load_trace
+
+    m = json.loads((run / "metrics.json").read_text())
+    platform = _platform_cfg(m["platform"])
+    policy = make_policy(m["policy"]["name"], m["policy"])
+    main = ServiceModel.from_dict(m["service_model"])
+    off = ServiceModel.from_dict(m["offload_service_model"]) if m.get("offload_service_model") else None
+    trace = load_trace(run / "trace.parquet")
+    reqs = to_requests(trace, main, keep_predictions=True)
+    workers = workers_for(policy, platform, main, off, int(m.get("n_offload_workers", 0)))
+    slo_k = float(m["provenance"]["config"]["scheduler"].get("slo_k", 5.0))
+    _, sm = simulate(reqs, policy, workers, slo_k=slo_k)
+    # the same, with a service model fit to the batches this run actually served (ex post): how much of the
+    # error is the calibration's, how much the simulator's
+    rec = pd.read_parquet(run / "requests.parquet")
+    main_rec = rec[rec["worker"] == "main"]
+    refit = ServiceModel.from_records(main_rec)
+    reqs2 = to_requests(trace, refit, keep_predictions=True)
+    _, sm2 = simulate(reqs2, policy, workers_for(policy, platform, refit, off, int(m.get("n_offload_workers", 0))),
+                      slo_k=slo_k)
+    return {"lm": m["lm"], "platform": m["platform"], "policy": m["policy"]["name"], "rho": m["rho"],
+            "seed": m["seed"], "n_requests": m["n_requests"], "real_mean_rt_s": m["mean_rt_s"],
+            "sim_mean_rt_s": sm["mean_rt_s"], "real_p99_rt_s": m["p99_rt_s"], "sim_p99_rt_s": sm["p99_rt_s"],
+            "error_mean": (sm["mean_rt_s"] - m["mean_rt_s"]) / m["mean_rt_s"],
+            "sim_refit_mean_rt_s": sm2["mean_rt_s"],
+            "error_mean_refit": (sm2["mean_rt_s"] - m["mean_rt_s"]) / m["mean_rt_s"],
+            "main_utilization": m["worker_utilization"].get("main")}
+
+
+def profile_for(lm: str, platform: str) -> Path:
+    from rtlm_lab.paths import reference_dir
+
+    return reference_dir() / "profiles" / f"{lm}__{platform}.parquet"
+
+
+def measured_service(lm: str, platform: str) -> Path:
+    """Fit one service model to every batch the main worker served in the cell's real reference runs
+    (``service/<lm>__<platform>.measured.json``): the simulator's input for the grid."""
+    from rtlm_lab.scheduler.service import ServiceModel
+
+    runs = sorted((ref_dir() / "runs" / lm / platform).rglob("requests.parquet"))
+    parts = []
+    for i, r in enumerate(runs):
+        d = pd.read_parquet(r)
+        d = d[d["worker"] == "main"].copy()
+        d["batch_id"] = d["batch_id"].astype(str) + f"-{i}"  # batch ids are per run
+        parts.append(d)
+    model = ServiceModel.from_records(pd.concat(parts, ignore_index=True), source=f"{len(runs)} real runs' batches")
+    out = ref_dir() / "service" / f"{lm}__{platform}.measured.json"
+    out.write_text(json.dumps(model.to_dict(), indent=1))
+    return out
+
+
+def sim_grid(lm: str, platform: str, policies, rhos=RHOS, seeds=SEEDS, n_requests: int = 200,
+             service: Path | None = None) -> list[dict]:
+    """Every policy x rho x seed in the simulator, with ``service`` (default: the committed calibration of
+    ``lm`` on ``platform``)."""
+    from rtlm_lab.paths import data_dir
+    from rtlm_lab.scheduler.harness import make_trace, to_requests, workers_for
+    from rtlm_lab.scheduler.policies import make_policy
+    from rtlm_lab.scheduler.predictions import load_or_fit
+    from rtlm_lab.scheduler.service import ServiceModel
+    from rtlm_lab.scheduler.sim import simulate
+
+    svc = ref_dir() / "service"
+    main = ServiceModel.load(service or svc / f"{lm}__{platform}.json")
+    offp = svc / f"{lm}__{platform}__offload.json"
+    off = ServiceModel.load(offp) if offp.is_file() else None
+    plat = _platform_cfg(platform)
+    prof = profile_for(lm, platform)
+    rows = []
+    for seed in seeds:
+        _, _, held = load_or_fit(prof, pd.read_parquet(prof), 0.4, seed, cache_dir=data_dir() / "cache" / "scheduler")
+        for rho in rhos:
+            trace, info = make_trace(held, main, {"kind": "poisson", "rho": rho, "n_requests": n_requests}, seed)
+            for name in policies:
+                pcfg = _policy_cfg(name, plat)
+                policy = make_policy(name, pcfg)
+                n_off = int(plat.get("offload_workers", 0)) if getattr(policy, "offload", False) else 0
+                reqs = to_requests(trace, main, keep_predictions=True)
+                _, sm = simulate(reqs, policy, workers_for(policy, plat, main, off, n_off), slo_k=5.0)
+                sm.update({"lm": lm, "platform": platform, "mode": "sim", "rho": rho, "seed": seed,
+                           "policy": policy.describe()})
+                rows.append(_row(sm, "sim"))
+    return rows
+
+
+def normalized_table(df: pd.DataFrame, mode: str = "real", rho: float = 0.9) -> pd.DataFrame:
+    """Mean response time per lm/platform/policy divided by FCFS's and oracle SJF's (mean over seeds)."""
+    d = df[(df["mode"] == mode) & np.isclose(df["rho"], rho)]
+    g = d.groupby(["lm", "platform", "policy"])[["mean_rt_s", "p99_rt_s", "throughput_rps", "overhead_share"]].mean()
+    out = []
+    for (lm, plat), sub in g.groupby(level=[0, 1]):
+        sub = sub.droplevel([0, 1])
+        f = sub["mean_rt_s"].get("fcfs", np.nan)
+        o = sub["mean_rt_s"].get("oracle_sjf", np.nan)
+        fp = sub["p99_rt_s"].get("fcfs", np.nan)
+        for pol, r in sub.iterrows():
+            out.append({"lm": lm, "platform": plat, "policy": pol, "mean_rt_s": r["mean_rt_s"],
+                        "vs_fcfs": r["mean_rt_s"] / f, "vs_oracle": r["mean_rt_s"] / o,
+                        "p99_vs_fcfs": r["p99_rt_s"] / fp, "overhead_share": r["overhead_share"]})
+    return pd.DataFrame(out)
+
+
+def build(grid: bool = True, n_sim: int = 200) -> dict:
+    from rtlm_lab.io import provenance, write_json_atomic
+    from rtlm_lab.scheduler.policies import POLICIES
+    from rtlm_lab.viz.scheduler import plot_cdf, plot_rt_vs_rho
+
+    root = ref_dir()
+    runs = sorted(p.parent for p in (root / "runs").rglob("metrics.json"))
+    real_rows = [_row(json.loads((r / "metrics.json").read_text())) for r in runs]
+    err = pd.DataFrame([replay(r) for r in runs])
+    err.to_csv(root / "sim_error.csv", index=False)
+    rows = list(real_rows)
+    cells = sorted({(r["lm"], r["platform"]) for r in real_rows})
+    if grid:
+        for lm, plat in cells:
+            log.info("sim grid %s on %s", lm, plat)
+            rows += sim_grid(lm, plat, POLICIES, n_requests=n_sim, service=measured_service(lm, plat))
+    df = pd.DataFrame(rows)[SUMMARY_COLUMNS]
+    df.to_csv(root / "summary.csv", index=False)
+    figs = root / "figures"
+    for lm, plat in cells:
+        sub = [r for r in runs if r.parts[-5] == lm and r.parts[-4] == plat]
+        rts = {r.parts[-2]: pd.read_parquet(r / "requests.parquet")["response_s"].to_numpy() for r in sub}
+        plot_cdf(rts, figs, title=f"{lm} on {plat}: real runs, rho 0.9", stem=f"cdf_{lm}__{plat}")
+        if grid:
+            g = df[(df["mode"] == "sim") & (df["lm"] == lm) & (df["platform"] == plat)]
+            plot_rt_vs_rho(g, figs, title=f"{lm} on {plat}: simulated, 3 seeds", stem=f"rt_vs_rho_{lm}__{plat}")
+    norm_real = normalized_table(df, "real")
+    norm_sim = normalized_table(df, "sim") if grid else pd.DataFrame()
+    norm_real.to_csv(root / "normalized_real.csv", index=False)
+    if grid:
+        norm_sim.to_csv(root / "normalized_sim_rho0.9.csv", index=False)
+    write_json_atomic(root / "provenance.json", provenance(
+        {"runs": [str(r.relative_to(root)) for r in runs], "grid": grid, "rhos": list(RHOS), "seeds": list(SEEDS),
+         "n_sim": n_sim}))
+    return {"runs": len(runs), "rows": len(df), "sim_error": err}
+
+
+def main(argv: list[str] | None = None) -> None:
+    from rtlm_lab.errors import user_errors
+
+    user_errors(_main)(argv)
+
+
+def _main(argv):
+    ap = argparse.ArgumentParser(prog="python -m rtlm_lab.scheduler.reference", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("add", help="copy real runs (dirs holding metrics.json) into outputs/reference/scheduler")
+    a.add_argument("roots", nargs="+", type=Path)
+    b = sub.add_parser("build", help="sim error, sim grid, summary.csv, figures")
+    b.add_argument("--no-grid", action="store_true")
+    b.add_argument("--n-sim", type=int, default=200)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.cmd == "add":
+        print(f"added {len(add_runs(args.roots))} run(s)")
+    else:
+        res = build(grid=not args.no_grid, n_sim=args.n_sim)
+        print(f"{res['runs']} real runs, {res['rows']} summary rows")
+        print(res["sim_error"].to_string(index=False))
+
+
+if __name__ == "__main__":
+    main()
