@@ -2,6 +2,7 @@
 #   make demo   the main job on the embedded default (real Gemma-3-270M on the CPU)
 #   make test   the fast test suite (what CI runs);  make test-full  adds the slow tests
 #   make bench  benchmarks -> outputs/bench/*.json (ratios measured in one run on one machine)
+#   make lab    JupyterLab on notebooks/ with the project kernel "rtlm_lab (.venv)" (LAB_ARGS="--port 8890 --no-browser")
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
@@ -10,7 +11,7 @@ STAMP := $(VENV)/.rtlm-setup
 TORCH := torch==2.13.0
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: setup demo test test-full bench data clean-venv help
+.PHONY: setup demo test test-full bench data lab clean-venv help
 
 help:
 	@grep -E '^#   make' Makefile | sed 's/^#   //'
@@ -44,6 +45,13 @@ test-full: setup
 bench: setup
 	$(BIN)/python -m rtlm_lab.uncertainty.bench
 	$(BIN)/python -m rtlm_lab.regressor.bench
+	$(BIN)/python -m rtlm_lab.lm.bench_decode --platform cpu --lm gemma3_270m --n 8 --batch 4
+
+# The notebooks name the kernel "python3", which is this venv's Python when JupyterLab runs from .venv; the
+# registered "rtlm_lab" kernel (~/.local/share/jupyter/kernels/) is this venv for any other Jupyter (or VS Code).
+lab: setup
+	$(BIN)/python -m ipykernel install --user --name rtlm_lab --display-name "rtlm_lab (.venv)"
+	cd notebooks && ../$(BIN)/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -14,7 +14,6 @@ embedding matrix (the comparison embeds every text once).
 
 from __future__ import annotations
 
-from typing import Sequence
 
 import numpy as np
 

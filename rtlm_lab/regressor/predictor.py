@@ -39,7 +39,7 @@ from __future__ import annotations
 import copy
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 from sklearn.base import BaseEstimator, RegressorMixin

@@ -31,7 +31,6 @@ import numpy as np
 import pandas as pd
 
 from rtlm_lab.errors import UserError
-from rtlm_lab.regressor import features as F
 from rtlm_lab.regressor.evaluate import _kendall, conversation_ids
 from rtlm_lab.regressor.predictor import LengthPredictor
 

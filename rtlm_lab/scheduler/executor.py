@@ -16,7 +16,6 @@ Every request completes exactly once or the run fails loudly; one record per req
 from __future__ import annotations
 
 import logging
-import math
 import multiprocessing as mp
 import queue as queue_mod
 import threading

@@ -170,12 +170,16 @@ def run_experiment(cfg: Mapping[str, Any], run_dir: Path, profile_path: Path, pr
         "provenance": provenance(cfg, profile=str(profile_path), profile_sha256=sha256_file(profile_path),
                                  run_dir=str(run_dir)),
     }
-    write_json_atomic(run_dir / "metrics.json", out)
     if sched.get("figures", True):
         from rtlm_lab.viz.scheduler import plot_cdf
 
         plot_cdf({policy.name: records["response_s"].to_numpy(float)}, run_dir,
                  title=f"{lm_spec['name']} on {platform['name']} ({mode}), rho={workload.get('rho')}")
+    # metrics.json last: its presence marks a finished run (reruns skip it); the manifest lists every artefact
+    write_json_atomic(run_dir / "metrics.json", out)
+    files = [p for p in ("trace.parquet", "requests.parquet", "metrics.json", "response_cdf.png", "response_cdf.svg")
+             if (run_dir / p).is_file()]
+    write_json_atomic(run_dir / "manifest.json", {"files": {p: sha256_file(run_dir / p) for p in files}})
     return out
 
 

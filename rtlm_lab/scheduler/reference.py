@@ -160,6 +160,16 @@ def measured_service(lm: str, platform: str) -> Path:
     return out
 
 
+def prediction_costs() -> dict[str, float]:
+    """Seconds per request of each policy's prediction at batch 1, from the committed predictor benchmark
+    (``outputs/reference/bench/regressor.json``, this project's 2-core CPU)."""
+    from rtlm_lab.paths import reference_dir
+
+    d = json.loads((reference_dir() / "bench" / "regressor.json").read_text())["cost"]
+    proxy = d["proxy_minilm"]["us_per_prompt_batch1"] * 1e-6
+    return {"pred_rtlm": d["rtlm_ridge"]["us_per_prompt_batch1"] * 1e-6, "pred_proxy": proxy, "ltr_score": proxy}
+
+
 def sim_grid(lm: str, platform: str, policies, rhos=RHOS, seeds=SEEDS, n_requests: int = 200,
              service: Path | None = None) -> list[dict]:
     """Every policy x rho x seed in the simulator, with ``service`` (default: the committed calibration of
@@ -177,6 +187,7 @@ def sim_grid(lm: str, platform: str, policies, rhos=RHOS, seeds=SEEDS, n_request
     off = ServiceModel.load(offp) if offp.is_file() else None
     plat = _platform_cfg(platform)
     prof = profile_for(lm, platform)
+    cost = prediction_costs()
     rows = []
     for seed in seeds:
         _, _, held = load_or_fit(prof, pd.read_parquet(prof), 0.4, seed, cache_dir=data_dir() / "cache" / "scheduler")
@@ -187,7 +198,9 @@ def sim_grid(lm: str, platform: str, policies, rhos=RHOS, seeds=SEEDS, n_request
                 policy = make_policy(name, pcfg)
                 n_off = int(plat.get("offload_workers", 0)) if getattr(policy, "offload", False) else 0
                 reqs = to_requests(trace, main, keep_predictions=True)
-                _, sm = simulate(reqs, policy, workers_for(policy, plat, main, off, n_off), slo_k=5.0)
+                per_req = sum(cost.get(c, 0.0) for c in policy.needs)
+                _, sm = simulate(reqs, policy, workers_for(policy, plat, main, off, n_off), slo_k=5.0,
+                                 prediction_s_per_request=per_req)
                 sm.update({"lm": lm, "platform": platform, "mode": "sim", "rho": rho, "seed": seed,
                            "policy": policy.describe()})
                 rows.append(_row(sm, "sim"))
@@ -262,14 +275,63 @@ def _main(argv):
     b = sub.add_parser("build", help="sim error, sim grid, summary.csv, figures")
     b.add_argument("--no-grid", action="store_true")
     b.add_argument("--n-sim", type=int, default=200)
+    sub.add_parser("markdown", help="print the README tables")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.cmd == "add":
         print(f"added {len(add_runs(args.roots))} run(s)")
+    elif args.cmd == "markdown":
+        print(markdown())
     else:
         res = build(grid=not args.no_grid, n_sim=args.n_sim)
         print(f"{res['runs']} real runs, {res['rows']} summary rows")
         print(res["sim_error"].to_string(index=False))
+
+
+
+def markdown() -> str:
+    """The README tables from the committed reference files."""
+    root = ref_dir()
+    df = pd.read_csv(root / "summary.csv")
+    err = pd.read_csv(root / "sim_error.csv")
+    lines = ["Real runs, rho 0.9 (nominal: from the calibrated batch-1 service time; `main util` is the main "
+             "worker's realized busy share):", "",
+             "| lm | platform | policy | n | mean RT s | vs FCFS | vs oracle | p99 vs FCFS | mean batch | offloaded | "
+             "overhead | main util |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    real = df[df["mode"] == "real"]
+    util = {(r.lm, r.platform, r.policy): r.main_utilization for r in err.itertuples()}
+    for (lm, plat), g in real.groupby(["lm", "platform"]):
+        f = g[g["policy"] == "fcfs"]
+        o = g[g["policy"] == "oracle_sjf"]
+        fm, fp = (f["mean_rt_s"].mean(), f["p99_rt_s"].mean()) if len(f) else (np.nan, np.nan)
+        om = o["mean_rt_s"].mean() if len(o) else np.nan
+        for r in g.sort_values("policy").itertuples():
+            def ratio(a, b):
+                return f"{a / b:.2f}" if np.isfinite(b) and b > 0 else "-"
+            lines.append(f"| {lm} | {plat} | {r.policy} | {r.n_completed} | {r.mean_rt_s:.3f} | {ratio(r.mean_rt_s, fm)} | "
+                         f"{ratio(r.mean_rt_s, om)} | {ratio(r.p99_rt_s, fp)} | {r.mean_batch_size:.2f} | "
+                         f"{100 * r.offload_share:.0f}% | {100 * r.overhead_share:.1f}% | "
+                         f"{util.get((lm, plat, r.policy), np.nan):.2f} |")
+    lines += ["", "Simulator error on the real runs' own traces (mean response time, (sim - real) / real): fed by "
+              "the calibration the run used, and by a service model fit to the batches the run served:", "",
+              "| lm | platform | policy | real mean s | sim (calibration) | error | sim (served batches) | error |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in err.sort_values(["platform", "lm", "policy"]).itertuples():
+        lines.append(f"| {r.lm} | {r.platform} | {r.policy} | {r.real_mean_rt_s:.3f} | {r.sim_mean_rt_s:.3f} | "
+                     f"{100 * r.error_mean:+.0f}% | {r.sim_refit_mean_rt_s:.3f} | {100 * r.error_mean_refit:+.0f}% |")
+    sim = df[(df["mode"] == "sim") & np.isclose(df["rho"], 0.9)]
+    for plat, gp in sim.groupby("platform"):
+        m = gp.groupby(["policy", "lm"])["mean_rt_s"].mean().unstack()
+        p99 = gp.groupby(["policy", "lm"])["p99_rt_s"].mean().unstack()
+        rel, relo, relp = m / m.loc["fcfs"], m / m.loc["oracle_sjf"], p99 / p99.loc["fcfs"]
+        lms = list(m.columns)
+        lines += ["", f"Simulated, {plat}, rho 0.9, 200 requests, mean of 3 seeds: mean response time vs FCFS "
+                  "(vs oracle SJF; p99 vs FCFS's):", "",
+                  "| policy | " + " | ".join(lms) + " |", "|---" * (len(lms) + 1) + "|"]
+        for pol in rel.index:
+            lines.append(f"| {pol} | " + " | ".join(f"{rel.loc[pol, l]:.2f} ({relo.loc[pol, l]:.2f}; {relp.loc[pol, l]:.2f})"
+                                                  for l in lms) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from rtlm_lab.io import atomic_path
+
 BASELINE = "n_input_tokens"
 
 
@@ -35,7 +37,8 @@ def save_figure(fig, out_dir: str | Path, stem: str, dpi: int = 120) -> list[Pat
     paths = []
     for ext in ("png", "svg"):
         p = out_dir / f"{stem}.{ext}"
-        fig.savefig(p, dpi=dpi, bbox_inches="tight")
+        with atomic_path(p) as tmp:  # temporary file + rename: a killed run never leaves half a figure
+            fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=ext)
         paths.append(p)
     return paths
 

@@ -1,0 +1,271 @@
+"""``rtlm-sweep``: notebooks 01-03 for every (lm, platform) cell, resumable, then a report.
+
+For each cell of ``sweep.lms`` x ``sweep.platforms`` the three notebooks run under papermill into
+``outputs/sweeps/<sweep.name>/<lm>/<platform>/``: the executed notebooks ``01_uncertainty_latency.ipynb``,
+``02_length_regressor.ipynb``, ``03_scheduler.ipynb`` and, beside each, a folder of the same stem holding
+what that notebook writes (``metrics.json``, figures; notebook 03 also its per-policy run dirs). Every
+notebook reads the cell's profile ``<sweep.profile_dir>/<sweep.profile_name>`` (default: the committed
+reference profile); notebook 03 runs in ``sweep.scheduler_mode`` (``sim`` by default, or ``real``).
+
+``manifest.json`` in the sweep dir (written atomically after every cell) records each cell's status
+(``done`` / ``failed`` / ``interrupted``), the sha256 of its config (lm, platform, profile path and content
+hash, notebook parameters, notebook sources), its timing and, for a failure, the error's first line. A rerun
+skips ``done`` cells whose hash matches (``sweep.force=true`` reruns them); any other cell is cleared and run
+again. A failing cell does not stop the sweep; the exit status is 1 if any cell failed. Ctrl-C / SIGTERM
+stop after saving the manifest (finished cells stay finished); rerun the same command to resume.
+
+Examples::
+
+    rtlm-sweep                                                        # quick demo: gemma3_270m on cpu
+    rtlm-sweep sweep.name=reference sweep_size=full \\
+        sweep.lms=[gemma3_270m,smollm2_135m,dialogpt_ccc,blenderbot_ccc,godel_ccc] sweep.platforms=[cpu,cuda]
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+from rtlm_lab.errors import UserError
+from rtlm_lab.io import provenance, sha256_file, write_json_atomic
+from rtlm_lab.paths import ROOT, outputs_dir
+from rtlm_lab.tasks._cli import group_options, make_main, task_wrapper
+
+log = logging.getLogger("rtlm_lab.sweep")
+
+NOTEBOOKS = ("01_uncertainty_latency", "02_length_regressor", "03_scheduler")
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _resolve(path: str | os.PathLike) -> Path:
+    p = Path(str(path)).expanduser()
+    return p if p.is_absolute() else ROOT / p
+
+
+def sweep_dir_of(name: str) -> Path:
+    return outputs_dir() / "sweeps" / name
+
+
+def profile_path(sweep: dict, lm: str, platform: str) -> Path:
+    return _resolve(sweep["profile_dir"]) / str(sweep["profile_name"]).format(lm=lm, platform=platform)
+
+
+def notebook_parameters(sweep: dict, lm: str, platform: str, cell_dir: Path, profile: Path) -> dict[str, dict]:
+    """papermill parameters of the three notebooks of one cell (``output_dir`` / ``out_dir`` = its folder)."""
+    seed = int(sweep.get("seed", 0))
+    nb01 = {"lm": lm, "platform": platform, "profile": str(profile), "seed": seed,
+            "output_dir": str(cell_dir / NOTEBOOKS[0]), **dict(sweep.get("nb01") or {})}
+    nb02 = {"lm": lm, "platform": platform, "profile": str(profile), "seed": seed,
+            "output_dir": str(cell_dir / NOTEBOOKS[1]), **dict(sweep.get("nb02") or {})}
+    if nb02.get("recal_target") and not nb02.get("recal_target_profile"):
+        nb02["recal_target_profile"] = str(profile_path(sweep, nb02["recal_target"], platform))
+    nb03 = {"lm": lm, "platform": platform, "profile": str(profile), "seed": seed,
+            "mode": str(sweep.get("scheduler_mode", "sim")), "out_dir": str(cell_dir / NOTEBOOKS[2]),
+            **dict(sweep.get("nb03") or {})}
+    return dict(zip(NOTEBOOKS, (nb01, nb02, nb03)))
+
+
+def cell_config(sweep: dict, lm: str, platform: str, cell_dir: Path) -> dict[str, Any]:
+    """Everything a cell's results depend on (its hash decides whether a rerun may skip it)."""
+    prof = profile_path(sweep, lm, platform)
+    return {
+        "lm": lm, "platform": platform, "scheduler_mode": str(sweep.get("scheduler_mode", "sim")),
+        "profile": str(prof), "profile_sha256": sha256_file(prof) if prof.is_file() else None,
+        "parameters": notebook_parameters(sweep, lm, platform, cell_dir, prof),
+        "notebooks_sha256": {nb: sha256_file(ROOT / "notebooks" / f"{nb}.ipynb") for nb in NOTEBOOKS},
+    }
+
+
+def config_sha256(cell_cfg: dict) -> str:
+    return hashlib.sha256(json.dumps(cell_cfg, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def load_manifest(path: Path) -> dict[str, Any]:
+    if path.is_file():
+        try:
+            m = json.loads(path.read_text())
+            if isinstance(m.get("cells"), dict):
+                return m
+        except json.JSONDecodeError:
+            pass
+        log.warning("%s is unreadable: starting a new manifest (cells will be rerun)", path)
+    return {"version": MANIFEST_VERSION, "cells": {}}
+
+
+def _first_line(exc: BaseException) -> str:
+    """One line naming the error: papermill's notebook errors carry the kernel's exception name/value."""
+    ename, evalue = getattr(exc, "ename", None), getattr(exc, "evalue", None)
+    text = f"{ename}: {evalue}" if ename else f"{type(exc).__name__}: {exc}"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def run_cell(cell_cfg: dict, cell_dir: Path, kernel: str) -> None:
+    """Run the three notebooks of one cell into ``cell_dir`` (cleared first). Raises on the first failure."""
+    import papermill as pm
+
+    logging.getLogger("papermill").setLevel(logging.WARNING)  # its per-notebook INFO lines drown the progress
+    if cell_cfg["profile_sha256"] is None:
+        raise UserError(f"no profile {cell_cfg['profile']}")
+    if cell_dir.exists():
+        shutil.rmtree(cell_dir)
+    cell_dir.mkdir(parents=True)
+    for nb, params in cell_cfg["parameters"].items():
+        try:
+            pm.execute_notebook(str(ROOT / "notebooks" / f"{nb}.ipynb"), str(cell_dir / f"{nb}.ipynb"),
+                                parameters=params, cwd=str(ROOT), kernel_name=kernel, progress_bar=False,
+                                log_output=False)
+        except Exception as exc:  # noqa: BLE001 - recorded with the notebook's name
+            raise RuntimeError(f"{nb}: {_first_line(exc)}") from exc
+        if not (Path(params.get("output_dir") or params["out_dir"]) / "metrics.json").is_file():
+            raise RuntimeError(f"{nb}: finished without writing metrics.json")
+
+
+class _Terminate(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C."""
+
+
+def _on_sigterm(signum, frame):  # noqa: ARG001
+    raise _Terminate()
+
+
+def run_sweep(cfg: DictConfig | dict, sweep_dir: Path | None = None,
+              on_cell_done: Callable[[str, dict], None] | None = None) -> dict[str, Any]:
+    """Run (or resume) a sweep; returns the manifest. ``on_cell_done(key, entry)`` is called after each cell
+    is recorded (tests use it to interrupt a sweep)."""
+    plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    sweep = plain["sweep"]
+    lms, platforms = [str(x) for x in sweep["lms"]], [str(x) for x in sweep["platforms"]]
+    if not lms or not platforms:
+        raise UserError("sweep.lms and sweep.platforms must each name at least one option")
+    for group, names in (("lm", lms), ("platform", platforms)):
+        for n in names:
+            if n not in group_options(group):
+                raise UserError(f"unknown {group} {n!r} in sweep.{group}s; choose from: "
+                                f"{', '.join(group_options(group))}")
+    if str(sweep.get("scheduler_mode", "sim")) not in ("sim", "real"):
+        raise UserError(f"sweep.scheduler_mode must be sim or real (got {sweep.get('scheduler_mode')!r})")
+    sweep_dir = Path(sweep_dir) if sweep_dir else sweep_dir_of(str(sweep["name"]))
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    for k, v in (("RTLM_ROOT", str(ROOT)), ("HF_HUB_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
+        os.environ.setdefault(k, v)  # the kernels inherit them
+
+    mpath = sweep_dir / MANIFEST
+    manifest = load_manifest(mpath)
+    manifest.update({"version": MANIFEST_VERSION, "name": str(sweep["name"]), "lms": lms, "platforms": platforms,
+                     "provenance": provenance(plain)})
+    cells = manifest["cells"]
+    force, kernel = bool(sweep.get("force", False)), str(sweep.get("kernel", "python3"))
+    todo = [(lm, pf) for lm in lms for pf in platforms]
+
+    def save() -> None:
+        manifest["updated_utc"] = _now()
+        write_json_atomic(mpath, manifest)
+
+    old_term = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
+    try:
+        for i, (lm, pf) in enumerate(todo, 1):
+            key = f"{lm}/{pf}"
+            cell_dir = sweep_dir / lm / pf
+            ccfg = cell_config(sweep, lm, pf, cell_dir)
+            digest = config_sha256(ccfg)
+            prev = cells.get(key) or {}
+            finished = all((cell_dir / nb / "metrics.json").is_file() for nb in NOTEBOOKS)
+            if not force and prev.get("status") == "done" and prev.get("config_sha256") == digest and finished:
+                print(f"[{i}/{len(todo)}] {key}: done before, skipped (sweep.force=true reruns it)", flush=True)
+                continue
+            print(f"[{i}/{len(todo)}] {key}: running notebooks 01-03 into {cell_dir}", flush=True)
+            entry = {"lm": lm, "platform": pf, "status": "running", "config_sha256": digest, "config": ccfg,
+                     "dir": str(cell_dir.relative_to(sweep_dir)), "started_utc": _now(), "error": None}
+            cells[key] = entry
+            save()
+            t0 = time.perf_counter()
+            try:
+                run_cell(ccfg, cell_dir, kernel)
+                entry["status"] = "done"
+            except KeyboardInterrupt:
+                entry.update(status="interrupted", error="interrupted", duration_s=round(time.perf_counter() - t0, 1))
+                raise
+            except Exception as exc:  # noqa: BLE001 - a failing cell is recorded; the others go on
+                entry.update(status="failed", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                print(f"    {key} FAILED: {entry['error']}", flush=True)
+            entry.update(finished_utc=_now(), duration_s=round(time.perf_counter() - t0, 1))
+            save()
+            if entry["status"] == "done":
+                print(f"    {key}: done in {entry['duration_s']:.0f} s", flush=True)
+            if on_cell_done is not None:
+                on_cell_done(key, entry)
+    finally:
+        save()
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+    return manifest
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def summary_table(manifest: dict, sweep_dir: Path) -> str:
+    from rtlm_lab.report import cell_headline, format_plain_table
+
+    rows = []
+    for key in _ordered_keys(manifest):
+        c = manifest["cells"][key]
+        h = cell_headline(sweep_dir / c.get("dir", key)) if c.get("status") == "done" else {}
+        rows.append({"lm": c["lm"], "platform": c["platform"], "status": c["status"],
+                     "time_s": c.get("duration_s"), **{k: h.get(k) for k in
+                                                       ("spearman_total", "tau_rtlm", "rtlm_mean_rt_vs_fcfs")},
+                     "error": c.get("error") or ""})
+    return format_plain_table(rows)
+
+
+def _ordered_keys(manifest: dict) -> list[str]:
+    """Cells of the last run in its order (lm-major), then any older cells still in the manifest."""
+    cur = [f"{lm}/{pf}" for lm in manifest.get("lms", []) for pf in manifest.get("platforms", [])]
+    return [k for k in cur if k in manifest["cells"]] + sorted(k for k in manifest["cells"] if k not in cur)
+
+
+@task_wrapper
+def sweep_task(cfg: DictConfig) -> dict:
+    """The body of ``rtlm-sweep`` (callable without the CLI, given a composed config)."""
+    sweep_dir = sweep_dir_of(str(cfg.sweep.name))
+    manifest = run_sweep(cfg, sweep_dir)
+    current = [f"{lm}/{pf}" for lm in manifest["lms"] for pf in manifest["platforms"]]
+    print(f"\nsweep {manifest['name']}: {sweep_dir}", flush=True)
+    print(summary_table(manifest, sweep_dir), flush=True)
+    if cfg.sweep.get("report", True):
+        from rtlm_lab.report import build_report
+
+        paths = build_report(sweep_dir)
+        print(f"report: {paths['md']}\n        {paths['html']}", flush=True)
+    failed = [k for k in current if manifest["cells"][k]["status"] != "done"]
+    if failed:
+        print(f"{len(failed)} of {len(current)} cell(s) failed: " +
+              "; ".join(f"{k} ({manifest['cells'][k]['error']})" for k in failed), file=sys.stderr, flush=True)
+        raise SystemExit(1)
+    return manifest
+
+
+main = make_main("sweep", sweep_task)
+
+if __name__ == "__main__":
+    main()

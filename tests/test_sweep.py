@@ -1,0 +1,141 @@
+"""``rtlm-sweep`` + ``rtlm-report``: two tiny cells (Gemma and DialoGPT-ccc on cpu, 30-conversation slices of
+the committed reference profiles, tiny notebook sizes, sim mode) plus one cell whose profile does not exist.
+
+* an uninterrupted sweep records the failing cell with its error and exits 1;
+* the same sweep interrupted after its first cell keeps that cell in the manifest, and the rerun skips it;
+* both sweeps' reports have the same tables.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+REF = ROOT / "outputs" / "reference" / "profiles"
+LMS = ["gemma3_270m", "dialogpt_ccc"]
+needs_profiles = pytest.mark.skipif(not all((REF / f"{lm}__cpu.parquet").is_file() for lm in LMS),
+                                    reason="committed cpu reference profiles missing")
+TINY = ["sweep.nb01.n_bootstrap=20", "sweep.nb02.n_bootstrap=20", "sweep.nb03.n_requests=12",
+        "sweep.nb03.rhos=[0.9]", "sweep.nb03.policies=[fcfs,sjf_proxy,rtlm]",
+        'sweep.nb03.overrides=["scheduler.overhead_samples=0"]']
+# smollm2_135m has no profile in the tiny profile dir: its cell fails
+CELLS = ["sweep.lms=[gemma3_270m,dialogpt_ccc,smollm2_135m]", "sweep.platforms=[cpu]"]
+
+
+@pytest.fixture(scope="module")
+def tiny_profiles(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("profiles")
+    for lm in LMS:
+        df = pd.read_parquet(REF / f"{lm}__cpu.parquet")
+        conv = df["request_id"].str.rsplit("-", n=1).str[0]
+        df[conv.isin(conv.unique()[:30])].to_parquet(d / f"{lm}__cpu.parquet", index=False)
+    return d
+
+
+def _env(out: Path) -> dict:
+    env = {**os.environ, "RTLM_OUTPUT_DIR": str(out), "RTLM_ROOT": str(ROOT)}
+    env.pop("RTLM_DATA_DIR", None)  # the caches in data/ (spaCy scores, MiniLM, predictors) are used
+    return env
+
+
+def _sweep_cli(out: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "rtlm_lab.tasks.sweep", *args], env=_env(out), cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+
+
+def _manifest(out: Path, name: str) -> dict:
+    return json.loads((out / "sweeps" / name / "manifest.json").read_text())
+
+
+@needs_profiles
+def test_sweep_interrupt_resume_failure_and_report(tmp_path, tiny_profiles, monkeypatch):
+    from hydra import compose, initialize_config_dir
+
+    from rtlm_lab.report import build_report, report_tables
+    from rtlm_lab.tasks._cli import CONF_DIR
+    from rtlm_lab.tasks.sweep import run_sweep
+
+    out = tmp_path / "outputs"
+    common = [f"sweep.profile_dir={tiny_profiles}", *CELLS, *TINY]
+
+    # 1. uninterrupted: two cells done, the third recorded as failed, exit status 1, a report anyway
+    res = _sweep_cli(out, "sweep.name=straight", *common)
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert "smollm2_135m/cpu (no profile" in res.stderr and "1 of 3 cell(s) failed" in res.stderr
+    m = _manifest(out, "straight")
+    assert {k: c["status"] for k, c in m["cells"].items()} == {
+        "gemma3_270m/cpu": "done", "dialogpt_ccc/cpu": "done", "smollm2_135m/cpu": "failed"}
+    assert m["cells"]["smollm2_135m/cpu"]["error"].startswith("no profile ")
+    cell = out / "sweeps" / "straight" / "gemma3_270m" / "cpu"
+    for nb in ("01_uncertainty_latency", "02_length_regressor", "03_scheduler"):
+        assert (cell / f"{nb}.ipynb").is_file() and (cell / nb / "metrics.json").is_file()
+    assert "gemma3_270m" in res.stdout and "report:" in res.stdout  # the summary table and the report path
+
+    # 2. the same sweep, interrupted (KeyboardInterrupt) once its first cell is recorded
+    monkeypatch.setenv("RTLM_OUTPUT_DIR", str(out))
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("sweep", overrides=["sweep.name=resumed", *common])
+    cfg.paths.run_dir = str(out / "sweeps" / "resumed")  # the CLI's ${hydra:runtime.output_dir}
+
+    def stop(key, entry):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(cfg, on_cell_done=stop)
+    m = _manifest(out, "resumed")
+    assert list(m["cells"]) == ["gemma3_270m/cpu"] and m["cells"]["gemma3_270m/cpu"]["status"] == "done"
+    first = m["cells"]["gemma3_270m/cpu"]
+
+    # 3. rerun: the finished cell is skipped (same hash, same record), the others run
+    res = _sweep_cli(out, "sweep.name=resumed", *common)
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert "gemma3_270m/cpu: done before, skipped" in res.stdout
+    m = _manifest(out, "resumed")
+    assert m["cells"]["gemma3_270m/cpu"] == first
+    assert m["cells"]["dialogpt_ccc/cpu"]["status"] == "done"
+    assert m["cells"]["smollm2_135m/cpu"]["status"] == "failed"
+
+    # 4. the two reports have the same tables (headline, matrices, failures, per-cell)
+    a = (out / "sweeps" / "straight" / "report.md").read_text()
+    b = (out / "sweeps" / "resumed" / "report.md").read_text()
+    ta = report_tables(a)
+    assert len(ta) > 30 and ta == report_tables(b)
+    assert "| gemma3_270m | cpu | done | 80 |" in a and "| smollm2_135m | cpu | failed |" in a
+    html = (out / "sweeps" / "resumed" / "report.html").read_text()
+    assert "data:image/png;base64," in html and "<table>" in html
+    # rtlm-report on a sweep dir, elsewhere
+    rep = build_report(out / "sweeps" / "straight", tmp_path / "rep")
+    assert report_tables(rep["md"].read_text()) == ta
+    assert rep["headline"][0]["tau RT-LM"] is not None and rep["headline"][0]["RT-LM mean RT / FCFS"] is not None
+
+
+def test_cell_hash_follows_the_config(tmp_path):
+    from rtlm_lab.tasks.sweep import cell_config, config_sha256
+
+    sweep = {"name": "x", "lms": ["gemma3_270m"], "platforms": ["cpu"], "scheduler_mode": "sim",
+             "profile_dir": str(REF), "profile_name": "{lm}__{platform}.parquet", "seed": 0,
+             "nb01": {"n_bootstrap": 20}, "nb02": {}, "nb03": {"n_requests": 12}}
+    base = config_sha256(cell_config(sweep, "gemma3_270m", "cpu", tmp_path))
+    assert base == config_sha256(cell_config(sweep, "gemma3_270m", "cpu", tmp_path))
+    for change in ({"nb03": {"n_requests": 13}}, {"scheduler_mode": "real"}, {"seed": 1},
+                   {"profile_dir": str(tmp_path)}):
+        assert config_sha256(cell_config({**sweep, **change}, "gemma3_270m", "cpu", tmp_path)) != base
+    missing = cell_config({**sweep, "profile_dir": str(tmp_path)}, "gemma3_270m", "cpu", tmp_path)
+    assert missing["profile_sha256"] is None
+
+
+def test_cli_errors_and_help(tmp_path):
+    res = _sweep_cli(tmp_path, "sweep.lms=[nope]")
+    assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("error: unknown lm 'nope'")
+    res = subprocess.run([sys.executable, "-m", "rtlm_lab.report", "--help"], capture_output=True, text=True)
+    assert res.returncode == 0 and "report.md" in res.stdout and "Examples" in res.stdout
+    res = subprocess.run([sys.executable, "-m", "rtlm_lab.report", "nope"], env=_env(tmp_path),
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and "no sweep dir 'nope'" in res.stderr
