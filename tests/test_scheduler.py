@@ -608,3 +608,32 @@ def test_cli_sim_writes_results_and_skips_reruns(tmp_path):
     again = _schedule_cli(args, tmp_path)
     assert again.returncode == 0 and "already done" in again.stdout, again.stderr[-3000:]
     assert json.loads(metrics_path.read_text()) == m
+
+
+@pytest.mark.parametrize("override,needle", [("workload.rho=0", "workload.rho must be > 0"),
+                                             ("workload.rho=-1", "workload.rho must be > 0"),
+                                             ("workload.n_requests=0", "n_requests must be >= 1"),
+                                             ("mode=fast", "unknown mode 'fast'"),
+                                             ("platform=tpu", "unknown platform 'tpu'"),
+                                             ("scheduler.slo_k=0", "slo_k must be > 0")])
+def test_cli_bad_values_are_one_line(tmp_path, override, needle):
+    args = ["mode=sim", "lm=gemma3_270m", "platform=cpu", "policy=fcfs", "workload.n_requests=20",
+            "scheduler.overhead_samples=2", "scheduler.figures=false", override]
+    res = _schedule_cli(args, tmp_path, timeout=300)
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip() and not ln.startswith("[")]
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], res.stderr[-2000:]
+    assert not list((tmp_path / "schedule").rglob("metrics.json")) if (tmp_path / "schedule").exists() else True
+
+
+def test_cli_overload_rho_above_one_is_served_and_accounted(tmp_path):
+    """rho > 1 is an overload, not an error: every request is still served and recorded once."""
+    args = ["mode=sim", "lm=gemma3_270m", "platform=cpu", "policy=fcfs", "workload.n_requests=40",
+            "workload.rho=1.5", "scheduler.overhead_samples=2", "scheduler.figures=false"]
+    res = _schedule_cli(args, tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (metrics_path,) = (tmp_path / "schedule").rglob("metrics.json")
+    m = json.loads(metrics_path.read_text())
+    assert m["n_requests"] == m["n_completed"] == m["n_unique_completed"] == 40 and m["rho"] == 1.5
+    manifest = json.loads((metrics_path.parent / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"trace.parquet", "requests.parquet", "metrics.json"}

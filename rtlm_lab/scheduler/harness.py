@@ -131,6 +131,9 @@ def run_experiment(cfg: Mapping[str, Any], run_dir: Path, profile_path: Path, pr
     slo_k = float(sched.get("slo_k", 5.0))
     if not slo_k > 0:
         raise UserError(f"scheduler.slo_k must be > 0 (got {slo_k})")
+    from rtlm_lab.scheduler.workload import check_workload
+
+    check_workload(workload)
     online = bool(sched.get("online_predictions", True))
     predictors, _train, held = load_or_fit(profile_path, profile, float(sched.get("heldout_frac", 0.4)), seed,
                                            cache_dir=data_dir() / "cache" / "scheduler",

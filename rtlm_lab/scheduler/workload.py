@@ -69,6 +69,24 @@ def arrival_times(kind: str, rate: float, n: int, seed: int = 0, **params: Any) 
     return np.cumsum(gaps)
 
 
+def check_workload(workload: Mapping[str, Any]) -> None:
+    """One clear error for a bad workload config, before anything expensive runs."""
+    if workload.get("trace"):
+        return
+    kind = str(workload.get("kind", "poisson"))
+    if kind not in KINDS:
+        raise UserError(f"unknown workload kind {kind!r}; choose one of: {', '.join(KINDS)}")
+    try:
+        n = int(workload.get("n_requests", 100))
+        rho = float(workload.get("rho", 0.9))
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"workload.n_requests / workload.rho must be numbers ({exc})") from None
+    if n < 1:
+        raise UserError(f"workload.n_requests must be >= 1 (got {n})")
+    if kind != "burst" and (not np.isfinite(rho) or rho <= 0):
+        raise UserError(f"workload.rho must be > 0 (got {rho}); rho > 1 is an overload and allowed")
+
+
 def choose_requests(pool: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
     """``n`` requests from ``pool`` in a seeded order; when ``n`` exceeds the pool, whole seeded passes over it
     repeat (each repeat gets a ``#k`` suffix on its ``request_id``)."""

@@ -231,9 +231,10 @@ def summary_table(manifest: dict, sweep_dir: Path) -> str:
     for key in _ordered_keys(manifest):
         c = manifest["cells"][key]
         h = cell_headline(sweep_dir / c.get("dir", key)) if c.get("status") == "done" else {}
+        secs = c.get("duration_s")
         rows.append({"lm": c["lm"], "platform": c["platform"], "status": c["status"],
-                     "time_s": c.get("duration_s"), **{k: h.get(k) for k in
-                                                       ("spearman_total", "tau_rtlm", "rtlm_mean_rt_vs_fcfs")},
+                     "time_s": None if secs is None else int(round(secs)),
+                     **{k: h.get(k) for k in ("spearman_total", "tau_rtlm", "rtlm_mean_rt_vs_fcfs")},
                      "error": c.get("error") or ""})
     return format_plain_table(rows)
 
