@@ -55,26 +55,27 @@ def _row(m: dict, mode: str | None = None) -> dict[str, Any]:
 
 
 def add_runs(roots: list[Path]) -> list[Path]:
-    """Copy real runs found under ``roots`` into the reference tree (one dir per lm/platform/policy/seed)."""
+    """Copy real runs found under ``roots`` into the reference tree (one dir per lm/platform/policy/seed; where
+    several runs map to one, the newest wins)."""
     out = []
-    for root in roots:
-        for mpath in sorted(Path(root).rglob("metrics.json")):
-            m = json.loads(mpath.read_text())
-            if m.get("mode") != "real" or "policy" not in m:
-                continue
-            dst = ref_dir() / "runs" / m["lm"] / m["platform"] / f"rho{m['rho']}-n{m['n_requests']}" / \
-                m["policy"]["name"] / f"s{m['seed']}"
-            dst.mkdir(parents=True, exist_ok=True)
-            for f in ("metrics.json", "requests.parquet", "trace.parquet"):
-                shutil.copy2(mpath.parent / f, dst / f)
-            svc = ref_dir() / "service"
-            svc.mkdir(parents=True, exist_ok=True)
-            (svc / f"{m['lm']}__{m['platform']}.json").write_text(json.dumps(m["service_model"], indent=1))
-            if m.get("offload_service_model"):
-                (svc / f"{m['lm']}__{m['platform']}__offload.json").write_text(
-                    json.dumps(m["offload_service_model"], indent=1))
-            out.append(dst)
-            log.info("added %s", dst)
+    found = sorted((p for root in roots for p in Path(root).rglob("metrics.json")), key=lambda p: p.stat().st_mtime)
+    for mpath in found:
+        m = json.loads(mpath.read_text())
+        if m.get("mode") != "real" or "policy" not in m:
+            continue
+        dst = ref_dir() / "runs" / m["lm"] / m["platform"] / f"rho{m['rho']}-n{m['n_requests']}" / \
+            m["policy"]["name"] / f"s{m['seed']}"
+        dst.mkdir(parents=True, exist_ok=True)
+        for f in ("metrics.json", "requests.parquet", "trace.parquet"):
+            shutil.copy2(mpath.parent / f, dst / f)
+        svc = ref_dir() / "service"
+        svc.mkdir(parents=True, exist_ok=True)
+        (svc / f"{m['lm']}__{m['platform']}.json").write_text(json.dumps(m["service_model"], indent=1))
+        if m.get("offload_service_model"):
+            (svc / f"{m['lm']}__{m['platform']}__offload.json").write_text(
+                json.dumps(m["offload_service_model"], indent=1))
+        out.append(dst)
+        log.info("added %s", dst)
     return out
 
 
