@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from rtlm_lab.scheduler.harness import reference_service
+
 log = logging.getLogger("rtlm_lab.scheduler")
 
 SUMMARY_COLUMNS = ["lm", "platform", "mode", "rho", "policy", "seed", "n_requests", "n_completed", "mean_rt_s",
@@ -68,38 +70,28 @@ def add_runs(roots: list[Path]) -> list[Path]:
         dst.mkdir(parents=True, exist_ok=True)
         for f in ("metrics.json", "requests.parquet", "trace.parquet"):
             shutil.copy2(mpath.parent / f, dst / f)
-        svc = ref_dir() / "service"
-        svc.mkdir(parents=True, exist_ok=True)
-        (svc / f"{m['lm']}__{m['platform']}.json").write_text(json.dumps(m["service_model"], indent=1))
+        svc = reference_service(m["lm"], m["platform"])
+        svc.parent.mkdir(parents=True, exist_ok=True)
+        svc.write_text(json.dumps(m["service_model"], indent=1))
         if m.get("offload_service_model"):
-            (svc / f"{m['lm']}__{m['platform']}__offload.json").write_text(
+            reference_service(m["lm"], m["platform"], "offload").write_text(
                 json.dumps(m["offload_service_model"], indent=1))
         out.append(dst)
         log.info("added %s", dst)
     return out
 
 
-def _platform_cfg(name: str) -> dict:
+def _composed(platform: str, policy: str = "fcfs") -> tuple[dict, dict]:
+    """(platform, policy) configs exactly as ``rtlm-schedule platform=<platform> policy=<policy>`` composes them
+    (Hydra's compose API: the ablation files' ``defaults`` and the ``${platform.max_batch}`` interpolation)."""
+    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
     from rtlm_lab.tasks._cli import CONF_DIR
 
-    return OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR) / "platform" / f"{name}.yaml"))
-
-
-def _policy_cfg(name: str, platform: dict) -> dict:
-    from omegaconf import OmegaConf
-
-    from rtlm_lab.tasks._cli import CONF_DIR
-
-    cfg = OmegaConf.create({"platform": platform, "policy": OmegaConf.load(Path(CONF_DIR) / "policy" / f"{name}.yaml")})
-    pol = OmegaConf.to_container(cfg.policy, resolve=True)
-    if "defaults" in pol:  # an ablation file: rtlm.yaml underneath
-        base = OmegaConf.to_container(OmegaConf.merge(
-            OmegaConf.create({"platform": platform, "p": OmegaConf.load(Path(CONF_DIR) / "policy" / "rtlm.yaml")}),
-        ).p, resolve=True)
-        pol = {**base, **{k: v for k, v in pol.items() if k != "defaults"}}
-    return pol
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("schedule", overrides=[f"platform={platform}", f"policy={policy}"])
+    return (OmegaConf.to_container(cfg.platform, resolve=True), OmegaConf.to_container(cfg.policy, resolve=True))
 
 
 def replay(run: Path) -> dict:
@@ -111,7 +103,7 @@ def replay(run: Path) -> dict:
     from rtlm_lab.scheduler.workload import load_trace
 
     m = json.loads((run / "metrics.json").read_text())
-    platform = _platform_cfg(m["platform"])
+    platform, _ = _composed(m["platform"])
     policy = make_policy(m["policy"]["name"], m["policy"])
     main = ServiceModel.from_dict(m["service_model"])
     off = ServiceModel.from_dict(m["offload_service_model"]) if m.get("offload_service_model") else None
@@ -156,7 +148,7 @@ def measured_service(lm: str, platform: str) -> Path:
         d["batch_id"] = d["batch_id"].astype(str) + f"-{i}"  # batch ids are per run
         parts.append(d)
     model = ServiceModel.from_records(pd.concat(parts, ignore_index=True), source=f"{len(runs)} real runs' batches")
-    out = ref_dir() / "service" / f"{lm}__{platform}.measured.json"
+    out = reference_service(lm, platform).with_suffix(".measured.json")
     out.write_text(json.dumps(model.to_dict(), indent=1))
     return out
 
@@ -182,11 +174,9 @@ def sim_grid(lm: str, platform: str, policies, rhos=RHOS, seeds=SEEDS, n_request
     from rtlm_lab.scheduler.service import ServiceModel
     from rtlm_lab.scheduler.sim import simulate
 
-    svc = ref_dir() / "service"
-    main = ServiceModel.load(service or svc / f"{lm}__{platform}.json")
-    offp = svc / f"{lm}__{platform}__offload.json"
+    main = ServiceModel.load(service or reference_service(lm, platform))
+    offp = reference_service(lm, platform, "offload")
     off = ServiceModel.load(offp) if offp.is_file() else None
-    plat = _platform_cfg(platform)
     prof = profile_for(lm, platform)
     cost = prediction_costs()
     rows = []
@@ -195,7 +185,7 @@ def sim_grid(lm: str, platform: str, policies, rhos=RHOS, seeds=SEEDS, n_request
         for rho in rhos:
             trace, info = make_trace(held, main, {"kind": "poisson", "rho": rho, "n_requests": n_requests}, seed)
             for name in policies:
-                pcfg = _policy_cfg(name, plat)
+                plat, pcfg = _composed(platform, name)
                 policy = make_policy(name, pcfg)
                 n_off = int(plat.get("offload_workers", 0)) if getattr(policy, "offload", False) else 0
                 reqs = to_requests(trace, main, keep_predictions=True)
