@@ -15,7 +15,8 @@ ltr_score      pairwise logistic ranking on MiniLM (vLLM-LTR style)         ``lt
 =============  ==========================================================  ===========================
 
 :class:`Predictors` serves one request at a time (``predict_one``, timed: that time is the policy's run-time
-overhead) or a batch (``predict_many``: the simulator, identical values).
+overhead) or a batch (``predict_many``: the simulator; the same values for the RT-LM columns, the MiniLM columns
+differ by ~3e-6 relative between one text and a padded batch).
 """
 
 from __future__ import annotations
