@@ -130,3 +130,62 @@ def provenance(config: Any = None, **extra: Any) -> dict[str, Any]:
         "config": config,
         **extra,
     }
+
+
+RUN_MANIFEST = "manifest.json"
+
+
+def _run_files(run_dir: Path) -> list[Path]:
+    """The artefacts of a run dir: every regular file below it, except the manifest, hidden files/dirs
+    (Hydra's ``.hydra/`` bookkeeping and the ``.<name>.*.tmp`` files of :func:`atomic_path`) and ``*.log``
+    files (Hydra's job log is still appended to after the manifest is written)."""
+    out = []
+    for p in run_dir.rglob("*"):
+        rel = p.relative_to(run_dir)
+        if rel.as_posix() == RUN_MANIFEST or p.suffix == ".log" or any(s.startswith(".") for s in rel.parts):
+            continue
+        if p.is_file() and not p.is_symlink():
+            out.append(p)
+    return sorted(out, key=lambda p: p.relative_to(run_dir).as_posix())
+
+
+def write_run_manifest(run_dir: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
+    """Write ``<run_dir>/manifest.json`` (atomically): ``files`` (relative posix path -> sha256) and ``bytes``
+    (path -> size) for every artefact of the run dir (see :func:`_run_files`), ``written_utc`` and ``extra``."""
+    run_dir = Path(run_dir)
+    files = _run_files(run_dir)
+    manifest = {
+        "files": {p.relative_to(run_dir).as_posix(): sha256_file(p) for p in files},
+        "bytes": {p.relative_to(run_dir).as_posix(): p.stat().st_size for p in files},
+        "written_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **(extra or {}),
+    }
+    return write_json_atomic(run_dir / RUN_MANIFEST, manifest)
+
+
+def verify_run_manifest(run_dir: str | os.PathLike) -> list[str]:
+    """Compare a run dir with its ``manifest.json``; one line per problem (``[]``: every artefact matches).
+
+    Reports a missing or unreadable manifest, listed files that are missing or whose size or sha256 differ,
+    and artefacts the manifest does not list.
+    """
+    run_dir = Path(run_dir)
+    try:
+        manifest = json.loads((run_dir / RUN_MANIFEST).read_text())
+        files, sizes = dict(manifest["files"]), dict(manifest.get("bytes", {}))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return [f"{RUN_MANIFEST}: unreadable ({type(exc).__name__})"]
+    problems = []
+    for rel, digest in sorted(files.items()):
+        p = run_dir / rel
+        if not p.is_file():
+            problems.append(f"{rel}: missing")
+        elif rel in sizes and p.stat().st_size != sizes[rel]:
+            problems.append(f"{rel}: {p.stat().st_size} bytes, manifest says {sizes[rel]}")
+        elif sha256_file(p) != digest:
+            problems.append(f"{rel}: sha256 differs from the manifest")
+    for p in _run_files(run_dir):
+        rel = p.relative_to(run_dir).as_posix()
+        if rel not in files:
+            problems.append(f"{rel}: not in the manifest")
+    return problems

@@ -637,3 +637,6 @@ def test_cli_overload_rho_above_one_is_served_and_accounted(tmp_path):
     assert m["n_requests"] == m["n_completed"] == m["n_unique_completed"] == 40 and m["rho"] == 1.5
     manifest = json.loads((metrics_path.parent / "manifest.json").read_text())
     assert set(manifest["files"]) == {"trace.parquet", "requests.parquet", "metrics.json"}
+    from rtlm_lab.io import verify_run_manifest
+
+    assert verify_run_manifest(metrics_path.parent) == []

@@ -129,3 +129,22 @@ def test_cli_rejects_non_lab_lm(lab_env):
     assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
     assert "dialogpt_ccc" in lines[0]
     assert not Path(os.environ["RTLM_DATA_DIR"], "models", "lab").joinpath("gemma3_270m-tiny").exists()
+
+
+def test_cli_run_dir_manifest(trained, lab_env):
+    """``rtlm-train-lm`` (here reusing the trained model) leaves a run-dir ``manifest.json``: the copied
+    ``metrics.json`` with its sha256, and the model dir with the sha256 of the model's own manifest."""
+    from rtlm_lab.io import sha256_file, verify_run_manifest
+
+    name = "dialogpt_ccc"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "rtlm_lab.tasks.train_lm", f"lm={name}", "preset=tiny", *FAST],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = (lab_env / "outputs" / "runs" / "train_lm" / f"{name}-tiny").iterdir()
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert list(manifest["files"]) == ["metrics.json"] and verify_run_manifest(run_dir) == []
+    model_dir = output_dir_for(name, "tiny")
+    assert manifest["model_dir"] == str(model_dir) and _manifest_ok(model_dir)
+    assert manifest["model_manifest_sha256"] == sha256_file(model_dir / MANIFEST)
+    assert json.loads((run_dir / "metrics.json").read_text()) == json.loads((model_dir / "metrics.json").read_text())

@@ -73,8 +73,16 @@ class ProfileStore:
             return
         existing = self._part_files()
         idx = int(existing[-1].stem.split("-")[1]) + 1 if existing else 0
-        write_parquet_atomic(pd.DataFrame(self._buffer, columns=PROFILE_COLUMNS), self.parts / f"part-{idx:05d}.parquet")
-        self._buffer = []
+        path = self.parts / f"part-{idx:05d}.parquet"
+        # take the rows out of the buffer first: an interruption landing after the rename (but before the
+        # buffer was cleared) used to make the final flush write the same rows again as a second part
+        rows, self._buffer = self._buffer, []
+        try:
+            write_parquet_atomic(pd.DataFrame(rows, columns=PROFILE_COLUMNS), path)
+        except BaseException:
+            if not path.exists():  # not written: keep the rows for the next flush
+                self._buffer = rows + self._buffer
+            raise
 
 
 @contextmanager

@@ -8,6 +8,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from rtlm_lab.io import atomic_path
+
 SUMMARY_COLUMNS = ["lm", "platform", "n", "mean_out_tokens", "p50_out_tokens", "p99_out_tokens", "ttft_ms",
                    "ms_per_token"]
 
@@ -142,7 +144,8 @@ def plot_profile(df: pd.DataFrame, out_dir: str | Path, title: str = "") -> list
     paths = []
     for ext in ("png", "svg"):
         p = out_dir / f"profile.{ext}"
-        fig.savefig(p, dpi=120)
+        with atomic_path(p) as tmp:  # temporary file + rename: a killed run never leaves half a figure
+            fig.savefig(tmp, dpi=120, format=ext)
         paths.append(p)
     plt.close(fig)
     return paths

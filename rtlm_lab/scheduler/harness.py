@@ -113,7 +113,7 @@ def workers_for(policy: Policy, platform: Mapping[str, Any], main_service: Servi
 
 def run_experiment(cfg: Mapping[str, Any], run_dir: Path, profile_path: Path, progress: bool = True) -> dict:
     """See the module doc. ``cfg`` keys: lm, platform, policy, workload, scheduler, mode, seed."""
-    from rtlm_lab.io import provenance, sha256_file, write_json_atomic, write_parquet_atomic
+    from rtlm_lab.io import provenance, sha256_file, write_json_atomic, write_parquet_atomic, write_run_manifest
     from rtlm_lab.paths import data_dir
     from rtlm_lab.scheduler.predictions import load_or_fit
 
@@ -180,9 +180,7 @@ def run_experiment(cfg: Mapping[str, Any], run_dir: Path, profile_path: Path, pr
                  title=f"{lm_spec['name']} on {platform['name']} ({mode}), rho={workload.get('rho')}")
     # metrics.json last: its presence marks a finished run (reruns skip it); the manifest lists every artefact
     write_json_atomic(run_dir / "metrics.json", out)
-    files = [p for p in ("trace.parquet", "requests.parquet", "metrics.json", "response_cdf.png", "response_cdf.svg")
-             if (run_dir / p).is_file()]
-    write_json_atomic(run_dir / "manifest.json", {"files": {p: sha256_file(run_dir / p) for p in files}})
+    write_run_manifest(run_dir, {"task": "schedule"})
     return out
 
 

@@ -11,6 +11,7 @@ Reads a profile (``profile=<parquet>``, by default the committed reference profi
 * ``metrics.json``: the method table (MAE, Spearman, Kendall tau + bootstrap CI, pairwise and bucket
   accuracy, us_per_prompt), the split and provenance (config, commit, machine, versions, profile sha256);
 * ``predictions.csv`` (test rows) and ``comparison.png/svg``.
+* ``manifest.json`` (last): sha256 and size of each of these files.
 
 Examples::
 
@@ -43,7 +44,7 @@ def train_regressor(cfg: DictConfig) -> dict:
     matplotlib.use("Agg")
     import pandas as pd
 
-    from rtlm_lab.io import atomic_path, provenance, sha256_file, write_json_atomic
+    from rtlm_lab.io import atomic_path, provenance, sha256_file, write_json_atomic, write_run_manifest
     from rtlm_lab.regressor.evaluate import compare, format_table, plot_comparison, to_jsonable
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -69,6 +70,7 @@ def train_regressor(cfg: DictConfig) -> dict:
     if cfg.get("figures", True):
         plot_comparison(result, run_dir, title=f"{result['lm']} on {result['platform']}: "
                                                f"{result['split']['n_test']} held-out requests")
+    write_run_manifest(run_dir, {"task": "train_regressor"})
     print(f"{result['lm']} on {result['platform']}, regressor={cfg.regressor.name}: "
           f"train {result['split']['n_train']} / test {result['split']['n_test']} requests", flush=True)
     print(format_table(result["table"]), flush=True)

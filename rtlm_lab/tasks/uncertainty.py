@@ -10,6 +10,7 @@ Reads a profile written by ``rtlm-profile`` (``profile=<parquet>``, or by defaul
   versions, the profile's path and sha256);
 * ``scores.parquet``: one row per request, the six scores + total joined with tokens and latencies;
 * ``spearman``, ``output_by_uncertainty``, ``latency_fit`` and ``spearman_heatmap`` as PNG + SVG.
+* ``manifest.json`` (last): sha256 and size of each of these files.
 
 Examples::
 
@@ -44,7 +45,7 @@ def uncertainty(cfg: DictConfig) -> dict:
     matplotlib.use("Agg")
     import pandas as pd
 
-    from rtlm_lab.io import provenance, sha256_file, write_json_atomic, write_parquet_atomic
+    from rtlm_lab.io import provenance, sha256_file, write_json_atomic, write_parquet_atomic, write_run_manifest
     from rtlm_lab.uncertainty.analysis import analyze, format_table, to_jsonable
     from rtlm_lab.viz.uncertainty import (
         plot_latency_fit, plot_output_by_uncertainty, plot_spearman_bars, plot_spearman_heatmap,
@@ -75,6 +76,7 @@ def uncertainty(cfg: DictConfig) -> dict:
         plot_output_by_uncertainty(scores, run_dir, title=title)
         plot_latency_fit(scores, result["latency_model"], run_dir, title=f"latency vs output tokens: {title}")
         plot_spearman_heatmap(table, run_dir)
+    write_run_manifest(run_dir, {"task": "uncertainty"})
     print(f"{result['lm']} on {result['platform']}: {result['n']} requests, "
           f"{result['n_bootstrap']} bootstrap resamples", flush=True)
     print(format_table(result["spearman_table"]), flush=True)
