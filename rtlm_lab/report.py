@@ -232,9 +232,14 @@ def headline_figure(cells: Sequence[Mapping], path: Path) -> Path | None:
 
     from rtlm_lab.io import atomic_path
 
-    labels = [f"{c['lm']}\n{c['platform']}" for c in done]
+    def label(c):
+        mode = c["headline"].get("scheduler_mode")
+        return f"{c['lm']}\n{c['platform']}" + (f" ({mode})" if mode else "")
+
+    labels = [label(c) for c in done]
     x = np.arange(len(done))
-    fig, axes = plt.subplots(1, 3, figsize=(max(12, 1.3 * len(done) * 3), 4.2))
+    # one panel per row: a wide sweep (5 LMs x 2 platforms) stays readable
+    fig, axes = plt.subplots(3, 1, figsize=(max(7.0, 1.05 * len(done) + 2), 10.5))
 
     def err(key_ci, vals):
         lo, hi = [], []
@@ -266,11 +271,20 @@ def headline_figure(cells: Sequence[Mapping], path: Path) -> Path | None:
     for i, (k, name, col) in enumerate(pols):
         ax.bar(x - 0.4 + w * (i + 0.5), vals(f"{k}_mean_rt_vs_fcfs"), w, label=name, color=col)
     ax.axhline(1.0, color="k", lw=0.8, ls="--")
-    ax.set_title("mean response time / FCFS", fontsize=9)
+    ratios = [r for k, _, _ in pols for r in vals(f"{k}_mean_rt_vs_fcfs") if r is not None and r > 0]
+    if ratios and max(ratios) / min(ratios) > 20:
+        from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+
+        ax.set_yscale("log")  # ratios from 0.1x to 10x: equal distances for halving and doubling
+        ax.yaxis.set_major_locator(FixedLocator([0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50]))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.set_title("mean response time / FCFS (notebook 03; below the dashed line = faster than FCFS)", fontsize=9)
     ax.legend(fontsize=7)
     for ax in axes:
         ax.set_xticks(x, labels, fontsize=7)
-        ax.axhline(0.0, color="k", lw=0.5)
+        if ax.get_yscale() == "linear":
+            ax.axhline(0.0, color="k", lw=0.5)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
@@ -286,15 +300,51 @@ CSS = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;p
        "img{max-width:100%}.meta{color:#666;font-size:13px}h3{margin-top:1.6em}")
 
 
-def build_report(sweep_dir: str | Path, out_dir: str | Path | None = None, figures: bool = True) -> dict[str, Any]:
+CELL_FIGURES = ((NB01, ("spearman", "output_by_uncertainty", "latency_fit")), (NB02, ("comparison",)),
+                (NB03, ("response_cdf", "rt_vs_rho")))
+
+
+def copy_cells(cells: Sequence[dict], sweep_dir: Path, out_dir: Path) -> None:
+    """Copy each done cell's ``metrics.json`` files and headline figures (not the executed notebooks, not the
+    scheduler's per-request files) to ``out_dir/<lm>/<platform>/``, plus the sweep's ``manifest.json``: a
+    small copy of a sweep's results to commit (``outputs/reference/report/``), laid out as a sweep dir, so
+    that ``rtlm-report`` rebuilds the same tables from it. Cells' ``dir`` then point at the copies."""
+    import shutil
+
+    from rtlm_lab.io import atomic_path
+
+    def cp(src: Path, dst: Path) -> None:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(dst) as tmp:
+            shutil.copyfile(src, tmp)
+
+    if (sweep_dir / "manifest.json").is_file():
+        cp(sweep_dir / "manifest.json", out_dir / "manifest.json")
+    for c in cells:
+        if c["status"] != "done":
+            continue
+        dst = out_dir / c["dir"].relative_to(sweep_dir) if c["dir"].is_relative_to(sweep_dir) else \
+            out_dir / c["lm"] / c["platform"]
+        for nb, stems in CELL_FIGURES:
+            for name in ("metrics.json", *(f"{s}.png" for s in stems)):
+                if (c["dir"] / nb / name).is_file():
+                    cp(c["dir"] / nb / name, dst / nb / name)
+        c["dir"] = dst
+
+
+def build_report(sweep_dir: str | Path, out_dir: str | Path | None = None, figures: bool = True,
+                 copy: bool = False) -> dict[str, Any]:
     """Write ``report.md``, ``report.html`` (and ``report_figures/headline.png``); returns their paths, the
-    headline rows and the cells."""
+    headline rows and the cells. ``copy=True`` (``rtlm-report --copy``) also copies the cells' metrics and
+    figures next to the report (:func:`copy_cells`) and links those."""
     from rtlm_lab.io import write_text_atomic
 
     sweep_dir = Path(sweep_dir).resolve()
     out_dir = Path(out_dir).resolve() if out_dir else sweep_dir
     data = collect(sweep_dir)
     cells = data["cells"]
+    if copy and out_dir != sweep_dir:
+        copy_cells(cells, sweep_dir, out_dir)
     if not cells:
         from rtlm_lab.errors import UserError
 
@@ -334,9 +384,9 @@ def build_report(sweep_dir: str | Path, out_dir: str | Path | None = None, figur
         S.append(("h3", f"{c['lm']} on {c['platform']}"))
         for title, rows in cell_detail_tables(c):
             S += [("p", title), ("table", rows)]
-        links = [(f"{nb} notebook", c["dir"] / f"{nb}.ipynb") for nb in NOTEBOOKS]
-        links += [(p.stem, p) for nb, stems in ((NB01, ("spearman", "output_by_uncertainty", "latency_fit")),
-                                                 (NB02, ("comparison",)), (NB03, ("response_cdf", "rt_vs_rho")))
+        links = [(f"{nb} notebook", c["dir"] / f"{nb}.ipynb") for nb in NOTEBOOKS
+                 if (c["dir"] / f"{nb}.ipynb").is_file()]
+        links += [(p.stem, p) for nb, stems in CELL_FIGURES
                   for p in (c["dir"] / nb / f"{s}.png" for s in stems) if p.is_file()]
         S.append(("links", links))
 
@@ -382,12 +432,16 @@ def _parser() -> argparse.ArgumentParser:
                     "headline figure. Prints the report paths and the headline table.",
         epilog="Examples:\n  rtlm-report                      # outputs/sweeps/demo\n"
                "  rtlm-report reference            # outputs/sweeps/reference\n"
-               "  rtlm-report /path/to/sweep --out /tmp/rep --no-figures",
+               "  rtlm-report /path/to/sweep --out /tmp/rep --no-figures\n"
+               "  rtlm-report reference --out outputs/reference/report --copy   # the committed reference report",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sweep", nargs="?", default="demo",
                    help="a sweep dir, or a sweep name under $RTLM_OUTPUT_DIR/sweeps/ (default: demo)")
     p.add_argument("--out", default=None, help="folder for report.md/.html (default: the sweep dir)")
     p.add_argument("--no-figures", action="store_true", help="skip the headline figure (matplotlib)")
+    p.add_argument("--copy", action="store_true",
+                   help="with --out: also copy the cells' metrics.json files, headline figures and the sweep's "
+                        "manifest.json under --out (a self-contained copy to commit, e.g. outputs/reference/report)")
     return p
 
 
@@ -412,7 +466,11 @@ def main(argv: Iterable[str] | None = None) -> None:
 
     @user_errors
     def run():
-        res = build_report(resolve_sweep_dir(args.sweep), args.out, figures=not args.no_figures)
+        if args.copy and not args.out:
+            from rtlm_lab.errors import UserError
+
+            raise UserError("--copy needs --out (the folder to copy the cells' results into)")
+        res = build_report(resolve_sweep_dir(args.sweep), args.out, figures=not args.no_figures, copy=args.copy)
         print(format_plain_table(res["headline"]))
         print(f"report: {res['md']}\n        {res['html']}")
         return res

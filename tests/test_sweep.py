@@ -131,6 +131,29 @@ def test_cell_hash_follows_the_config(tmp_path):
     assert missing["profile_sha256"] is None
 
 
+def test_by_platform_overrides_and_portable_hash(tmp_path):
+    from rtlm_lab.errors import UserError
+    from rtlm_lab.tasks.sweep import cell_config, config_sha256, platform_sweep
+
+    sweep = {"name": "x", "lms": ["gemma3_270m"], "platforms": ["cpu", "cuda"], "scheduler_mode": "sim",
+             "profile_dir": str(REF), "profile_name": "{lm}__{platform}.parquet", "seed": 0,
+             "nb01": {"n_bootstrap": 20}, "nb02": {}, "nb03": {"n_requests": 12, "rho": 0.9},
+             "by_platform": {"cuda": {"scheduler_mode": "real", "nb03": {"n_requests": 6}}}}
+    cuda = platform_sweep(sweep, "cuda")
+    assert cuda["scheduler_mode"] == "real" and cuda["nb03"] == {"n_requests": 6, "rho": 0.9}
+    assert platform_sweep(sweep, "cpu")["nb03"] == {"n_requests": 12, "rho": 0.9}
+    p = cell_config(sweep, "gemma3_270m", "cuda", tmp_path / "sw" / "gemma3_270m" / "cuda")["parameters"]
+    assert p["03_scheduler"]["mode"] == "real" and p["03_scheduler"]["n_requests"] == 6
+    assert p["01_uncertainty_latency"]["n_bootstrap"] == 20
+    with pytest.raises(UserError, match="may set only"):
+        platform_sweep({**sweep, "by_platform": {"cuda": {"lms": ["x"]}}}, "cuda")
+    # a cpu cell's hash does not depend on cuda's overrides, nor on where the sweep dir lies
+    a, b = tmp_path / "a" / "gemma3_270m" / "cpu", tmp_path / "elsewhere" / "b" / "gemma3_270m" / "cpu"
+    h = config_sha256(cell_config(sweep, "gemma3_270m", "cpu", a), a)
+    assert h == config_sha256(cell_config({**sweep, "by_platform": {}}, "gemma3_270m", "cpu", b), b)
+    assert h != config_sha256(cell_config(sweep, "gemma3_270m", "cpu", a))  # absolute paths differ
+
+
 def test_cli_errors_and_help(tmp_path):
     res = _sweep_cli(tmp_path, "sweep.lms=[nope]")
     assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("error: unknown lm 'nope'")
@@ -139,3 +162,27 @@ def test_cli_errors_and_help(tmp_path):
     res = subprocess.run([sys.executable, "-m", "rtlm_lab.report", "nope"], env=_env(tmp_path),
                          capture_output=True, text=True)
     assert res.returncode == 2 and "no sweep dir 'nope'" in res.stderr
+
+
+REPORT = ROOT / "outputs" / "reference" / "report"
+
+
+@pytest.mark.skipif(not (REPORT / "manifest.json").is_file(), reason="no committed reference report")
+def test_committed_reference_report_rebuilds_from_its_metrics(tmp_path):
+    """outputs/reference/report holds the reference sweep's metrics laid out as a sweep dir: rebuilding the
+    report from them gives the committed tables; it covers 5 LMs x 2 platforms, cuda cells served for real on
+    a GPU machine (their notebooks' provenance), cpu cells simulated."""
+    from rtlm_lab.report import build_report, report_tables
+
+    rep = build_report(REPORT, tmp_path, figures=False)
+    assert report_tables(rep["md"].read_text()) == report_tables((REPORT / "report.md").read_text())
+    cells = {(c["lm"], c["platform"]): c for c in rep["cells"]}
+    lms = ["gemma3_270m", "smollm2_135m", "dialogpt_ccc", "blenderbot_ccc", "godel_ccc"]
+    assert set(cells) == {(lm, pf) for lm in lms for pf in ("cpu", "cuda")}
+    for (lm, pf), c in cells.items():
+        assert c["status"] == "done"
+        m3 = c["metrics"]["03_scheduler"]
+        assert m3["mode"] == ("real" if pf == "cuda" else "sim")
+        machine = m3["provenance"]["machine"]
+        assert ("gpu" in machine) == (pf == "cuda"), (lm, pf, machine)
+        assert all(r["n_completed"] == m3["n_requests"] for r in m3["table"])  # no request lost

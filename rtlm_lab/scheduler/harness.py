@@ -48,15 +48,25 @@ def calibration_cache(lm: str, platform: str, role: str = "main") -> Path:
     return outputs_dir() / "schedule" / "service" / f"{lm}__{platform}{suffix}.json"
 
 
+def sim_service_path(lm: str, platform: str, role: str = "main") -> Path | None:
+    """The service-model file a simulation of ``lm`` on ``platform`` reads (no ``given`` path): this
+    machine's calibration, else the committed one; ``None`` where neither exists (then the main worker's
+    model is fitted to the batch-1 profile)."""
+    for p in (calibration_cache(lm, platform, role), reference_service(lm, platform, role)):
+        if p.is_file():
+            return p
+    return None
+
+
 def sim_service(lm: str, platform: str, profile: pd.DataFrame, given: str | None = None,
                 role: str = "main") -> ServiceModel | None:
     """Service model for a simulation: ``given`` path, else this machine's calibration, else the committed
     one, else (main worker, batch-1 profile) a fit to the profile."""
     if given:
         return ServiceModel.load(given)
-    for p in (calibration_cache(lm, platform, role), reference_service(lm, platform, role)):
-        if p.is_file():
-            return ServiceModel.load(p)
+    p = sim_service_path(lm, platform, role)
+    if p is not None:
+        return ServiceModel.load(p)
     if role != "main":
         return None
     if "batch_size" in profile.columns and (profile["batch_size"] == 1).all():

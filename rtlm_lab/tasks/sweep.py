@@ -6,10 +6,14 @@ For each cell of ``sweep.lms`` x ``sweep.platforms`` the three notebooks run und
 what that notebook writes (``metrics.json``, figures; notebook 03 also its per-policy run dirs). Every
 notebook reads the cell's profile ``<sweep.profile_dir>/<sweep.profile_name>`` (default: the committed
 reference profile); notebook 03 runs in ``sweep.scheduler_mode`` (``sim`` by default, or ``real``).
+``sweep.by_platform.<platform>`` overrides any of ``scheduler_mode``, ``nb01``, ``nb02``, ``nb03`` for that
+platform's cells (the reference sweep, ``sweep_size=reference``, runs notebook 03 in real mode on cuda and
+simulates the cpu cells).
 
 ``manifest.json`` in the sweep dir (written atomically after every cell) records each cell's status
 (``done`` / ``failed`` / ``interrupted``), the sha256 of its config (lm, platform, profile path and content
-hash, notebook parameters, notebook sources), its timing and, for a failure, the error's first line. A rerun
+hash, notebook parameters, notebook sources; paths inside the repository and the sweep dir are hashed relative
+to them, so a sweep dir moved to another machine resumes there), its timing and, for a failure, the error's first line. A rerun
 skips ``done`` cells whose hash matches (``sweep.force=true`` reruns them); any other cell is cleared and run
 again. A failing cell does not stop the sweep; the exit status is 1 if any cell failed. Ctrl-C / SIGTERM
 stop after saving the manifest (finished cells stay finished); rerun the same command to resume.
@@ -66,8 +70,26 @@ def profile_path(sweep: dict, lm: str, platform: str) -> Path:
     return _resolve(sweep["profile_dir"]) / str(sweep["profile_name"]).format(lm=lm, platform=platform)
 
 
+CELL_KEYS = ("scheduler_mode", "nb01", "nb02", "nb03")
+
+
+def platform_sweep(sweep: dict, platform: str) -> dict:
+    """``sweep`` with ``by_platform[platform]`` applied: ``scheduler_mode`` replaced, ``nb01``-``nb03`` merged
+    key by key (a value given there wins over the sweep-wide one)."""
+    over = dict((sweep.get("by_platform") or {}).get(platform) or {})
+    unknown = sorted(set(over) - set(CELL_KEYS))
+    if unknown:
+        raise UserError(f"sweep.by_platform.{platform} sets {', '.join(unknown)}; it may set only "
+                        f"{', '.join(CELL_KEYS)}")
+    out = dict(sweep)
+    for k, v in over.items():
+        out[k] = {**dict(sweep.get(k) or {}), **dict(v or {})} if k.startswith("nb") else v
+    return out
+
+
 def notebook_parameters(sweep: dict, lm: str, platform: str, cell_dir: Path, profile: Path) -> dict[str, dict]:
-    """papermill parameters of the three notebooks of one cell (``output_dir`` / ``out_dir`` = its folder)."""
+    """papermill parameters of the three notebooks of one cell (``output_dir`` / ``out_dir`` = its folder).
+    ``sweep`` is the platform's view (:func:`platform_sweep`)."""
     seed = int(sweep.get("seed", 0))
     nb01 = {"lm": lm, "platform": platform, "profile": str(profile), "seed": seed,
             "output_dir": str(cell_dir / NOTEBOOKS[0]), **dict(sweep.get("nb01") or {})}
@@ -83,17 +105,51 @@ def notebook_parameters(sweep: dict, lm: str, platform: str, cell_dir: Path, pro
 
 def cell_config(sweep: dict, lm: str, platform: str, cell_dir: Path) -> dict[str, Any]:
     """Everything a cell's results depend on (its hash decides whether a rerun may skip it)."""
+    sweep = platform_sweep(sweep, platform)
     prof = profile_path(sweep, lm, platform)
-    return {
-        "lm": lm, "platform": platform, "scheduler_mode": str(sweep.get("scheduler_mode", "sim")),
+    mode = str(sweep.get("scheduler_mode", "sim"))
+    cfg = {
+        "lm": lm, "platform": platform, "scheduler_mode": mode,
         "profile": str(prof), "profile_sha256": sha256_file(prof) if prof.is_file() else None,
         "parameters": notebook_parameters(sweep, lm, platform, cell_dir, prof),
         "notebooks_sha256": {nb: sha256_file(ROOT / "notebooks" / f"{nb}.ipynb") for nb in NOTEBOOKS},
     }
+    if mode == "sim":  # a simulation's results follow its service models: a new calibration reruns the cell
+        from rtlm_lab.scheduler.harness import sim_service_path
+
+        cfg["service_models"] = {}
+        for role in ("main", "offload"):
+            p = sim_service_path(lm, platform, role)
+            committed = p is not None and p.resolve().is_relative_to((ROOT / "outputs" / "reference").resolve())
+            cfg["service_models"][role] = ({"file": p.name, "committed": committed, "sha256": sha256_file(p)}
+                                           if p is not None
+                                           else "fit to the batch-1 profile" if role == "main" else None)
+    return cfg
 
 
-def config_sha256(cell_cfg: dict) -> str:
-    return hashlib.sha256(json.dumps(cell_cfg, sort_keys=True, default=str).encode()).hexdigest()
+def _portable(obj: Any, prefixes: list[tuple[str, str]]) -> Any:
+    """``obj`` with every string that starts with one of ``prefixes``' paths rewritten to its placeholder."""
+    if isinstance(obj, dict):
+        return {k: _portable(v, prefixes) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_portable(v, prefixes) for v in obj]
+    if isinstance(obj, str):
+        for path, tag in prefixes:
+            if obj == path or obj.startswith(path + os.sep):
+                return tag + obj[len(path):]
+    return obj
+
+
+def config_sha256(cell_cfg: dict, cell_dir: Path | None = None) -> str:
+    """sha256 of a cell's config, with paths under the sweep dir (``cell_dir/../..``) and the repository
+    root written relative to them: the same sweep resumed from another checkout or output dir (the GPU box)
+    hashes the same."""
+    prefixes = []
+    if cell_dir is not None:
+        prefixes.append((str(Path(cell_dir).parent.parent), "<sweep>"))
+    prefixes.append((str(ROOT), "<root>"))
+    portable = _portable(json.loads(json.dumps(cell_cfg, default=str)), prefixes)
+    return hashlib.sha256(json.dumps(portable, sort_keys=True).encode()).hexdigest()
 
 
 def load_manifest(path: Path) -> dict[str, Any]:
@@ -159,8 +215,15 @@ def run_sweep(cfg: DictConfig | dict, sweep_dir: Path | None = None,
             if n not in group_options(group):
                 raise UserError(f"unknown {group} {n!r} in sweep.{group}s; choose from: "
                                 f"{', '.join(group_options(group))}")
-    if str(sweep.get("scheduler_mode", "sim")) not in ("sim", "real"):
-        raise UserError(f"sweep.scheduler_mode must be sim or real (got {sweep.get('scheduler_mode')!r})")
+    unknown = sorted(set(sweep.get("by_platform") or {}) - set(platforms))
+    if unknown:
+        log.debug("sweep.by_platform names platform(s) not in this sweep: %s", ", ".join(unknown))
+    for pf in platforms:
+        mode = platform_sweep(sweep, pf).get("scheduler_mode", "sim")
+        if str(mode) not in ("sim", "real"):
+            where = f"sweep.by_platform.{pf}.scheduler_mode" if "scheduler_mode" in (
+                (sweep.get("by_platform") or {}).get(pf) or {}) else "sweep.scheduler_mode"
+            raise UserError(f"{where} must be sim or real (got {mode!r})")
     sweep_dir = Path(sweep_dir) if sweep_dir else sweep_dir_of(str(sweep["name"]))
     sweep_dir.mkdir(parents=True, exist_ok=True)
     for k, v in (("RTLM_ROOT", str(ROOT)), ("HF_HUB_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
@@ -168,8 +231,14 @@ def run_sweep(cfg: DictConfig | dict, sweep_dir: Path | None = None,
 
     mpath = sweep_dir / MANIFEST
     manifest = load_manifest(mpath)
+    prov = provenance(plain)
     manifest.update({"version": MANIFEST_VERSION, "name": str(sweep["name"]), "lms": lms, "platforms": platforms,
-                     "provenance": provenance(plain)})
+                     "provenance": prov})
+    # one entry per invocation: where and when it ran and which cells it ran (a sweep resumed on another
+    # machine, e.g. the GPU box, keeps both machines' records; each cell's metrics.json has its own provenance)
+    invocation = {"started_utc": _now(), "machine": prov.get("machine"), "git_commit": prov.get("git_commit"),
+                  "ran": [], "skipped": []}
+    manifest.setdefault("invocations", []).append(invocation)
     cells = manifest["cells"]
     force, kernel = bool(sweep.get("force", False)), str(sweep.get("kernel", "python3"))
     todo = [(lm, pf) for lm in lms for pf in platforms]
@@ -184,12 +253,14 @@ def run_sweep(cfg: DictConfig | dict, sweep_dir: Path | None = None,
             key = f"{lm}/{pf}"
             cell_dir = sweep_dir / lm / pf
             ccfg = cell_config(sweep, lm, pf, cell_dir)
-            digest = config_sha256(ccfg)
+            digest = config_sha256(ccfg, cell_dir)
             prev = cells.get(key) or {}
             finished = all((cell_dir / nb / "metrics.json").is_file() for nb in NOTEBOOKS)
             if not force and prev.get("status") == "done" and prev.get("config_sha256") == digest and finished:
                 print(f"[{i}/{len(todo)}] {key}: done before, skipped (sweep.force=true reruns it)", flush=True)
+                invocation["skipped"].append(key)
                 continue
+            invocation["ran"].append(key)
             print(f"[{i}/{len(todo)}] {key}: running notebooks 01-03 into {cell_dir}", flush=True)
             entry = {"lm": lm, "platform": pf, "status": "running", "config_sha256": digest, "config": ccfg,
                      "dir": str(cell_dir.relative_to(sweep_dir)), "started_utc": _now(), "error": None}
