@@ -2,7 +2,8 @@
 the committed reference profiles, tiny notebook sizes, sim mode) plus one cell whose profile does not exist.
 
 * an uninterrupted sweep records the failing cell with its error and exits 1;
-* the same sweep interrupted after its first cell keeps that cell in the manifest, and the rerun skips it;
+* the same sweep sent SIGTERM during its second cell keeps the first in the manifest (the second marked
+  interrupted), and the rerun skips the first;
 * both sweeps' reports have the same tables.
 """
 
@@ -10,8 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -55,12 +58,8 @@ def _manifest(out: Path, name: str) -> dict:
 
 
 @needs_profiles
-def test_sweep_interrupt_resume_failure_and_report(tmp_path, tiny_profiles, monkeypatch):
-    from hydra import compose, initialize_config_dir
-
+def test_sweep_interrupt_resume_failure_and_report(tmp_path, tiny_profiles):
     from rtlm_lab.report import build_report, report_tables
-    from rtlm_lab.tasks._cli import CONF_DIR
-    from rtlm_lab.tasks.sweep import run_sweep
 
     out = tmp_path / "outputs"
     common = [f"sweep.profile_dir={tiny_profiles}", *CELLS, *TINY]
@@ -76,21 +75,42 @@ def test_sweep_interrupt_resume_failure_and_report(tmp_path, tiny_profiles, monk
     cell = out / "sweeps" / "straight" / "gemma3_270m" / "cpu"
     for nb in ("01_uncertainty_latency", "02_length_regressor", "03_scheduler"):
         assert (cell / f"{nb}.ipynb").is_file() and (cell / nb / "metrics.json").is_file()
+    # each done cell lists every artefact with its sha256; no half-written notebook is left behind
+    from rtlm_lab.io import sha256_file, verify_run_manifest
+
+    assert verify_run_manifest(cell) == [] and not list(cell.glob(".*partial*"))
+    cm = json.loads((cell / "manifest.json").read_text())
+    assert "03_scheduler/metrics.json" in cm["files"] and "01_uncertainty_latency.ipynb" in cm["files"]
+    assert m["cells"]["gemma3_270m/cpu"]["manifest_sha256"] == sha256_file(cell / "manifest.json")
+    import shutil
+
+    copy = shutil.copytree(cell, tmp_path / "cell_copy")
+    (copy / "02_length_regressor" / "metrics.json").write_text("{}")
+    assert verify_run_manifest(copy) == ["02_length_regressor/metrics.json: 2 bytes, manifest says "
+                                         f"{cm['bytes']['02_length_regressor/metrics.json']}"]
     assert "gemma3_270m" in res.stdout and "report:" in res.stdout  # the summary table and the report path
 
-    # 2. the same sweep, interrupted (KeyboardInterrupt) once its first cell is recorded
-    monkeypatch.setenv("RTLM_OUTPUT_DIR", str(out))
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("sweep", overrides=["sweep.name=resumed", *common])
-    cfg.paths.run_dir = str(out / "sweeps" / "resumed")  # the CLI's ${hydra:runtime.output_dir}
-
-    def stop(key, entry):
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        run_sweep(cfg, on_cell_done=stop)
+    # 2. the same sweep through the CLI, sent SIGTERM while its second cell runs (papermill mid-notebook)
+    proc = subprocess.Popen([sys.executable, "-m", "rtlm_lab.tasks.sweep", "sweep.name=resumed", *common],
+                            env=_env(out), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    mpath, deadline = out / "sweeps" / "resumed" / "manifest.json", time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            cells = json.loads(mpath.read_text())["cells"]
+        except (OSError, ValueError, KeyError):
+            cells = {}
+        if cells.get("dialogpt_ccc/cpu", {}).get("status") == "running":
+            time.sleep(3)  # into the cell's first notebook
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
     m = _manifest(out, "resumed")
-    assert list(m["cells"]) == ["gemma3_270m/cpu"] and m["cells"]["gemma3_270m/cpu"]["status"] == "done"
+    assert m["cells"]["gemma3_270m/cpu"]["status"] == "done"
+    assert m["cells"]["dialogpt_ccc/cpu"]["status"] == "interrupted" and "smollm2_135m/cpu" not in m["cells"]
+    half = out / "sweeps" / "resumed" / "dialogpt_ccc" / "cpu"
+    assert not (half / "manifest.json").exists()  # an interrupted cell is never listed as complete
     first = m["cells"]["gemma3_270m/cpu"]
 
     # 3. rerun: the finished cell is skipped (same hash, same record), the others run

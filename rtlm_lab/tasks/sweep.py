@@ -10,7 +10,10 @@ reference profile); notebook 03 runs in ``sweep.scheduler_mode`` (``sim`` by def
 platform's cells (the reference sweep, ``sweep_size=reference``, runs notebook 03 in real mode on cuda and
 simulates the cpu cells).
 
-``manifest.json`` in the sweep dir (written atomically after every cell) records each cell's status
+Each finished cell dir gets its own ``manifest.json`` (every artefact with its sha256 and size,
+:func:`rtlm_lab.io.write_run_manifest`; the sweep manifest keeps that file's sha256); the executed notebooks
+are renamed into place when they end. ``manifest.json`` in the sweep dir (written atomically after every
+cell) records each cell's status
 (``done`` / ``failed`` / ``interrupted``), the sha256 of its config (lm, platform, profile path and content
 hash, notebook parameters, notebook sources; paths inside the repository and the sweep dir are hashed relative
 to them, so a sweep dir moved to another machine resumes there), its timing and, for a failure, the error's first line. A rerun
@@ -42,7 +45,7 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf
 
 from rtlm_lab.errors import UserError
-from rtlm_lab.io import provenance, sha256_file, write_json_atomic
+from rtlm_lab.io import provenance, sha256_file, write_json_atomic, write_run_manifest
 from rtlm_lab.paths import ROOT, outputs_dir
 from rtlm_lab.tasks._cli import group_options, make_main, task_wrapper
 
@@ -183,12 +186,18 @@ def run_cell(cell_cfg: dict, cell_dir: Path, kernel: str) -> None:
         shutil.rmtree(cell_dir)
     cell_dir.mkdir(parents=True)
     for nb, params in cell_cfg["parameters"].items():
+        # papermill saves the executed notebook as it goes: into a hidden file, renamed when the notebook
+        # ends (also on a failure, to keep the traceback), so <nb>.ipynb is never a half-written file
+        partial, final = cell_dir / f".{nb}.partial.ipynb", cell_dir / f"{nb}.ipynb"
         try:
-            pm.execute_notebook(str(ROOT / "notebooks" / f"{nb}.ipynb"), str(cell_dir / f"{nb}.ipynb"),
+            pm.execute_notebook(str(ROOT / "notebooks" / f"{nb}.ipynb"), str(partial),
                                 parameters=params, cwd=str(ROOT), kernel_name=kernel, progress_bar=False,
                                 log_output=False)
         except Exception as exc:  # noqa: BLE001 - recorded with the notebook's name
+            if partial.is_file():
+                os.replace(partial, final)
             raise RuntimeError(f"{nb}: {_first_line(exc)}") from exc
+        os.replace(partial, final)
         if not (Path(params.get("output_dir") or params["out_dir"]) / "metrics.json").is_file():
             raise RuntimeError(f"{nb}: finished without writing metrics.json")
 
@@ -204,7 +213,7 @@ def _on_sigterm(signum, frame):  # noqa: ARG001
 def run_sweep(cfg: DictConfig | dict, sweep_dir: Path | None = None,
               on_cell_done: Callable[[str, dict], None] | None = None) -> dict[str, Any]:
     """Run (or resume) a sweep; returns the manifest. ``on_cell_done(key, entry)`` is called after each cell
-    is recorded (tests use it to interrupt a sweep)."""
+    is recorded (a hook for callers: progress, notifications)."""
     plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     sweep = plain["sweep"]
     lms, platforms = [str(x) for x in sweep["lms"]], [str(x) for x in sweep["platforms"]]
@@ -269,7 +278,9 @@ def run_sweep(cfg: DictConfig | dict, sweep_dir: Path | None = None,
             t0 = time.perf_counter()
             try:
                 run_cell(ccfg, cell_dir, kernel)
-                entry["status"] = "done"
+                # every artefact of the cell with its sha256 (rtlm_lab.io.verify_run_manifest checks a cell dir)
+                cell_manifest = write_run_manifest(cell_dir, {"cell": key, "config_sha256": digest})
+                entry.update(status="done", manifest_sha256=sha256_file(cell_manifest))
             except KeyboardInterrupt:
                 entry.update(status="interrupted", error="interrupted", duration_s=round(time.perf_counter() - t0, 1))
                 raise
