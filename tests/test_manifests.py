@@ -17,10 +17,8 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -133,18 +131,34 @@ def test_profile_run_manifest(straight_profile, tmp_path):
     assert verify_run_manifest(copy) == ["profile.parquet: sha256 differs from the manifest"]
 
 
+SIGINT_AFTER_PARTS = """
+import os, signal, sys
+from rtlm_lab.profiling import profiler
+from rtlm_lab.tasks.profile import main
+real, written = profiler.ProfileStore.flush, []
+def flush(self):
+    pending = bool(self._buffer)
+    real(self)
+    if pending:
+        written.append(1)
+        if len(written) == {parts}:
+            os.kill(os.getpid(), signal.SIGINT)
+profiler.ProfileStore.flush = flush
+sys.argv = ["rtlm-profile", *sys.argv[1:]]
+main()
+"""
+
+
 def test_interrupted_profile_resumes_to_the_uninterrupted_aggregates(straight_profile, tmp_path, tiny_causal_dir):
     """SIGINT to a real ``rtlm-profile`` after a few rows, then the same command again: the finished parts
     survive the interruption intact (manifest), and the final rows and aggregates equal the straight run's."""
     args = _profile_args(tiny_causal_dir)
-    proc = subprocess.Popen([sys.executable, "-m", "rtlm_lab.tasks.profile", *args], cwd=ROOT, env=_env(tmp_path),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # the tiny model profiles 40 prompts in under a second, faster than a watcher can react; so the process
+    # sends itself a real SIGINT right after its 2nd part file is written (the real flush runs unchanged)
+    proc = subprocess.Popen([sys.executable, "-c", SIGINT_AFTER_PARTS.format(parts=2), *args], cwd=ROOT,
+                            env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     d = _profile_dir(tmp_path)
-    deadline = time.time() + 240
-    while time.time() < deadline and len(list((d / "parts").glob("part-*.parquet"))) < 2:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=240)
     assert proc.returncode == 130, err[-3000:]
     assert "interrupted: finished work is saved" in err
 
