@@ -277,6 +277,26 @@ def test_rtlm_waits_for_a_fuller_batch_when_the_head_is_young():
         assert wake is None and out and out[0].requests[0].request_id == "a"
 
 
+def test_rtlm_wc_does_not_idle_the_worker_while_other_work_is_queued():
+    """rtlm_wc (work-conserving consolidation): the close group goes at once when other requests wait (rtlm
+    holds the worker for batch_wait_s); with the whole queue in the group it waits at most wait_fraction x the
+    head's predicted service time."""
+    reqs = [_req("a", 1.00, pred_rtlm=10.0), _req("b", 1.01, pred_rtlm=12.0), _req("l", 1.00, pred_rtlm=100.0)]
+    out, wake = _rtlm().select(reqs, [_main(max_batch=4)], now=1.02)
+    assert out == [] and wake == pytest.approx(1.05)  # rtlm as specified: the worker idles
+    wc = _rtlm(work_conserving=True, wait_fraction=0.25)
+    out, wake = wc.select(reqs, [_main(max_batch=4)], now=1.02)
+    assert wake is None and sorted(r.request_id for r in out[0].requests) == ["a", "b"]
+    head_s = SVC.isolated(10, 10.0)  # 0.15 s: a quarter of it (0.0375 s) is below batch_wait_s
+    out, wake = wc.select(reqs[:2], [_main(max_batch=4)], now=1.02)
+    assert out == [] and wake == pytest.approx(1.00 + 0.25 * head_s)
+    out, wake = wc.select(reqs[:2], [_main(max_batch=4)], now=1.00 + 0.25 * head_s + 1e-9)
+    assert wake is None and len(out[0].requests) == 2
+    assert make_policy("rtlm_wc").work_conserving is True and make_policy("rtlm").work_conserving is False
+    with pytest.raises(UserError):
+        make_policy("rtlm", {"wait_fraction": -0.1})
+
+
 def test_rtlm_aging_puts_an_old_long_request_first():
     long_ = _req("long", 0.0, pred_rtlm=100.0)  # predicted service ~1.0 s
     for now, first in ((10.0, "short"), (100.0, "long")):
