@@ -133,6 +133,9 @@ def test_profile_run_manifest(straight_profile, tmp_path):
 
 SIGINT_AFTER_PARTS = """
 import os, signal, sys
+# Ctrl-C as in a terminal: a shell starts background jobs (CI under nohup/&) with SIGINT ignored, and then
+# Python installs no KeyboardInterrupt handler
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from rtlm_lab.profiling import profiler
 from rtlm_lab.tasks.profile import main
 real, written = profiler.ProfileStore.flush, []
