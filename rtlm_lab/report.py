@@ -309,17 +309,10 @@ def copy_cells(cells: Sequence[dict], sweep_dir: Path, out_dir: Path) -> None:
     scheduler's per-request files) to ``out_dir/<lm>/<platform>/``, plus the sweep's ``manifest.json``: a
     small copy of a sweep's results to commit (``outputs/reference/report/``), laid out as a sweep dir, so
     that ``rtlm-report`` rebuilds the same tables from it. Cells' ``dir`` then point at the copies."""
-    import shutil
-
-    from rtlm_lab.io import atomic_path
-
-    def cp(src: Path, dst: Path) -> None:
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(dst) as tmp:
-            shutil.copyfile(src, tmp)
+    from rtlm_lab.io import copy_file_atomic
 
     if (sweep_dir / "manifest.json").is_file():
-        cp(sweep_dir / "manifest.json", out_dir / "manifest.json")
+        copy_file_atomic(sweep_dir / "manifest.json", out_dir / "manifest.json")
     for c in cells:
         if c["status"] != "done":
             continue
@@ -328,7 +321,7 @@ def copy_cells(cells: Sequence[dict], sweep_dir: Path, out_dir: Path) -> None:
         for nb, stems in CELL_FIGURES:
             for name in ("metrics.json", *(f"{s}.png" for s in stems)):
                 if (c["dir"] / nb / name).is_file():
-                    cp(c["dir"] / nb / name, dst / nb / name)
+                    copy_file_atomic(c["dir"] / nb / name, dst / nb / name)
         c["dir"] = dst
 
 

@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rtlm_lab.data.ccc import SplitSpec, load_turns
 from rtlm_lab.errors import UserError
-from rtlm_lab.io import atomic_path, provenance, write_json_atomic
+from rtlm_lab.io import copy_file_atomic, provenance, write_json_atomic
 from rtlm_lab.lm.formatting import _clean, format_lab
 from rtlm_lab.lm.generation import ChatLM
 from rtlm_lab.lm.loader import MANIFEST, _manifest_ok, resolve_device, write_manifest
@@ -435,8 +435,7 @@ def _copy_metrics_to_run_dir(metrics_path: Path) -> None:
     run_dir = _hydra_run_dir()
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_path(run_dir / "metrics.json") as tmp:
-            shutil.copyfile(metrics_path, tmp)
+        copy_file_atomic(metrics_path, run_dir / "metrics.json")
         log.info("metrics copied to %s", run_dir / "metrics.json")
 
 

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 import pandas as pd
 
-from rtlm_lab.io import atomic_path, sha256_file, write_json_atomic
+from rtlm_lab.io import atomic_path, copy_file_atomic, sha256_file, write_json_atomic
 from rtlm_lab.paths import reference_dir
 from rtlm_lab.profiling.summary import SUMMARY_COLUMNS, summarize, summary_row
 
@@ -34,8 +33,7 @@ def add_run(run_dir: str | Path, out_dir: Path | None = None) -> Path:
     meta = json.loads((run_dir / "summary.json").read_text())
     lm, platform = df["lm"].iloc[0], df["platform"].iloc[0]
     target = out_dir / f"{lm}__{platform}.parquet"
-    with atomic_path(target) as tmp:
-        shutil.copyfile(run_dir / "profile.parquet", tmp)
+    copy_file_atomic(run_dir / "profile.parquet", target)
     write_json_atomic(out_dir / f"{lm}__{platform}.provenance.json", {
         "source_run": str(run_dir), "sha256": sha256_file(target), "n": int(len(df)), **meta})
     return target
