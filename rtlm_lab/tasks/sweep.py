@@ -228,11 +228,11 @@ def run_sweep(cfg: DictConfig | dict, sweep_dir: Path | None = None,
     if unknown:
         log.debug("sweep.by_platform names platform(s) not in this sweep: %s", ", ".join(unknown))
     for pf in platforms:
+        own = (sweep.get("by_platform") or {}).get(pf) or {}
         mode = platform_sweep(sweep, pf).get("scheduler_mode", "sim")
         if str(mode) not in ("sim", "real"):
-            where = f"sweep.by_platform.{pf}.scheduler_mode" if "scheduler_mode" in (
-                (sweep.get("by_platform") or {}).get(pf) or {}) else "sweep.scheduler_mode"
-            raise UserError(f"{where} must be sim or real (got {mode!r})")
+            where = f"sweep.by_platform.{pf}" if "scheduler_mode" in own else "sweep"
+            raise UserError(f"{where}.scheduler_mode must be sim or real (got {mode!r})")
     sweep_dir = Path(sweep_dir) if sweep_dir else sweep_dir_of(str(sweep["name"]))
     sweep_dir.mkdir(parents=True, exist_ok=True)
     for k, v in (("RTLM_ROOT", str(ROOT)), ("HF_HUB_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
