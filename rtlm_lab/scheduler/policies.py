@@ -68,10 +68,18 @@ class Assignment:
 
 
 class Policy:
-    """Base policy: priority order, greedy batches of up to ``max_batch`` on the main worker."""
+    """Base policy: priority order, greedy batches of up to ``max_batch`` on the main worker.
+
+    On the continuous-batching engine (:mod:`rtlm_lab.scheduler.engine`) a policy owns order and placement
+    only: :meth:`key` ranks jobs each step (lower first), ``preemptive`` lets a waiting job displace a running
+    one, :meth:`place` picks the engine for an arriving request; the engine's budgets are the platform's.
+    """
 
     name = "policy"
     needs: tuple[str, ...] = ()
+    preemptive = False
+    pred_column: str | None = None          # the prediction (tokens) the policy believes in, if any
+    token_s = 0.01                          # seconds per decoding step at typical load (set by the harness)
 
     def __init__(self, max_batch: int = 1, **params: Any):
         if int(max_batch) < 1:
@@ -101,7 +109,18 @@ class Policy:
         return out, None
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "max_batch": self.max_batch, **self.params}
+        return {"name": self.name, "max_batch": self.max_batch, "preemptive": self.preemptive, **self.params}
+
+    # ------------------------------------------------------------------ continuous-batching engine
+    def key(self, job, now: float) -> float:
+        """Rank of a job on the engine (lower runs first); defaults to the static :meth:`priority`."""
+        return self.priority(job.req, now)
+
+    def place(self, job, engines, now: float) -> str:
+        """Engine for an arriving request: shortest expected delay, i.e. join-the-shortest-queue weighted by
+        each engine's measured capacity ((outstanding + 1) / capacity); for identical engines it is JSQ."""
+        return min(engines, key=lambda e: ((e.outstanding + 1) / max(getattr(e, "capacity_rps", 1.0), 1e-9),
+                                           e.id)).id
 
 
 class FCFS(Policy):
@@ -118,6 +137,7 @@ class SJFInput(Policy):
 class SJFProxy(Policy):
     name = "sjf_proxy"
     needs = ("pred_proxy",)
+    pred_column = "pred_proxy"
 
     def priority(self, req, now):
         return req.pred["pred_proxy"]
@@ -136,6 +156,20 @@ class OracleSJF(Policy):
 
     def priority(self, req, now):
         return req.true_tokens
+
+
+class OracleSRPT(Policy):
+    """True remaining tokens, preemptive (shortest remaining processing time): on the same engine, the lower
+    bound of what ordering can do for the mean response time."""
+
+    name = "oracle_srpt"
+    preemptive = True
+
+    def priority(self, req, now):
+        return req.true_tokens
+
+    def key(self, job, now):
+        return job.req.true_tokens - job.generated
 
 
 class RTLM(Policy):
@@ -158,6 +192,7 @@ class RTLM(Policy):
 
     name = "rtlm"
     needs = ("pred_rtlm", "uncertainty")
+    pred_column = "pred_rtlm"
 
     def __init__(self, max_batch: int = 8, uncertainty_weight: float = 0.5, aging: float = 0.02,
                  consolidation: bool = True, length_window: float = 2.0, batch_wait_s: float = 0.05,
@@ -195,6 +230,19 @@ class RTLM(Policy):
         s = self.predicted_service(req, self._main_service) if self._main_service else req.pred["pred_rtlm"]
         u = req.uncertainty if math.isfinite(req.uncertainty) else 0.0
         return s * (1.0 + self.uncertainty_weight * u) - self.aging * max(0.0, now - req.arrival_s)
+
+    def key(self, job, now):
+        """Continuous engine: predicted *remaining* service seconds x (1 + w x uncertainty) - aging x waited s
+        (non-preemptive: it orders admissions; consolidation is what iteration-level batching does anyway)."""
+        rem = max(1.0, job.req.pred.get("pred_rtlm", 1.0) - job.generated)
+        u = job.req.uncertainty if math.isfinite(job.req.uncertainty) else 0.0
+        return rem * self.token_s * (1.0 + self.uncertainty_weight * u) - self.aging * max(0.0, now - job.req.arrival_s)
+
+    def place(self, job, engines, now):
+        """Strategic offloading: the engine with the earliest predicted completion (queue included)."""
+        if not self.offload or len(engines) == 1:
+            return super().place(job, engines, now)
+        return min(engines, key=lambda e: (e.predicted_completion(job, now), e.id)).id
 
     def _close(self, a: Request, b: Request) -> bool:
         pa, pb = max(1.0, a.pred["pred_rtlm"]), max(1.0, b.pred["pred_rtlm"])
@@ -265,7 +313,8 @@ class RTLM(Policy):
         return None
 
 
-BASELINES = {"fcfs": FCFS, "sjf_input": SJFInput, "sjf_proxy": SJFProxy, "ltr": LTR, "oracle_sjf": OracleSJF}
+BASELINES = {"fcfs": FCFS, "sjf_input": SJFInput, "sjf_proxy": SJFProxy, "ltr": LTR, "oracle_sjf": OracleSJF,
+             "oracle_srpt": OracleSRPT}
 ABLATIONS = {
     "rtlm": {},
     "rtlm_no_uncertainty": {"uncertainty_weight": 0.0},

@@ -1,0 +1,673 @@
+"""Iteration-level (continuous-batching) serving: the engine every policy shares.
+
+Requests join and leave the running batch at every decoding step, as in vLLM, SGLang, TGI and transformers'
+own ``generate_batch``. One serving loop (:func:`serve`) drives one or more :class:`Engine` s (workers) on a
+clock; the *same* loop runs a real run (wall clock, :class:`HFBackend`: transformers' continuous batching with
+paged attention, stepped by us) and a simulation (virtual clock, :class:`SimBackend`: a fitted step-time model).
+
+Who owns what (the direction of knowledge DESIGN.md section 4 asks for):
+
+* an **engine** owns its resources: the concurrency budget ``max_seqs`` (requests in one step), the token
+  budget ``max_batch_tokens`` (prompt + decode tokens in one step) and the KV cache; both come from the
+  platform config, never from the policy, so every policy gets the same engine;
+* a **policy** owns order and placement only (:class:`~rtlm_lab.scheduler.policies.Policy`): ``key`` ranks
+  jobs (lower runs first), ``preemptive`` says whether a waiting job may displace a running one for a step
+  (its KV cache stays put: a pause, not a recompute), ``place`` picks the engine for a request;
+* the **predictor** runs on arrival, in its own thread (real) or as a modelled server (sim), and a request is
+  *eligible* only once its prediction is done (:class:`PredictorServer`): the cost is on the clock.
+
+Per step, the candidates are the running jobs then the waiting ones in key order (non-preemptive) or all of
+them in key order (preemptive); the first ``max_seqs`` that fit the token budget run, a prompt longer than what
+is left of the budget is split over steps — the rule of transformers' ``FIFOScheduler._process_candidates``,
+which :class:`HFBackend` delegates to (so the simulator mirrors the real engine).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue as queue_mod
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from rtlm_lab.errors import UserError
+
+log = logging.getLogger("rtlm_lab.scheduler")
+
+
+# ---------------------------------------------------------------------------------------------- clocks
+class WallClock:
+    """Seconds since :meth:`start` on ``time.perf_counter`` (the clock transformers stamps tokens with)."""
+
+    virtual = False
+
+    def __init__(self):
+        self.origin = time.perf_counter()
+
+    def start(self) -> None:
+        self.origin = time.perf_counter()
+
+    def now(self) -> float:
+        return time.perf_counter() - self.origin
+
+    def to_run_time(self, perf_counter_s: float) -> float:
+        return perf_counter_s - self.origin
+
+    def sleep_until(self, t: float) -> None:
+        dt = t - self.now()
+        if dt > 0:
+            time.sleep(min(dt, 0.05))
+
+
+class VirtualClock:
+    """A clock that only moves when told to (the simulator, and tests of the timing logic)."""
+
+    virtual = True
+
+    def __init__(self, t: float = 0.0):
+        self.t = float(t)
+
+    def start(self) -> None:
+        self.t = 0.0
+
+    def now(self) -> float:
+        return self.t
+
+    def sleep_until(self, t: float) -> None:
+        self.t = max(self.t, float(t))
+
+
+# ---------------------------------------------------------------------------------------------- jobs
+@dataclass
+class Job:
+    """One request inside the serving loop (its :class:`~rtlm_lab.scheduler.policies.Request` plus its state)."""
+
+    req: Any
+    ready_s: float = math.nan          # prediction done: eligible for an engine
+    worker: str = ""
+    admit_s: float = math.nan          # first step that processed its prompt
+    first_token_s: float = math.nan
+    finish_s: float = math.nan
+    generated: int = 0
+    prefill_left: int = 0
+    running: bool = False              # holds KV cache on its engine
+    preemptions: int = 0
+    steps_paused: int = 0
+    stop_reason: str = ""
+    last_step: int = -1
+    token_s: list[float] = field(default_factory=list)   # when each generated token came out
+
+    @property
+    def rid(self) -> str:
+        return self.req.request_id
+
+    @property
+    def pred_tokens(self) -> float:
+        return float(self.req.pred.get("pred_tokens", math.nan))
+
+
+# ---------------------------------------------------------------------------------------------- step model
+@dataclass
+class StepModel:
+    """Seconds of one engine step: ``a + b x n_seqs + c x n_tokens`` (``n_tokens``: prompt tokens prefilled plus
+    one per decoding row). Fitted by least squares on the steps a real engine ran (:meth:`fit`)."""
+
+    a: float
+    b: float = 0.0
+    c: float = 0.0
+    source: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def step_s(self, n_seqs: int, n_tokens: int) -> float:
+        return max(1e-6, self.a + self.b * n_seqs + self.c * n_tokens)
+
+    def isolated(self, n_input_tokens: float, tokens: float) -> float:
+        """One request alone: its prefill step, then ``tokens - 1`` decoding steps at batch 1."""
+        t = max(1.0, float(tokens))
+        return self.step_s(1, int(n_input_tokens)) + (t - 1.0) * self.step_s(1, 1)
+
+    @classmethod
+    def fit(cls, steps: pd.DataFrame, source: str = "steps") -> "StepModel":
+        if len(steps) < 3:
+            raise UserError("need at least 3 engine steps to fit a step model")
+        X = np.vstack([np.ones(len(steps)), steps["n_seqs"].to_numpy(float), steps["n_tokens"].to_numpy(float)]).T
+        y = steps["dt_s"].to_numpy(float)
+        coef, *_ = np.linalg.lstsq(X, y, rcond=None)
+        a, b, c = (float(v) for v in coef)
+        if b < 0 or c < 0 or a <= 0:  # ill-conditioned (e.g. one batch size only): non-negative fit
+            from scipy.optimize import nnls
+
+            (a, b, c), _ = nnls(X, y)
+            a = max(float(a), 1e-6)
+        resid = y - X @ np.array([a, b, c])
+        return cls(a=float(a), b=float(b), c=float(c), source=source,
+                   meta={"n_steps": int(len(steps)), "rmse_s": float(np.sqrt(np.mean(resid**2)))})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"a": self.a, "b": self.b, "c": self.c, "source": self.source, "meta": self.meta}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "StepModel":
+        try:
+            return cls(a=float(d["a"]), b=float(d.get("b", 0.0)), c=float(d.get("c", 0.0)),
+                       source=str(d.get("source", "")), meta=dict(d.get("meta") or {}))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"step model lacks or garbles {exc}; expected keys a, b, c") from None
+
+
+# ---------------------------------------------------------------------------------------------- planning
+def candidates(running: Sequence[Job], waiting: Sequence[Job], policy, now: float) -> list[Job]:
+    """Jobs in the order the engine considers them this step (see the module doc)."""
+    def k(j: Job):
+        return (policy.key(j, now), j.req.arrival_s, j.rid)
+
+    if getattr(policy, "preemptive", False):
+        return sorted([*running, *waiting], key=k)
+    return sorted(running, key=lambda j: (j.admit_s, j.req.arrival_s, j.rid)) + sorted(waiting, key=k)
+
+
+def plan_step(cands: Sequence[Job], max_seqs: int, max_batch_tokens: int) -> list[tuple[Job, int]]:
+    """``[(job, tokens it processes)]`` for one step: candidates in order while the request and token budgets
+    last; a prompt longer than the token budget left is split (as transformers' scheduler does)."""
+    out: list[tuple[Job, int]] = []
+    budget = int(max_batch_tokens)
+    for j in cands:
+        if len(out) >= max_seqs or budget <= 0:
+            break
+        need = j.prefill_left if j.prefill_left > 0 else 1
+        take = min(need, budget)
+        out.append((j, take))
+        budget -= take
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- backends
+class SimBackend:
+    """A fake decoder: each request emits exactly ``true_tokens`` tokens; a step costs what the step model says
+    (the simulator, and the fake decoder of the timing tests)."""
+
+    def __init__(self, step_model: StepModel):
+        self.model = step_model
+
+    def warmup(self) -> None:
+        pass
+
+    def add(self, job: Job) -> None:
+        job.prefill_left = max(1, int(job.req.n_input_tokens))
+
+    def step(self, engine: "Engine", now: float, clock) -> tuple[float, list[tuple[Job, int, bool]], int]:
+        """Runs one step; returns (seconds it took, [(job, new tokens, finished)], tokens processed)."""
+        plan = plan_step(candidates(engine.running, engine.waiting, engine.policy, now), engine.max_seqs,
+                         engine.max_batch_tokens)
+        n_tok = sum(t for _, t in plan)
+        dt = self.model.step_s(len(plan), n_tok)
+        events = []
+        for j, t in plan:
+            new = 0
+            if j.prefill_left > 0:
+                j.prefill_left -= t
+                if j.prefill_left <= 0:
+                    new = 1  # the step that ends the prompt emits the first token
+            else:
+                new = 1
+            done = new > 0 and j.generated + new >= max(1, int(j.req.true_tokens))
+            events.append((j, new, done))
+        if not clock.virtual:  # a fake decoder on the wall clock: take the time for real
+            time.sleep(dt)
+        return dt, events, n_tok
+
+    def stop_reason(self, job: Job) -> str:
+        return "eos"
+
+
+class HFBackend:
+    """transformers' continuous batching (paged attention), stepped by the serving loop.
+
+    The manager's own background thread is not used: the loop calls ``prepare_next_batch`` / the generation
+    step / ``update_batch`` itself, so each step is timed on our clock and our policy orders the candidates
+    through :class:`PolicyScheduler` (registered in transformers' ``SCHEDULER_MAPPING``). Greedy tokens equal
+    plain ``generate`` (tests/test_engine.py). Stop strings of one character (Gemma's end-of-line turn end)
+    become end-of-sequence ids: every vocabulary token whose text contains one.
+    """
+
+    def __init__(self, chat_lm, max_seqs: int, max_batch_tokens: int, num_blocks: int | None = None,
+                 page_size: int = 64, cuda_graphs: bool | None = None):
+        from transformers import GenerationConfig
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+        if chat_lm.is_encoder_decoder:
+            raise UserError(f"{chat_lm.name} is an encoder-decoder: transformers' continuous batching serves "
+                            "decoder-only models; use scheduler.engine=static for it")
+        _register_scheduler()
+        self.lm = chat_lm
+        self.max_new = int(chat_lm.spec.get("max_new_tokens", 64))
+        self.eos = sorted(set(chat_lm.eos_ids) | stop_string_ids(chat_lm))
+        tok = chat_lm.tokenizer
+        gen = GenerationConfig(do_sample=False, max_new_tokens=self.max_new, eos_token_id=self.eos or -1,
+                               pad_token_id=tok.pad_token_id)
+        kw: dict[str, Any] = {"scheduler_type": _SCHED_NAME, "max_requests_per_batch": int(max_seqs),
+                              "max_batch_tokens": int(max_batch_tokens), "page_size": int(page_size),
+                              "allow_block_sharing": False, "use_async_batching": False}
+        if num_blocks:
+            kw["num_blocks"] = int(num_blocks)
+        if cuda_graphs is not None:
+            kw["use_cuda_graph"] = bool(cuda_graphs)
+        if chat_lm.device.type == "cpu":
+            kw["use_cuda_graph"] = False
+        self.cb = ContinuousBatchingConfig(**kw)
+        self.mgr = chat_lm.model.init_continuous_batching(generation_config=gen, continuous_batching_config=self.cb)
+        self.bp = self.mgr._create_batch_processor()
+        self.mgr.batch_processor = self.bp
+        self.sched: PolicyScheduler = self.bp.scheduler
+        self.jobs: dict[str, Job] = {}
+        self.finished: dict[str, Any] = {}
+
+    def warmup(self) -> None:
+        """CUDA graphs for every padded size (transformers' warm-up), then a few real requests at full
+        concurrency: nothing is compiled or captured inside the clock."""
+        self.mgr.warmup()
+        ids = self.lm.encode(["Hello there, how are you?"], None, self.max_new)["input_ids"][0].tolist()
+        n = min(self.cb.max_requests_per_batch, 64)
+        for i in range(n):
+            self.mgr.add_request(ids, request_id=f"__warm{i}", max_new_tokens=8, eos_token_id=[-1])
+        self.sched.order = None
+        while self.bp.prepare_next_batch():
+            self.mgr._generation_step()
+            self.bp.update_batch()
+        self._drain()
+        self.finished.clear()
+
+    def encode(self, req) -> list[int]:
+        enc = self.lm.encode([req.text], [req.context], self.max_new)
+        return enc["input_ids"][0].tolist()
+
+    def add(self, job: Job) -> None:
+        ids = self.encode(job.req)
+        job.prefill_left = len(ids)
+        self.jobs[job.rid] = job
+        self.mgr.add_request(ids, request_id=job.rid, max_new_tokens=self.max_new, eos_token_id=self.eos or [-1])
+
+    def _drain(self) -> None:
+        q = self.mgr.output_router.output_queue
+        while True:
+            try:
+                o = q.get_nowait()
+            except queue_mod.Empty:
+                return
+            self.finished[o.request_id] = o
+
+    def step(self, engine: "Engine", now: float, clock) -> tuple[float, list[tuple[Job, int, bool]], int]:
+        # the policy's order, over the jobs the engine tracks (running first unless preemptive)
+        order = candidates(engine.running, engine.waiting, engine.policy, now)
+        self.sched.order = {j.rid: k for k, j in enumerate(order)}
+        before = {j.rid: len(self.sched.get_active_request_static_outputs(j.rid)) for j in engine.running}
+        t0 = time.perf_counter()
+        if not self.bp.prepare_next_batch():
+            return 0.0, [], 0
+        in_batch = self.bp.inputs_and_outputs.requests_in_batch
+        scheduled = [fs.state.request_id for fs in in_batch]
+        n_q = sum(int(fs.query_length) for fs in in_batch)
+        self.mgr._generation_step()
+        self.bp.update_batch()
+        dt = time.perf_counter() - t0
+        self._drain()
+        events = []
+        for rid in scheduled:
+            j = self.jobs.get(rid)
+            if j is None:
+                continue
+            out = self.finished.get(rid)
+            n_now = len(out.generated_tokens) if out is not None else len(
+                self.sched.get_active_request_static_outputs(rid))
+            new = n_now - before.get(rid, 0)
+            if j.prefill_left > 0:
+                st = self.sched.active_requests.get(rid)
+                j.prefill_left = len(st.remaining_prefill_tokens) if (st is not None and out is None) else 0
+            events.append((j, max(0, new), out is not None))
+        return dt, events, n_q
+
+    def stop_reason(self, job: Job) -> str:
+        out = self.finished.pop(job.rid, None)
+        self.jobs.pop(job.rid, None)
+        if out is None:
+            return ""
+        toks = out.generated_tokens
+        if toks and toks[-1] in set(self.eos):
+            return "stop_string" if toks[-1] not in set(self.lm.eos_ids) else "eos"
+        return "max_tokens"
+
+    def close(self) -> None:
+        try:
+            self.bp.inputs_and_outputs = None
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def stop_string_ids(chat_lm) -> set[int]:
+    """Token ids whose text contains one of the LM's one-character stop strings (cached on the LM)."""
+    cached = getattr(chat_lm, "_stop_ids", None)
+    if cached is not None:
+        return cached
+    stops = [s for s in (chat_lm.spec.get("stop_strings") or []) if s]
+    if any(len(s) != 1 for s in stops):
+        raise UserError(f"{chat_lm.name}: the continuous engine supports one-character stop strings only "
+                        f"(got {stops}); use scheduler.engine=static")
+    ids: set[int] = set()
+    if stops:
+        tok = chat_lm.tokenizer
+        vocab = tok.get_vocab()
+        for tid in vocab.values():
+            text = tok.decode([tid], skip_special_tokens=True)
+            if any(s in text for s in stops):
+                ids.add(int(tid))
+    chat_lm._stop_ids = ids
+    return ids
+
+
+_SCHED_NAME = "rtlm_policy"
+
+
+def _register_scheduler() -> None:
+    from transformers.generation.continuous_batching import scheduler as S
+
+    if _SCHED_NAME not in S.SCHEDULER_MAPPING:
+        S.SCHEDULER_MAPPING[_SCHED_NAME] = PolicyScheduler
+
+
+def _policy_scheduler_base():
+    from transformers.generation.continuous_batching.scheduler import FIFOScheduler
+
+    return FIFOScheduler
+
+
+class PolicyScheduler(_policy_scheduler_base()):
+    """transformers' scheduler with our policy's order: the serving loop sets ``order`` (request id -> rank)
+    before each step; budgets, prefill splitting and cache accounting stay transformers' own
+    (``_process_candidates``). Requests the loop does not rank (warm-up) keep FIFO order, after ranked ones."""
+
+    order: dict[str, int] | None = None
+
+    def schedule_batch(self, token_budget: int, cache_budget: int):
+        states = list(self.active_requests.values())
+        if not self.block_new_requests:
+            states += [self.waiting_requests[r] for r in self.waiting_requests_order]
+        if self.order is not None:
+            big = len(self.order) + 1
+            pos = {id(s): k for k, s in enumerate(states)}
+            states.sort(key=lambda s: (self.order.get(s.request_id, big), pos[id(s)]))
+        remove: set[str] = set()
+        sched, failed, fast, n_q, kv = self._process_candidates(states, token_budget, cache_budget, remove)
+        self._cleanup_waiting_queue(remove)
+        if not sched and failed:
+            return None, fast, 0, 0
+        return sched, fast, n_q, kv
+
+
+# ---------------------------------------------------------------------------------------------- engine
+class Engine:
+    """One worker: a backend, its budgets, and the jobs placed on it."""
+
+    def __init__(self, engine_id: str, backend, policy, max_seqs: int, max_batch_tokens: int,
+                 kind: str = "main", step_model: StepModel | None = None):
+        if int(max_seqs) < 1 or int(max_batch_tokens) < 1:
+            raise UserError(f"engine {engine_id}: max_seqs and max_batch_tokens must be >= 1")
+        self.id, self.backend, self.policy, self.kind = engine_id, backend, policy, kind
+        self.max_seqs, self.max_batch_tokens = int(max_seqs), int(max_batch_tokens)
+        self.step_model = step_model           # for placement estimates (predicted completion)
+        self.waiting: list[Job] = []
+        self.running: list[Job] = []
+        self.free_at = 0.0
+        self.busy_s = 0.0
+        self.n_steps = 0
+        self.steps: list[tuple] = []           # (t_start, dt, n_seqs, n_tokens)
+
+    @property
+    def outstanding(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, job: Job) -> None:
+        job.worker = self.id
+        self.backend.add(job)
+        self.waiting.append(job)
+
+    def step(self, now: float, clock) -> list[Job]:
+        """One iteration; returns the jobs that finished in it (their times stamped at the step's end)."""
+        dt, events, n_tok = self.backend.step(self, now, clock)
+        if not events:
+            return []
+        t_end = now + dt if clock.virtual else clock.now()
+        self.steps.append((now, dt, len(events), n_tok))
+        self.n_steps += 1
+        self.busy_s += dt
+        self.free_at = t_end
+        in_step = {id(j) for j, _, _ in events}
+        done = []
+        for j, new, fin in events:
+            if math.isnan(j.admit_s):
+                j.admit_s = now
+                j.running = True
+                self.waiting.remove(j)
+                self.running.append(j)
+            if new > 0:
+                if j.generated == 0:
+                    j.first_token_s = t_end
+                j.generated += new
+                j.token_s.extend([t_end] * new)
+            j.last_step = self.n_steps
+            if fin:
+                j.finish_s = t_end
+                j.stop_reason = self.backend.stop_reason(j)
+                self.running.remove(j)
+                j.running = False
+                done.append(j)
+        for j in self.running:  # paused for a step (a preemptive policy ran others)
+            if id(j) not in in_step:
+                j.steps_paused += 1
+        return done
+
+    def predicted_completion(self, job: Job, now: float) -> float:
+        """When ``job`` would finish here (a policy's placement estimate): the wait for a slot, then its
+        predicted tokens at the step time of the current load."""
+        sm = self.step_model
+        if sm is None:
+            return now + self.outstanding
+        pred = max(1.0, job.pred_tokens if math.isfinite(job.pred_tokens) else 64.0)
+        load = min(self.max_seqs, self.outstanding + 1)
+        own = sm.step_s(load, load + int(job.req.n_input_tokens)) + (pred - 1) * sm.step_s(load, load)
+        ahead = max(0, self.outstanding + 1 - self.max_seqs)
+        if ahead:
+            rem = [max(1.0, (j.pred_tokens if math.isfinite(j.pred_tokens) else 64.0) - j.generated)
+                   for j in (self.running + self.waiting)]
+            rem.sort()
+            # requests ahead drain at max_seqs per step-time; the first `ahead` to finish free the slots
+            own += sum(rem[:ahead]) * sm.step_s(self.max_seqs, self.max_seqs) / self.max_seqs
+        return max(now, self.free_at) + own
+
+
+# ---------------------------------------------------------------------------------------------- predictor
+@dataclass
+class PredCost:
+    """Seconds one prediction batch of ``n`` requests takes: ``a + b x n`` (measured; the sim models it)."""
+
+    a: float = 0.0
+    b: float = 0.0
+
+    def batch_s(self, n: int) -> float:
+        return self.a + self.b * n if n else 0.0
+
+    def to_dict(self):
+        return {"a": self.a, "b": self.b}
+
+
+class PredictorServer:
+    """Predictions on the clock: arrivals queue for a single predictor that serves everything that has
+    arrived in one batch (up to ``max_batch``), as a deployment would run it beside the engine.
+
+    Real mode (``predict`` given, wall clock): a thread takes arrivals at their trace times, predicts them
+    (``predict(requests) -> list[dict]``, timed), and marks them ready; sim mode: the same queue with the
+    measured :class:`PredCost`. Policies that need no prediction make every request ready at arrival.
+    """
+
+    def __init__(self, requests: Sequence[Any], needs: Sequence[str], clock, predict: Callable | None = None,
+                 cost: PredCost | None = None, max_batch: int = 64):
+        self.reqs = sorted(requests, key=lambda r: r.arrival_s)
+        self.needs = tuple(needs)
+        self.clock = clock
+        self.predict = predict
+        self.cost = cost or PredCost()
+        self.max_batch = int(max_batch)
+        self.i = 0                      # next arrival not yet taken by the predictor
+        self.free_at = 0.0              # sim: when the predictor is free
+        self.inflight: list[tuple[float, list[Any]]] = []   # sim: (ready time, requests)
+        self.batches: list[tuple[float, float, int]] = []   # (start, seconds, n)
+        self.ready_q: queue_mod.Queue = queue_mod.Queue()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.error: BaseException | None = None
+
+    # --- real mode: a thread
+    def start(self) -> None:
+        if self.needs and self.predict is not None and not self.clock.virtual:
+            self._thread = threading.Thread(target=self._run, name="predictor", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while self.i < len(self.reqs) and not self._stop.is_set():
+                now = self.clock.now()
+                nxt = self.reqs[self.i].arrival_s
+                if nxt > now:
+                    time.sleep(min(nxt - now, 0.01))
+                    continue
+                batch = []
+                while self.i < len(self.reqs) and self.reqs[self.i].arrival_s <= now and len(batch) < self.max_batch:
+                    batch.append(self.reqs[self.i])
+                    self.i += 1
+                t0 = self.clock.now()
+                preds = self.predict(batch)
+                t1 = self.clock.now()
+                self.batches.append((t0, t1 - t0, len(batch)))
+                for r, p in zip(batch, preds):
+                    r.pred.update(p)
+                    self.ready_q.put((t1, r))
+        except BaseException as exc:  # noqa: BLE001 - reported to the loop, which stops the run
+            self.error = exc
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    # --- both modes
+    def take_ready(self, now: float) -> list[tuple[float, Any]]:
+        """Requests whose prediction is done by ``now``: ``[(ready time, request)]``."""
+        out = []
+        if not self.needs or (self.predict is None and not self.clock.virtual):
+            # no prediction needed, or predictions precomputed (tests): ready at arrival
+            while self.i < len(self.reqs) and self.reqs[self.i].arrival_s <= now:
+                out.append((self.reqs[self.i].arrival_s, self.reqs[self.i]))
+                self.i += 1
+            return out
+        if self._thread is not None:
+            if self.error is not None:
+                raise self.error
+            while True:
+                try:
+                    out.append(self.ready_q.get_nowait())
+                except queue_mod.Empty:
+                    return out
+        # sim: a single batch server with the measured cost
+        while True:
+            progressed = False
+            while self.inflight and self.inflight[0][0] <= now:
+                t, batch = self.inflight.pop(0)
+                out.extend((t, r) for r in batch)
+                progressed = True
+            if not self.inflight and self.i < len(self.reqs):
+                start = max(self.free_at, self.reqs[self.i].arrival_s)
+                if start <= now:
+                    batch = []
+                    while (self.i < len(self.reqs) and self.reqs[self.i].arrival_s <= start
+                           and len(batch) < self.max_batch):
+                        batch.append(self.reqs[self.i])
+                        self.i += 1
+                    dt = self.cost.batch_s(len(batch))
+                    self.free_at = start + dt
+                    self.batches.append((start, dt, len(batch)))
+                    self.inflight.append((start + dt, batch))
+                    progressed = True
+            if not progressed:
+                return out
+
+    def next_event(self) -> float:
+        """Sim: the next time something becomes ready or arrives (inf when nothing is left)."""
+        t = math.inf
+        if self.inflight:
+            t = self.inflight[0][0]
+        elif self.i < len(self.reqs):
+            t = max(self.reqs[self.i].arrival_s, self.free_at if self.needs else 0.0)
+        return t
+
+    @property
+    def busy_s(self) -> float:
+        return float(sum(b[1] for b in self.batches))
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+def serve(requests: Sequence[Any], policy, engines: Sequence[Engine], clock, predictor: PredictorServer,
+          progress: bool = False, desc: str = "") -> tuple[list[Job], dict[str, Any]]:
+    """Serve every request once; returns the finished jobs and run facts (steps per engine, predictor batches).
+
+    Same code for real and simulated runs: only the clock, the backends and the predictor differ. Every
+    engine is warmed up (graphs captured, kernels loaded) *before* the clock starts.
+    """
+    from tqdm.auto import tqdm
+
+    for e in engines:
+        e.backend.warmup()
+    n = len(requests)
+    by_id = {e.id: e for e in engines}
+    done: list[Job] = []
+    bar = tqdm(total=n, desc=desc or f"{policy.name}", unit="req", disable=not progress, mininterval=1.0)
+    clock.start()
+    predictor.start()
+    try:
+        while len(done) < n:
+            now = clock.now()
+            for t_ready, r in predictor.take_ready(now):
+                job = Job(req=r, ready_s=float(t_ready))
+                eid = policy.place(job, engines, now)
+                if eid not in by_id:
+                    raise RuntimeError(f"policy {policy.name} placed {r.request_id} on unknown engine {eid}")
+                by_id[eid].add(job)
+            stepped = False
+            for e in engines:
+                now = clock.now()
+                if e.has_work() and (not clock.virtual or e.free_at <= now):
+                    fin = e.step(now, clock)
+                    stepped = True
+                    done.extend(fin)
+                    bar.update(len(fin))
+            if clock.virtual:
+                t_next = min([predictor.next_event()] + [e.free_at for e in engines if e.has_work()])
+                if not math.isfinite(t_next):
+                    if len(done) < n:
+                        raise RuntimeError(f"simulation stalled with {n - len(done)} request(s) unserved")
+                    break
+                clock.sleep_until(t_next)
+            elif not stepped:
+                clock.sleep_until(clock.now() + 0.001)
+    finally:
+        predictor.stop()
+        bar.close()
+    steps = {e.id: pd.DataFrame(e.steps, columns=["t_s", "dt_s", "n_seqs", "n_tokens"]) for e in engines}
+    return done, {"steps": steps, "predictor_batches": pd.DataFrame(
+        predictor.batches, columns=["t_s", "dt_s", "n"]), "busy_s": {e.id: e.busy_s for e in engines}}

@@ -1,0 +1,175 @@
+"""The continuous-batching engine and its serving loop: timing logic on a controlled clock (a fake decoder,
+no LM), hand-computed response times, and the real engine (transformers' paged continuous batching) on a
+tiny random-initialised model against plain ``generate``."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from conftest import tiny_spec
+from rtlm_lab.scheduler.engine import (Engine, PredCost, PredictorServer, SimBackend, StepModel, VirtualClock,
+                                       WallClock, serve)
+from rtlm_lab.scheduler.policies import POLICIES, Request, make_policy
+
+UNIT = StepModel(a=1.0)   # every step takes 1 s, whatever its size
+
+
+def reqs(spec):
+    """``[(id, arrival_s, true_tokens)]`` -> requests (1 prompt token each)."""
+    return [Request(request_id=i, text=f"text {i}", context="", arrival_s=t, n_input_tokens=1, true_tokens=n,
+                    pred={"pred_rtlm": float(n), "pred_proxy": float(n), "ltr_score": float(n), "uncertainty": 0.0})
+            for i, t, n in spec]
+
+
+def run(spec, policy="fcfs", max_seqs=1, model=UNIT, clock=None, cost=None, n_engines=1, backend=SimBackend):
+    clock = clock or VirtualClock()
+    pol = make_policy(policy)
+    engines = [Engine(f"e{k}", backend(model), pol, max_seqs=max_seqs, max_batch_tokens=4096, step_model=model)
+               for k in range(n_engines)]
+    rs = reqs(spec)
+    pred = PredictorServer(rs, pol.needs if cost else (), clock, cost=cost)
+    jobs, facts = serve(rs, pol, engines, clock, pred)
+    return {j.rid: j for j in jobs}, facts
+
+
+def test_fcfs_response_times_by_hand():
+    jobs, _ = run([("a", 0.0, 3), ("b", 0.0, 1), ("c", 0.0, 2)], "fcfs")
+    # one at a time, 1 s a token: a ends at 3, b at 4, c at 6
+    assert {k: j.finish_s for k, j in jobs.items()} == {"a": 3.0, "b": 4.0, "c": 6.0}
+    assert jobs["c"].admit_s == 4.0 and jobs["c"].first_token_s == 5.0
+
+
+def test_srpt_response_times_by_hand_and_preemption_resumes_once():
+    jobs, _ = run([("a", 0.0, 3), ("b", 0.0, 1), ("c", 0.0, 2)], "oracle_srpt")
+    assert {k: j.finish_s for k, j in jobs.items()} == {"b": 1.0, "c": 3.0, "a": 6.0}
+    # a long job is paused when a short one arrives, then resumes and finishes once
+    jobs, _ = run([("long", 0.0, 5), ("short", 1.5, 1)], "oracle_srpt")
+    assert jobs["short"].finish_s == 3.0 and jobs["long"].finish_s == 6.0
+    assert jobs["long"].steps_paused == 1 and jobs["long"].generated == 5
+    fcfs, _ = run([("long", 0.0, 5), ("short", 1.5, 1)], "fcfs")
+    assert fcfs["long"].finish_s == 5.0 and fcfs["short"].finish_s == 6.0 and fcfs["long"].steps_paused == 0
+
+
+def test_continuous_batching_joins_and_leaves_every_step():
+    # two slots: b joins while a runs, c takes b's slot the step after b leaves
+    jobs, facts = run([("a", 0.0, 4), ("b", 0.5, 1), ("c", 0.5, 2)], "fcfs", max_seqs=2)
+    assert jobs["a"].finish_s == 4.0                       # never waits for the others
+    assert jobs["b"].admit_s == 1.0 and jobs["b"].finish_s == 2.0
+    assert jobs["c"].admit_s == 2.0 and jobs["c"].finish_s == 4.0
+    assert facts["steps"]["e0"]["n_seqs"].tolist() == [1, 2, 2, 2]
+
+
+def test_prediction_cost_delays_its_request():
+    cost = PredCost(a=0.5, b=0.25)  # one request: 0.75 s before it is eligible
+    jobs, facts = run([("a", 0.0, 2)], "rtlm", cost=cost)
+    assert jobs["a"].ready_s == pytest.approx(0.75) and jobs["a"].finish_s == pytest.approx(2.75)
+    # arrivals during a prediction wait for it and are predicted together in the next batch
+    jobs, facts = run([("a", 0.0, 1), ("b", 0.1, 1), ("c", 0.2, 1)], "rtlm", cost=cost)
+    assert facts["predictor_batches"]["n"].tolist() == [1, 2]
+    assert jobs["b"].ready_s == pytest.approx(0.75 + 1.0) and jobs["c"].ready_s == jobs["b"].ready_s
+
+
+class SlowWarmup(SimBackend):
+    """A backend whose warm-up takes 100 s of the clock (compilation, graph capture)."""
+
+    clock = None
+
+    def warmup(self):
+        self.clock.sleep_until(self.clock.now() + 100.0)
+
+
+def test_warmup_never_falls_inside_the_clock():
+    clock = VirtualClock()
+    SlowWarmup.clock = clock
+    pol = make_policy("fcfs")
+    eng = Engine("e0", SlowWarmup(UNIT), pol, 1, 4096)
+    rs = reqs([("a", 0.0, 2)])
+    jobs, _ = serve(rs, pol, [eng], clock, PredictorServer(rs, (), clock))
+    assert jobs[0].finish_s == 2.0 and jobs[0].finish_s - jobs[0].req.arrival_s == 2.0
+
+
+@pytest.mark.parametrize("policy", [p for p in POLICIES if not p.startswith("rtlm_")])
+def test_wall_clock_fake_decoder_matches_the_simulator(policy):
+    """The real loop (wall clock, a fake decoder that really takes its step time) gives the simulator's
+    schedule: same order, response times within a few ms."""
+    spec = [("a", 0.0, 6), ("b", 0.01, 2), ("c", 0.02, 4), ("d", 0.05, 1), ("e", 0.06, 3), ("f", 0.2, 2)]
+    model = StepModel(a=0.04, b=0.004)
+    sim, _ = run(spec, policy, max_seqs=2, model=model)
+    real, _ = run(spec, policy, max_seqs=2, model=model, clock=WallClock())
+    order = lambda jobs: sorted(jobs, key=lambda k: jobs[k].finish_s)  # noqa: E731
+    assert order(sim) == order(real)
+    for k in sim:  # the wall clock adds sleep overshoot (a loaded 2-core machine): a few ms a step
+        assert real[k].finish_s == pytest.approx(sim[k].finish_s, abs=0.05, rel=0.1)
+        assert real[k].admit_s == pytest.approx(sim[k].admit_s, abs=0.05, rel=0.1)
+
+
+def test_every_request_served_once_on_two_engines_and_placement_balances():
+    spec = [(f"r{i:02d}", 0.1 * i, 1 + i % 4) for i in range(20)]
+    jobs, facts = run(spec, "fcfs", max_seqs=2, n_engines=2)
+    assert sorted(jobs) == sorted(s[0] for s in spec)
+    per = {e: sum(j.worker == e for j in jobs.values()) for e in ("e0", "e1")}
+    assert min(per.values()) >= 5                     # JSQ sends work to both
+    for j in jobs.values():
+        assert j.req.arrival_s <= j.ready_s <= j.admit_s < j.first_token_s <= j.finish_s
+        assert j.generated == j.req.true_tokens
+
+
+def test_rtlm_places_by_predicted_completion_across_engines():
+    """A slow engine (3x the step time) gets a request only when its predicted completion beats the fast
+    engine's queue; JSQ weighted by capacity does the same on average, RT-LM per request."""
+    fast, slow = StepModel(a=0.1), StepModel(a=0.3)
+    pol = make_policy("rtlm")
+    clock = VirtualClock()
+    engines = [Engine("gpu", SimBackend(fast), pol, 1, 4096, step_model=fast),
+               Engine("cpu", SimBackend(slow), pol, 1, 4096, kind="offload", step_model=slow)]
+    rs = reqs([(f"r{i}", 0.0, 10) for i in range(4)] + [("tiny", 0.0, 1)])
+    jobs, _ = serve(rs, pol, engines, clock, PredictorServer(rs, (), clock))
+    where = {j.rid: j.worker for j in jobs}
+    assert where["r0"] == "gpu"           # an idle fast engine beats everything
+    assert "cpu" in where.values()        # once the fast queue is long enough, the slow engine helps
+
+
+def test_step_model_fit_recovers_its_parameters():
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    n = rng.integers(1, 64, 200)
+    tok = n + rng.integers(0, 300, 200)
+    dt = 0.01 + 0.0005 * n + 0.00002 * tok + rng.normal(0, 1e-5, 200)
+    m = StepModel.fit(pd.DataFrame({"n_seqs": n, "n_tokens": tok, "dt_s": dt}))
+    assert m.a == pytest.approx(0.01, rel=0.01) and m.b == pytest.approx(5e-4, rel=0.02)
+    assert m.c == pytest.approx(2e-5, rel=0.05)
+    assert m.isolated(10, 5) == pytest.approx(m.step_s(1, 10) + 4 * m.step_s(1, 1))
+
+
+# ---------------------------------------------------------------------------------------------- real engine
+def test_hf_engine_tokens_equal_generate_and_requests_join_midway(tiny_causal_dir):
+    """transformers' continuous batching, stepped by our loop, gives each request the tokens plain batch-1
+    ``generate`` gives, while requests join at different steps and the policy orders them."""
+    from rtlm_lab.lm import load_lm
+    from rtlm_lab.scheduler.engine import HFBackend
+
+    lm = load_lm(tiny_spec(tiny_causal_dir, stop_strings=["e"], max_new_tokens=16))
+    texts = [f"hello number {i} how are you doing" for i in range(7)]
+    ref = {f"q{i}": lm.generate([t])[0] for i, t in enumerate(texts)}
+    rs = [Request(request_id=f"q{i}", text=t, context="", arrival_s=0.002 * i, n_input_tokens=5,
+                  true_tokens=ref[f"q{i}"].n_output_tokens) for i, t in enumerate(texts)]
+    for policy in ("fcfs", "oracle_srpt"):
+        for r in rs:
+            r.pred = {}
+        pol = make_policy(policy)
+        backend = HFBackend(lm, max_seqs=3, max_batch_tokens=256, num_blocks=64, page_size=16)
+        eng = Engine("cpu0", backend, pol, 3, 256)
+        clock = WallClock()
+        jobs, facts = serve(rs, pol, [eng], clock, PredictorServer(rs, (), clock))
+        got = {j.rid: j for j in jobs}
+        assert sorted(got) == sorted(ref)
+        for k, g in ref.items():
+            assert got[k].generated == g.n_output_tokens, (policy, k)
+            assert got[k].stop_reason == g.stop_reason, (policy, k)
+            assert got[k].first_token_s <= got[k].finish_s
+        assert facts["steps"]["cpu0"]["n_seqs"].max() <= 3
+        backend.close()
