@@ -375,6 +375,7 @@ _SCHED_NAME = "rtlm_policy"
 def _register_scheduler() -> None:
     from transformers.generation.continuous_batching import scheduler as S
 
+    logging.getLogger("ContinuousBatchingLogger").setLevel(logging.WARNING)  # its per-manager INFO lines
     if _SCHED_NAME not in S.SCHEDULER_MAPPING:
         S.SCHEDULER_MAPPING[_SCHED_NAME] = PolicyScheduler
 

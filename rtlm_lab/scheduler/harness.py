@@ -112,11 +112,31 @@ def make_trace(held: pd.DataFrame, service: ServiceModel, workload: Mapping[str,
     return trace, info
 
 
+ENGINES = ("auto", "continuous", "static")
+
+
+def resolve_engine(name: str, lm_spec: Mapping[str, Any]) -> str:
+    """``auto``: continuous batching for decoder-only LMs, the static-batch path for encoder-decoders
+    (transformers' continuous batching serves decoder-only models)."""
+    name = str(name)
+    if name not in ENGINES:
+        raise UserError(f"unknown scheduler.engine {name!r}; choose one of: {', '.join(ENGINES)}")
+    seq2seq = str(lm_spec.get("arch", "causal")) == "seq2seq"
+    if name == "continuous" and seq2seq:
+        raise UserError(f"{lm_spec.get('name')} is an encoder-decoder: scheduler.engine=continuous serves "
+                        "decoder-only LMs; use scheduler.engine=static (or auto)")
+    if name == "auto":
+        return "static" if seq2seq else "continuous"
+    return name
+
+
 def workers_for(policy: Policy, platform: Mapping[str, Any], main_service: ServiceModel,
                 offload_service: ServiceModel | None, n_offload: int) -> list[WorkerSpec]:
+    """The static path's workers: the same for every policy (the platform's batch size on the main worker;
+    the CPU offload workers, which RT-LM's placement uses and the baselines' FIFO placement leaves idle)."""
     cap = int(platform.get("max_batch", 1))
-    specs = [WorkerSpec("main", "main", max(1, min(policy.max_batch, cap)), main_service)]
-    if getattr(policy, "offload", False) and n_offload > 0 and offload_service is not None:
+    specs = [WorkerSpec("main", "main", max(1, cap), main_service)]
+    if n_offload > 0 and offload_service is not None:
         specs += [WorkerSpec(f"cpu{i}", "offload", 1, offload_service) for i in range(n_offload)]
     return specs
 
@@ -144,15 +164,26 @@ def run_experiment(cfg: Mapping[str, Any], run_dir: Path, profile_path: Path, pr
     from rtlm_lab.scheduler.workload import check_workload
 
     check_workload(workload)
+    engine = resolve_engine(sched.get("engine", "auto"), lm_spec)
+    if engine == "continuous":
+        from rtlm_lab.scheduler.continuous import engine_config
+
+        engine_config(platform)  # bad budgets fail before any fitting
     online = bool(sched.get("online_predictions", True))
     predictors, _train, held = load_or_fit(profile_path, profile, float(sched.get("heldout_frac", 0.4)), seed,
                                            cache_dir=data_dir() / "cache" / "scheduler",
                                            need_model=online or mode == "sim")
     run_dir.mkdir(parents=True, exist_ok=True)
-    n_offload = int(platform.get("offload_workers", 0)) if getattr(policy, "offload", False) else 0
+    n_offload = int(platform.get("offload_workers", 0))  # static path: the same workers for every policy
     extra: dict[str, Any] = {}
 
-    if mode == "sim":
+    if engine == "continuous":
+        from rtlm_lab.scheduler.continuous import run_continuous
+
+        records, m, trace = run_continuous(cfg, run_dir, profile, predictors, held, progress)
+        info = m.pop("workload")
+        main_service, offload_service = None, None
+    elif mode == "sim":
         main_service = sim_service(lm_spec["name"], platform["name"], profile, sched.get("service"))
         offload_service = sim_service(lm_spec["name"], platform["name"], profile, sched.get("offload_service"),
                                       role="offload") if n_offload else None
@@ -176,9 +207,10 @@ def run_experiment(cfg: Mapping[str, Any], run_dir: Path, profile_path: Path, pr
     out = {
         "lm": lm_spec["name"], "platform": platform["name"], "mode": mode, "policy": policy.describe(),
         "workload": info, "rho": float(workload.get("rho", math.nan)), "seed": seed,
-        "service_model": main_service.to_dict(),
+        "service_model": main_service.to_dict() if main_service is not None else None,
         "offload_service_model": offload_service.to_dict() if offload_service is not None else None,
         "n_offload_workers": n_offload if offload_service is not None else 0,
+        "engine": engine,
         **m,
         "provenance": provenance(cfg, profile=str(profile_path), profile_sha256=sha256_file(profile_path),
                                  run_dir=str(run_dir)),

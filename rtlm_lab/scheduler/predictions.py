@@ -97,6 +97,27 @@ class Predictors:
                 out["ltr_score"] = self.ltr_.predict(texts, E=E)
         return pd.DataFrame({k: v for k, v in out.items() if v is not None}, index=range(len(texts)))
 
+    def predict_batch(self, texts: Sequence[str], columns: Sequence[str]) -> list[dict[str, float]]:
+        """Predictions (only ``columns``) for a batch of arriving requests: what the engine's predictor thread
+        runs on everything that arrived while it was busy (one spaCy pipe / one MiniLM batch)."""
+        from rtlm_lab.regressor import FEATURE_NAMES
+        from rtlm_lab.regressor import features as F
+
+        texts = [str(t) for t in texts]
+        cols = set(columns)
+        out: dict[str, np.ndarray] = {}
+        if cols & {"pred_rtlm", "uncertainty"}:
+            X = self.rtlm_.featurize(texts)
+            out["pred_rtlm"] = self.rtlm_.predict_from_features(X)
+            out["uncertainty"] = X[:, FEATURE_NAMES.index("total")]
+        if cols & {"pred_proxy", "ltr_score"}:
+            E = F.embed(texts).astype(float)
+            if "pred_proxy" in cols:
+                out["pred_proxy"] = self.proxy_.predict(texts, E=E)
+            if "ltr_score" in cols:
+                out["ltr_score"] = self.ltr_.predict(texts, E=E)
+        return [{k: float(v[i]) for k, v in out.items()} for i in range(len(texts))]
+
     def predict_one(self, text: str, columns: Sequence[str]) -> tuple[dict[str, float], float]:
         """Predictions for one arriving request (only ``columns``) and the seconds they took."""
         from rtlm_lab.regressor import FEATURE_NAMES

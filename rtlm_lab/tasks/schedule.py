@@ -11,7 +11,7 @@ already holds ``metrics.json`` is skipped unless ``force=true``.
 Examples::
 
     rtlm-schedule lm=smollm2_135m platform=cpu policy=rtlm workload.rho=0.9 workload.n_requests=30 mode=real
-    rtlm-schedule -m policy=fcfs,sjf_proxy,oracle_sjf,rtlm workload.rho=0.5,0.7,0.9 mode=sim
+    rtlm-schedule -m policy=fcfs,sjf_proxy,oracle_srpt,rtlm workload.rho=0.5,0.7,0.9 mode=sim
 """
 
 from __future__ import annotations
@@ -28,11 +28,15 @@ log = logging.getLogger("rtlm_lab.scheduler")
 
 
 def format_metrics(m: dict) -> str:
-    return (f"{m['lm']} on {m['platform']} ({m['mode']}), policy={m['policy']['name']}, rho={m['rho']}: "
-            f"{m['n_completed']}/{m['n_requests']} requests, mean {m['mean_rt_s']:.3f} s, "
-            f"p50 {m['p50_rt_s']:.3f} s, p99 {m['p99_rt_s']:.3f} s, {m['throughput_rps']:.2f} req/s, "
-            f"SLO miss {100 * m['slo_miss_rate']:.1f}%, mean batch {m['mean_batch_size']:.2f}, "
-            f"overhead {100 * m['overhead_share']:.2f}%")
+    head = (f"{m['lm']} on {m['platform']} ({m['mode']}, {m.get('engine', 'static')} engine), "
+            f"policy={m['policy']['name']}, rho={m['rho']}: {m['n_completed']}/{m['n_requests']} requests, "
+            f"mean {m['mean_rt_s']:.3f} s, p50 {m['p50_rt_s']:.3f} s, p99 {m['p99_rt_s']:.3f} s, "
+            f"{m['throughput_rps']:.2f} req/s, SLO miss {100 * m['slo_miss_rate']:.1f}%")
+    if m.get("engine") == "continuous":
+        return (head + f", realized rho {m['realized_rho']:.2f} (capacity {m['capacity_rps']:.2f} req/s), "
+                f"{m['n_warmup_excluded']} warm-up arrivals excluded, mean running {m['mean_running_seqs']:.1f}, "
+                f"prediction {100 * m['prediction_share']:.2f}% of engine time")
+    return head + f", mean batch {m['mean_batch_size']:.2f}, overhead {100 * m['overhead_share']:.2f}%"
 
 
 @task_wrapper

@@ -1,0 +1,368 @@
+"""One scheduling experiment on the continuous-batching engine (``scheduler.engine=continuous``, the default
+for decoder-only LMs): the fair harness.
+
+Every policy gets the same engine(s), built from the platform config alone (``platform.engine``: concurrency
+``max_seqs``, ``max_batch_tokens``, KV pages), the same trace and the same predictor server; policies differ
+only in order (and preemption) and placement. Steps of a run:
+
+1. **capacity** (:func:`measure_capacity`): a saturation run of the same engine on the workload's own length
+   mix (``scheduler.capacity_requests`` held-out requests, all queued at t=0, FCFS): decode tokens/s while the
+   queue is non-empty, divided by the mix's mean output tokens = requests/s. Its steps also fit the engine's
+   :class:`~rtlm_lab.scheduler.engine.StepModel` (what the simulator replays). Cached per LM x platform x
+   engine config under ``outputs/schedule/capacity/`` (``scheduler.recalibrate=true`` measures again); the
+   warm-up (CUDA graphs, kernels) runs before any clock, whatever the cache holds;
+2. **trace**: ``workload.n_requests`` held-out requests, Poisson/gamma/MMPP arrivals at
+   ``rate = workload.rho x capacity``;
+3. **predictions on the clock**: a predictor thread (real) / a modelled predictor with the measured batch cost
+   (sim) makes each request eligible only when its prediction is done;
+4. **serve** (:func:`~rtlm_lab.scheduler.engine.serve`) and write ``trace.parquet``, ``requests.parquet`` (one
+   row per request), ``steps.parquet`` (one row per engine step) and ``metrics.json``
+   (:func:`run_metrics`: the first ``scheduler.warmup_frac`` of arrivals are left out of the metrics, and said
+   so; realized arrival rate and utilization beside the nominal rho).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+
+from rtlm_lab.errors import UserError
+from rtlm_lab.scheduler.engine import (Engine, HFBackend, Job, PredCost, PredictorServer, SimBackend, StepModel,
+                                       VirtualClock, WallClock, serve)
+from rtlm_lab.scheduler.policies import Policy, Request, make_policy
+
+log = logging.getLogger("rtlm_lab.scheduler")
+
+ENGINE_DEFAULTS = {"max_seqs": 8, "max_batch_tokens": 1024, "page_size": 64, "num_blocks": None,
+                   "cuda_graphs": None}
+
+
+def engine_config(platform: Mapping[str, Any]) -> dict[str, Any]:
+    """The platform's engine budgets (the same for every policy)."""
+    cfg = {**ENGINE_DEFAULTS, **dict(platform.get("engine") or {})}
+    for k in ("max_seqs", "max_batch_tokens", "page_size"):
+        try:
+            cfg[k] = int(cfg[k])
+        except (TypeError, ValueError):
+            raise UserError(f"platform.engine.{k} must be an integer (got {cfg[k]!r})") from None
+        if cfg[k] < 1:
+            raise UserError(f"platform.engine.{k} must be >= 1 (got {cfg[k]})")
+    return cfg
+
+
+def engine_key(lm: str, platform: str, ecfg: Mapping[str, Any]) -> str:
+    h = hashlib.sha256(json.dumps(dict(ecfg), sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"{lm}__{platform}__{h}"
+
+
+def capacity_cache(lm: str, platform: str, ecfg: Mapping[str, Any]) -> Path:
+    from rtlm_lab.paths import outputs_dir
+
+    return outputs_dir() / "schedule" / "capacity" / f"{engine_key(lm, platform, ecfg)}.json"
+
+
+def reference_capacity(lm: str, platform: str, ecfg: Mapping[str, Any]) -> Path:
+    from rtlm_lab.paths import reference_dir
+
+    return reference_dir() / "scheduler" / "engine" / f"{engine_key(lm, platform, ecfg)}.json"
+
+
+def to_requests(df: pd.DataFrame, keep_predictions: bool) -> list[Request]:
+    out = []
+    for row in df.itertuples(index=False):
+        pred = {}
+        if keep_predictions:
+            for c in ("pred_rtlm", "uncertainty", "pred_proxy", "ltr_score"):
+                v = getattr(row, c, None)
+                if v is not None and not (isinstance(v, float) and math.isnan(v)):
+                    pred[c] = float(v)
+        out.append(Request(request_id=str(row.request_id), text=str(row.text),
+                           context=str(getattr(row, "context", "") or ""),
+                           arrival_s=float(getattr(row, "arrival_s", 0.0)), n_input_tokens=int(row.n_input_tokens),
+                           true_tokens=int(row.true_tokens), pred=pred,
+                           isolated_s=float(getattr(row, "isolated_s", math.nan))))
+    return out
+
+
+def _pool(held: pd.DataFrame) -> pd.DataFrame:
+    pool = held.rename(columns={"n_output_tokens": "true_tokens"})
+    cols = [c for c in ("request_id", "text", "context", "n_input_tokens", "true_tokens", "pred_rtlm",
+                        "uncertainty", "pred_proxy", "ltr_score") if c in pool.columns]
+    pool = pool[cols].copy()
+    pool["context"] = pool["context"].fillna("").astype(str) if "context" in pool else ""
+    return pool
+
+
+class EngineFactory:
+    """Builds the run's engines from the platform config (real: one per device, sharing a loaded LM where
+    the device is the same; sim: the step model)."""
+
+    def __init__(self, mode: str, ecfg: Mapping[str, Any], lm=None, step_model: StepModel | None = None,
+                 devices: list[str] | None = None):
+        self.mode, self.ecfg, self.lm, self.step_model = mode, dict(ecfg), lm, step_model
+        self.devices = devices or ["main"]
+
+    def build(self, policy: Policy, capacity_rps: float | None = None) -> list[Engine]:
+        engines = []
+        for k, dev in enumerate(self.devices):
+            if self.mode == "sim":
+                backend = SimBackend(self.step_model)
+            else:
+                backend = HFBackend(self.lm, self.ecfg["max_seqs"], self.ecfg["max_batch_tokens"],
+                                    num_blocks=self.ecfg.get("num_blocks"), page_size=self.ecfg["page_size"],
+                                    cuda_graphs=self.ecfg.get("cuda_graphs"))
+            e = Engine(f"engine{k}" if len(self.devices) > 1 else "main", backend, policy, self.ecfg["max_seqs"],
+                       self.ecfg["max_batch_tokens"], step_model=self.step_model)
+            e.capacity_rps = capacity_rps or 1.0
+            engines.append(e)
+        return engines
+
+
+def _close(engines) -> None:
+    for e in engines:
+        if hasattr(e.backend, "close"):
+            e.backend.close()
+
+
+def saturation(factory: EngineFactory, pool: pd.DataFrame, n: int, seed: int, progress: bool = False
+               ) -> tuple[dict[str, Any], pd.DataFrame]:
+    """A saturation run: ``n`` requests of the pool's mix, all queued at t=0, FCFS. Returns the capacity
+    facts and the steps it ran."""
+    from rtlm_lab.scheduler.workload import choose_requests
+
+    chosen = choose_requests(pool, n, seed + 7919)
+    chosen["arrival_s"] = 0.0
+    reqs = to_requests(chosen, keep_predictions=False)
+    pol = make_policy("fcfs")
+    engines = factory.build(pol)
+    clock = VirtualClock() if factory.mode == "sim" else WallClock()
+    try:
+        jobs, facts = serve(reqs, pol, engines, clock, PredictorServer(reqs, (), clock), progress=progress,
+                            desc="capacity (saturation)")
+    finally:
+        _close(engines)
+    steps = pd.concat(facts["steps"].values(), ignore_index=True)
+    last_admit = max(j.admit_s for j in jobs)
+    sat = steps[steps["t_s"] < last_admit] if last_admit > 0 else steps
+    window = float(sat["t_s"].iloc[-1] + sat["dt_s"].iloc[-1]) if len(sat) else float(steps["dt_s"].sum())
+    tokens = sum(sum(1 for t in j.token_s if t <= window) for j in jobs)
+    tok_s = tokens / window if window > 0 else math.nan
+    mean_tokens = float(np.mean([j.generated for j in jobs]))
+    return {"capacity_rps": tok_s / max(pool["true_tokens"].mean(), 1.0), "decode_tok_s": tok_s,
+            "n_requests": n, "window_s": window, "makespan_s": float(max(j.finish_s for j in jobs)),
+            "mean_tokens_run": mean_tokens, "mean_tokens_mix": float(pool["true_tokens"].mean()),
+            "n_engines": len(engines)}, steps
+
+
+def measure_capacity(factory: EngineFactory, pool: pd.DataFrame, sched: Mapping[str, Any], seed: int,
+                     lm: str, platform: str, progress: bool) -> dict[str, Any]:
+    """Capacity and step model of the real engine (cached; see the module doc)."""
+    from rtlm_lab.io import write_json_atomic
+
+    cache = capacity_cache(lm, platform, factory.ecfg)
+    if cache.is_file() and not sched.get("recalibrate", False):
+        try:
+            cap = json.loads(cache.read_text())
+            StepModel.from_dict(cap["step_model"])
+            log.info("capacity: %s (scheduler.recalibrate=true measures again)", cache)
+            return cap
+        except (json.JSONDecodeError, KeyError, UserError) as exc:
+            log.warning("capacity cache %s unreadable (%s); measuring again", cache, exc)
+    n = int(sched.get("capacity_requests") or 4 * factory.ecfg["max_seqs"])
+    cap, steps = saturation(factory, pool, max(n, 2 * factory.ecfg["max_seqs"]), seed, progress)
+    sm = StepModel.fit(steps, source=f"saturation run of {cap['n_requests']} requests")
+    cap["step_model"] = sm.to_dict()
+    cap["engine"] = dict(factory.ecfg)
+    cap["lm"], cap["platform"] = lm, platform
+    cap["measured_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    write_json_atomic(cache, cap)
+    log.info("capacity %.2f req/s (%.0f decode tok/s) on %s/%s", cap["capacity_rps"], cap["decode_tok_s"], lm, platform)
+    return cap
+
+
+def sim_capacity(lm: str, platform: str, ecfg: Mapping[str, Any], given: str | None) -> dict[str, Any]:
+    """The measured capacity file a simulation replays: ``given``, this machine's, else the committed one."""
+    paths = [Path(given)] if given else [capacity_cache(lm, platform, ecfg), reference_capacity(lm, platform, ecfg)]
+    for p in paths:
+        if p.is_file():
+            try:
+                cap = json.loads(p.read_text())
+                StepModel.from_dict(cap["step_model"])
+                cap["source_file"] = str(p)
+                return cap
+            except (json.JSONDecodeError, KeyError) as exc:
+                raise UserError(f"cannot read engine capacity {p}: {type(exc).__name__}") from None
+    raise UserError(f"no measured engine for {lm} on {platform} with these engine settings: run "
+                    f"`rtlm-schedule mode=real lm={lm} platform={platform}` once (it measures capacity) or pass "
+                    "scheduler.capacity=<json>")
+
+
+def _pred_cost(predictors, texts: list[str], needs) -> PredCost:
+    """Measured cost of one prediction batch (a + b x n), timed here at 1 and 8 requests after a warm-up."""
+    if not needs or predictors is None:
+        return PredCost()
+    predictors.predict_batch(texts[:2], needs)
+    t = {}
+    for n in (1, 8):
+        t0 = time.perf_counter()
+        for _ in range(3):
+            predictors.predict_batch(texts[:n], needs)
+        t[n] = (time.perf_counter() - t0) / 3
+    b = max(0.0, (t[8] - t[1]) / 7)
+    return PredCost(a=max(0.0, t[1] - b), b=b)
+
+
+def run_continuous(cfg: Mapping[str, Any], run_dir: Path, profile: pd.DataFrame, predictors, held: pd.DataFrame,
+                   progress: bool = True) -> tuple[pd.DataFrame, dict[str, Any], pd.DataFrame]:
+    """Serve the workload on the continuous engine; returns (records, metrics, trace)."""
+    from rtlm_lab.scheduler.workload import arrival_times, check_workload, choose_requests
+
+    mode = str(cfg["mode"])
+    lm_spec, platform, sched = dict(cfg["lm"]), dict(cfg["platform"]), dict(cfg["scheduler"])
+    workload = dict(cfg["workload"])
+    seed = int(cfg.get("seed", 0))
+    check_workload(workload)
+    ecfg = engine_config(platform)
+    policy = make_policy(str(cfg["policy"]["name"]), cfg["policy"])
+    pool = _pool(held)
+    lm = None
+    if mode == "real":
+        from rtlm_lab.lm.loader import load_lm
+        from rtlm_lab.lm.sanity import check_sanity
+
+        lm = load_lm(lm_spec, platform)
+        if sched.get("sanity_check", True):
+            check_sanity(lm, platform["name"])
+        factory = EngineFactory("real", ecfg, lm=lm)
+        cap = measure_capacity(factory, pool, sched, seed, lm_spec["name"], platform["name"], progress)
+        factory.step_model = StepModel.from_dict(cap["step_model"])
+    else:
+        cap = sim_capacity(lm_spec["name"], platform["name"], ecfg, sched.get("capacity"))
+        factory = EngineFactory("sim", ecfg, step_model=StepModel.from_dict(cap["step_model"]))
+        if sched.get("sim_capacity", "simulated") == "simulated":
+            # the simulator's own capacity for the same saturation run (what rho means on its clock)
+            sim_cap, _ = saturation(factory, pool, int(cap.get("n_requests", 4 * ecfg["max_seqs"])), seed)
+            cap = {**cap, "capacity_rps_measured": cap["capacity_rps"], "capacity_rps": sim_cap["capacity_rps"]}
+    step_model = factory.step_model
+    policy.token_s = step_model.step_s(max(1, ecfg["max_seqs"] // 2), max(1, ecfg["max_seqs"] // 2))
+
+    # the trace: the same for every policy (seeded), arrivals at rho x measured capacity
+    n = int(workload.get("n_requests", 100))
+    kind = str(workload.get("kind", "poisson"))
+    rho = float(workload.get("rho", 0.9))
+    rate = rho * float(cap["capacity_rps"]) * (len(factory.devices))
+    chosen = choose_requests(pool, n, seed)
+    params = {k: workload[k] for k in ("cv", "burst_factor", "burst_share", "mean_sojourn_requests") if k in workload}
+    chosen.insert(3, "arrival_s", arrival_times(kind, rate, n, seed=seed, **params))
+    chosen["isolated_s"] = [step_model.isolated(a, b) for a, b in zip(chosen["n_input_tokens"], chosen["true_tokens"])]
+    trace = chosen
+
+    online = mode == "real" and predictors is not None
+    reqs = to_requests(trace, keep_predictions=not online)
+    needs = tuple(policy.needs)
+    texts = trace["text"].astype(str).tolist()
+    cost = _pred_cost(predictors, texts, needs) if predictors is not None else PredCost()
+    engines = factory.build(policy, capacity_rps=float(cap["capacity_rps"]))
+    clock = VirtualClock() if mode == "sim" else WallClock()
+    if online and needs:
+        predict = lambda batch: predictors.predict_batch([r.text for r in batch], needs)  # noqa: E731
+        server = PredictorServer(reqs, needs, clock, predict=predict)
+    else:
+        server = PredictorServer(reqs, needs, clock, cost=cost)
+    try:
+        jobs, facts = serve(reqs, policy, engines, clock, server, progress=progress,
+                            desc=f"{policy.name} ({mode})")
+    finally:
+        _close(engines)
+    records = job_records(jobs, policy, float(sched.get("slo_k", 5.0)), float(sched.get("warmup_frac", 0.1)))
+    steps = pd.concat([df.assign(engine=e) for e, df in facts["steps"].items()], ignore_index=True)
+    from rtlm_lab.io import write_parquet_atomic
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_parquet_atomic(steps, run_dir / "steps.parquet")
+    m = run_metrics(records, steps, facts, cap, rho, rate, ecfg)
+    m.update({"engine": "continuous", "engine_config": ecfg, "step_model": step_model.to_dict(),
+              "capacity": cap, "prediction_cost": cost.to_dict() if not online else "measured online",
+              "online_predictions": online, "n_engines": len(engines)})
+    info = {"kind": kind, "rho": rho, "rate_rps": rate, "n_requests": n,
+            "duration_s": float(trace["arrival_s"].max()), "heldout_pool": len(held), "repeats": bool(n > len(held))}
+    m["workload"] = info
+    return records, m, trace
+
+
+RECORDS = ("request_id", "arrival_s", "ready_s", "admit_s", "first_token_s", "finish_s", "response_s", "ttft_s",
+           "queue_s", "prediction_wait_s", "worker", "pred_tokens", "true_tokens", "actual_tokens", "uncertainty",
+           "n_input_tokens", "isolated_s", "slo_s", "slo_miss", "steps_paused", "stop_reason", "warmup",
+           "token_times_s")
+
+
+def job_records(jobs, policy: Policy, slo_k: float, warmup_frac: float) -> pd.DataFrame:
+    """One row per request (:data:`RECORDS`); ``warmup`` marks the first ``warmup_frac`` of arrivals."""
+    rows = []
+    for j in jobs:
+        r = j.req
+        iso = float(getattr(r, "isolated_s", math.nan))
+        rows.append({
+            "request_id": r.request_id, "arrival_s": r.arrival_s, "ready_s": j.ready_s, "admit_s": j.admit_s,
+            "first_token_s": j.first_token_s, "finish_s": j.finish_s, "response_s": j.finish_s - r.arrival_s,
+            "ttft_s": j.first_token_s - r.arrival_s, "queue_s": j.admit_s - r.arrival_s,
+            "prediction_wait_s": j.ready_s - r.arrival_s, "worker": j.worker,
+            "pred_tokens": float(r.pred.get(policy.pred_column, math.nan)) if policy.pred_column else
+            (float(r.true_tokens) if policy.name.startswith("oracle") else math.nan),
+            "true_tokens": r.true_tokens, "actual_tokens": j.generated, "uncertainty": r.uncertainty,
+            "n_input_tokens": r.n_input_tokens, "isolated_s": iso, "slo_s": slo_k * iso,
+            "slo_miss": bool(j.finish_s - r.arrival_s > slo_k * iso) if math.isfinite(iso) else False,
+            "steps_paused": j.steps_paused, "stop_reason": j.stop_reason,
+            "token_times_s": [t - j.admit_s for t in j.token_s]})
+    df = pd.DataFrame(rows).sort_values(["arrival_s", "request_id"]).reset_index(drop=True)
+    df["warmup"] = np.arange(len(df)) < int(math.floor(warmup_frac * len(df)))
+    return df
+
+
+def run_metrics(records: pd.DataFrame, steps: pd.DataFrame, facts: Mapping[str, Any], cap: Mapping[str, Any],
+                rho: float, rate: float, ecfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Headline numbers (units in the names), over the requests after the warm-up share."""
+    r = records[~records["warmup"]]
+    rt = r["response_s"].to_numpy(float)
+    ttft = r["ttft_s"].to_numpy(float)
+    t0, t1 = float(records["arrival_s"].min()), float(records["finish_s"].max())
+    makespan = max(t1 - t0, 1e-9)
+    arr = records["arrival_s"].to_numpy(float)
+    realized_rate = (len(arr) - 1) / (arr[-1] - arr[0]) if len(arr) > 1 and arr[-1] > arr[0] else math.nan
+    busy = dict(facts["busy_s"])
+    pred_busy = float(facts["predictor_batches"]["dt_s"].sum()) if len(facts["predictor_batches"]) else 0.0
+    q = lambda a, p: float(np.percentile(a, p)) if len(a) else math.nan  # noqa: E731
+    return {
+        "n_requests": int(len(records)), "n_completed": int(records["finish_s"].notna().sum()),
+        "n_unique_completed": int(records["request_id"].nunique()),
+        "n_measured": int(len(r)), "n_warmup_excluded": int(records["warmup"].sum()),
+        "mean_rt_s": float(rt.mean()) if len(rt) else math.nan, "p50_rt_s": q(rt, 50), "p95_rt_s": q(rt, 95),
+        "p99_rt_s": q(rt, 99), "max_rt_s": float(rt.max()) if len(rt) else math.nan,
+        "mean_ttft_ms": 1e3 * float(ttft.mean()) if len(ttft) else math.nan, "p50_ttft_ms": 1e3 * q(ttft, 50),
+        "p99_ttft_ms": 1e3 * q(ttft, 99),
+        "mean_queue_s": float(r["queue_s"].mean()) if len(r) else math.nan,
+        "mean_prediction_wait_ms": 1e3 * float(r["prediction_wait_s"].mean()) if len(r) else math.nan,
+        "throughput_rps": len(records) / makespan,
+        "throughput_tok_s": float(records["actual_tokens"].sum()) / makespan,
+        "slo_miss_rate": float(r["slo_miss"].mean()) if len(r) else math.nan,
+        "makespan_s": makespan,
+        "nominal_rho": rho, "arrival_rate_rps": rate, "realized_arrival_rate_rps": realized_rate,
+        "capacity_rps": float(cap["capacity_rps"]),
+        "realized_rho": realized_rate / float(cap["capacity_rps"]) if math.isfinite(realized_rate) else math.nan,
+        "worker_utilization": {w: b / makespan for w, b in busy.items()},
+        "mean_running_seqs": float(steps["n_seqs"].mean()) if len(steps) else math.nan,
+        "n_steps": int(len(steps)),
+        "prediction_s": pred_busy, "prediction_share": pred_busy / max(sum(busy.values()), 1e-9),
+        "n_preempted": int((records["steps_paused"] > 0).sum()),
+        "pred_mae_tokens": float((r["pred_tokens"] - r["actual_tokens"]).abs().mean())
+        if r["pred_tokens"].notna().any() else math.nan,
+        "requests_per_worker": {str(k): int(v) for k, v in records["worker"].value_counts().items()},
+    }
