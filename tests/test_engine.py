@@ -146,11 +146,13 @@ def test_step_model_fit_recovers_its_parameters():
 
 
 # ---------------------------------------------------------------------------------------------- real engine
-def test_hf_engine_tokens_equal_generate_and_requests_join_midway(tiny_causal_dir):
-    """transformers' continuous batching, stepped by our loop, gives each request the tokens plain batch-1
-    ``generate`` gives, while requests join at different steps and the policy orders them."""
+@pytest.mark.parametrize("kind", ["paged", "slots"])
+def test_real_engine_tokens_equal_generate_and_requests_join_midway(kind, tiny_causal_dir):
+    """Both real engines (transformers' paged continuous batching stepped by our loop; our slot engine on
+    DynamicCache) give each request the tokens plain batch-1 ``generate`` gives, while requests join at
+    different steps, leave when done, and a preemptive policy pauses and resumes them."""
     from rtlm_lab.lm import load_lm
-    from rtlm_lab.scheduler.engine import HFBackend
+    from rtlm_lab.scheduler.engine import HFBackend, SlotBackend
 
     lm = load_lm(tiny_spec(tiny_causal_dir, stop_strings=["e"], max_new_tokens=16))
     texts = [f"hello number {i} how are you doing" for i in range(7)]
@@ -161,7 +163,8 @@ def test_hf_engine_tokens_equal_generate_and_requests_join_midway(tiny_causal_di
         for r in rs:
             r.pred = {}
         pol = make_policy(policy)
-        backend = HFBackend(lm, max_seqs=3, max_batch_tokens=256, num_blocks=64, page_size=16)
+        backend = (HFBackend(lm, max_seqs=3, max_batch_tokens=256, num_blocks=64, page_size=16) if kind == "paged"
+                   else SlotBackend(lm, max_seqs=3, max_batch_tokens=256))
         eng = Engine("cpu0", backend, pol, 3, 256)
         clock = WallClock()
         jobs, facts = serve(rs, pol, [eng], clock, PredictorServer(rs, (), clock))
@@ -169,6 +172,7 @@ def test_hf_engine_tokens_equal_generate_and_requests_join_midway(tiny_causal_di
         assert sorted(got) == sorted(ref)
         for k, g in ref.items():
             assert got[k].generated == g.n_output_tokens, (policy, k)
+            assert got[k].output_ids == list(g.output_ids), (policy, k)
             assert got[k].stop_reason == g.stop_reason, (policy, k)
             assert got[k].first_token_s <= got[k].finish_s
         assert facts["steps"]["cpu0"]["n_seqs"].max() <= 3

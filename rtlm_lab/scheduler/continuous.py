@@ -41,8 +41,9 @@ from rtlm_lab.scheduler.policies import Policy, Request, make_policy
 
 log = logging.getLogger("rtlm_lab.scheduler")
 
-ENGINE_DEFAULTS = {"max_seqs": 8, "max_batch_tokens": 1024, "page_size": 64, "num_blocks": None,
-                   "cuda_graphs": None}
+ENGINE_DEFAULTS = {"backend": "slots", "max_seqs": 8, "max_batch_tokens": 1024, "page_size": 64,
+                   "num_blocks": None, "cuda_graphs": None}
+BACKENDS = ("slots", "paged")
 
 
 def engine_config(platform: Mapping[str, Any]) -> dict[str, Any]:
@@ -55,7 +56,21 @@ def engine_config(platform: Mapping[str, Any]) -> dict[str, Any]:
             raise UserError(f"platform.engine.{k} must be an integer (got {cfg[k]!r})") from None
         if cfg[k] < 1:
             raise UserError(f"platform.engine.{k} must be >= 1 (got {cfg[k]})")
+    if cfg["backend"] not in BACKENDS:
+        raise UserError(f"unknown platform.engine.backend {cfg['backend']!r}; choose one of: {', '.join(BACKENDS)}")
     return cfg
+
+
+def make_backend(lm, ecfg: Mapping[str, Any], max_seqs: int | None = None):
+    """The real engine's backend: ``slots`` (our engine on DynamicCache) or ``paged`` (transformers' own
+    continuous batching); the engine benchmark says why ``slots`` is the default."""
+    from rtlm_lab.scheduler.engine import SlotBackend
+
+    n = int(max_seqs or ecfg["max_seqs"])
+    if ecfg["backend"] == "paged":
+        return HFBackend(lm, n, ecfg["max_batch_tokens"], num_blocks=ecfg.get("num_blocks"),
+                         page_size=ecfg["page_size"], cuda_graphs=ecfg.get("cuda_graphs"))
+    return SlotBackend(lm, n, ecfg["max_batch_tokens"])
 
 
 def engine_key(lm: str, platform: str, ecfg: Mapping[str, Any]) -> str:
@@ -116,9 +131,7 @@ class EngineFactory:
             if self.mode == "sim":
                 backend = SimBackend(self.step_model)
             else:
-                backend = HFBackend(self.lm, self.ecfg["max_seqs"], self.ecfg["max_batch_tokens"],
-                                    num_blocks=self.ecfg.get("num_blocks"), page_size=self.ecfg["page_size"],
-                                    cuda_graphs=self.ecfg.get("cuda_graphs"))
+                backend = make_backend(self.lm, self.ecfg)
             e = Engine(f"engine{k}" if len(self.devices) > 1 else "main", backend, policy, self.ecfg["max_seqs"],
                        self.ecfg["max_batch_tokens"], step_model=self.step_model)
             e.capacity_rps = capacity_rps or 1.0
