@@ -89,9 +89,9 @@ def check_values(config_name: str, argv: list[str] | None = None,
     from omegaconf import OmegaConf
 
     argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("--help", "-h", "--hydra-help", "--info", "-i") or a.startswith(("--cfg", "-c", "--info"))
-           for a in argv):
-        return
+    if any(a in ("--help", "-h", "--hydra-help", "--info", "-i")
+           or a.startswith(("--cfg", "-c", "--info", "--config")) for a in argv):
+        return  # Hydra prints help or the config (nothing is created), or composes another primary config
     multirun = any(a in ("-m", "--multirun") for a in argv)
     args = [a for a in argv if "=" in a and not a.startswith("-") and not a.lstrip("+~").startswith("hydra")]
     try:
@@ -118,7 +118,10 @@ def check_values(config_name: str, argv: list[str] | None = None,
             cur = cur.get(part) if isinstance(cur, dict) else None
         if cur is None or isinstance(cur, (dict, list)):
             continue
-        choices = list(ov.sweep_iterator()) if ov.is_sweep_override() else [ov.value()]
+        try:
+            choices = list(ov.sweep_iterator()) if ov.is_sweep_override() else [ov.value()]
+        except Exception:  # noqa: BLE001 - interval sweeps (a sweeper's business) have no list of values
+            continue
         for value in choices:
             why = _type_error(ov.key_or_group, cur, value)
             if why:
