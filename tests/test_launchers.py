@@ -33,7 +33,8 @@ def test_launcher_overrides_pass_the_group_check():
 
 @pytest.mark.parametrize("launcher", [
     ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
-    ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10"],
+    # submitit_local pickles each job and starts it in a fresh process: the longer run, in make test-full
+    pytest.param(["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10"], marks=pytest.mark.slow),
 ], ids=["joblib", "submitit_local"])
 def test_multirun_through_launcher(launcher, tmp_path):
     if not PROFILE.is_file():

@@ -95,6 +95,39 @@ def test_cli_user_errors_are_one_line(tmp_path):
         assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], res.stderr
 
 
+@pytest.mark.parametrize("args,needle", [
+    (["data.n_prompts=abc"], "data.n_prompts must be an integer (default 300), got 'abc'"),
+    (["data.n_prompts=0"], "data.n_prompts must be a positive integer or null, got 0"),
+    (["-m", "data.n_prompts=5,abc"], "data.n_prompts must be an integer"),
+    (["experiment=demo", "profile.batch_size=0"], "profile.batch_size must be >= 1, got 0"),
+    (["profile.figures=maybe"], "profile.figures must be true or false"),
+    (["data.split=nope"], "unknown data split 'nope'"),
+])
+def test_cli_bad_value_fails_before_the_run_dir_exists(tmp_path, args, needle):
+    """A bad value is one error line and exit 2, and Hydra never creates the run dir (it used to leave
+    ``profile/gemma3_270m/cpu/test-nabc-s0/`` with its ``.hydra/`` and a log behind)."""
+    out = tmp_path / "outputs"
+    res = _cli(args, {"RTLM_OUTPUT_DIR": str(out)}, timeout=120)
+    assert res.returncode == 2, res.stderr
+    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], res.stderr
+    assert not out.exists() or not any(out.iterdir()), sorted(map(str, out.rglob("*")))
+
+
+def test_check_values_keeps_good_values_and_names_the_bad_one():
+    """The pre-Hydra check itself: good values (also sweeps, null, interpolations) pass; a bad one fails."""
+    from rtlm_lab.tasks._cli import check_values
+    from rtlm_lab.tasks.profile import check_config
+
+    for argv in (["data.n_prompts=5"], ["data.n_prompts=null"], ["-m", "data.n_prompts=5,10", "lm=gemma3_270m"],
+                 ["experiment=demo"], ["profile.figures=false", "platform.threads=1", "seed=3"],
+                 ["seed=3", "data.n_prompts=${seed}"]):
+        check_values("profile", argv, validate=check_config)
+    with pytest.raises(SystemExit) as exc:
+        check_values("profile", ["platform.threads=two"])
+    assert exc.value.code == 2
+
+
 def test_cli_cuda_without_gpu_is_one_line(tmp_path, tiny_causal_dir):
     import torch
 

@@ -57,6 +57,7 @@ def _manifest(out: Path, name: str) -> dict:
     return json.loads((out / "sweeps" / name / "manifest.json").read_text())
 
 
+@pytest.mark.slow  # three sweeps of three cells through papermill (notebooks 01-03 each): the longest test
 @needs_profiles
 def test_sweep_interrupt_resume_failure_and_report(tmp_path, tiny_profiles):
     from rtlm_lab.report import build_report, report_tables
@@ -134,6 +135,25 @@ def test_sweep_interrupt_resume_failure_and_report(tmp_path, tiny_profiles):
     rep = build_report(out / "sweeps" / "straight", tmp_path / "rep")
     assert report_tables(rep["md"].read_text()) == ta
     assert rep["headline"][0]["tau RT-LM"] is not None and rep["headline"][0]["RT-LM mean RT / FCFS"] is not None
+
+
+def test_sweep_records_failed_cells_and_still_reports(tmp_path):
+    """The fast suite's pass through ``run_sweep`` (the papermill cells are the slow test's): every cell
+    lacks its profile, so each is recorded as failed with its reason, the summary and report are written,
+    and the exit status is 1."""
+    out = tmp_path / "outputs"
+    empty = tmp_path / "no_profiles"
+    empty.mkdir()
+    res = _sweep_cli(out, "sweep.name=empty", f"sweep.profile_dir={empty}",
+                     "sweep.lms=[gemma3_270m,dialogpt_ccc]", "sweep.platforms=[cpu]")
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert "2 of 2 cell(s) failed" in res.stderr, res.stderr[-3000:]
+    m = _manifest(out, "empty")
+    assert {k: c["status"] for k, c in m["cells"].items()} == {"gemma3_270m/cpu": "failed",
+                                                               "dialogpt_ccc/cpu": "failed"}
+    assert all(c["error"].startswith("no profile ") for c in m["cells"].values())
+    assert len(m["invocations"]) == 1
+    assert (out / "sweeps" / "empty" / "report.md").is_file() and "report:" in res.stdout
 
 
 def test_cell_hash_follows_the_config(tmp_path):

@@ -151,7 +151,6 @@ def test_figures_png_and_svg(tmp_path):
 
 # ------------------------------------------------------------------ real profile: task, notebook, reference
 pytestmark = pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")  # seaborn heatmap internals
-needs_profile = pytest.mark.skipif(False, reason="the reference profile is committed")
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +177,6 @@ def task_run(six_rows, tmp_path_factory) -> Path:
     return out / "uncertainty" / "gemma3_270m" / "cpu"
 
 
-@needs_profile
 def test_analyze_real_profile(six_rows):
     res = analyze(pd.read_parquet(six_rows), n_bootstrap=50)
     assert res["n"] == 40 and res["lm"] == "gemma3_270m" and res["platform"] == "cpu"
@@ -186,7 +184,6 @@ def test_analyze_real_profile(six_rows):
     json.dumps(to_jsonable(res), allow_nan=False)
 
 
-@needs_profile
 def test_task_writes_metrics_scores_figures(task_run, six_rows):
     metrics = json.loads((task_run / "metrics.json").read_text())
     assert metrics["n"] == 40 and metrics["n_bootstrap"] == 50
@@ -207,7 +204,6 @@ def test_task_missing_profile_is_one_line(tmp_path):
     assert res.returncode == 2 and res.stderr.strip().startswith("error: no profile at")
 
 
-@needs_profile
 def test_reference_from_runs(task_run, tmp_path):
     from rtlm_lab.uncertainty.reference import SUMMARY_COLUMNS, build_reference
 
@@ -230,7 +226,6 @@ def test_reference_from_runs(task_run, tmp_path):
         build_reference([tmp_path / "missing"], tmp_path / "ref2")
 
 
-@needs_profile
 def test_notebook_runs_with_papermill(six_rows, tmp_path):
     import nbformat
     import papermill

@@ -2,6 +2,8 @@
 
 * :data:`CONF_DIR`: the repository's ``conf/`` (absolute, so commands work from any directory);
 * :func:`check_group_choices`: ``lm=nope`` gives one clear line (Hydra's own message spans a screen);
+* :func:`check_values`: ``data.n_prompts=abc`` gives one clear line *before* Hydra creates the run dir (an
+  override must keep its default's type; a task may add its own checks of the composed config);
 * :func:`task_wrapper`: user mistakes -> one line + exit 2; always say where the run dir is.
 """
 
@@ -42,6 +44,97 @@ def check_group_choices(argv: list[str] | None = None) -> None:
                 continue
             if choice not in options:
                 fail(f"unknown {key} {choice!r}; choose one of: {', '.join(options)}")
+
+
+def _compose(config_name: str, overrides: list[str]):
+    """The task's config as the command would compose it (without Hydra's own node)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            return compose(config_name=config_name, overrides=overrides)
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def _type_error(key: str, default: Any, value: Any) -> str | None:
+    """Why ``value`` cannot replace ``default`` (a bool, an integer or a number), or ``None`` if it can."""
+    if value is None or isinstance(value, str) and "${" in value:
+        return None  # null, or an interpolation: checked where it is used
+    if isinstance(default, bool):
+        ok, want = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool) or isinstance(value, float) and value.is_integer()
+        want = "an integer"
+    elif isinstance(default, float):
+        ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    else:
+        return None
+    shown = str(default).lower() if isinstance(default, bool) else repr(default)
+    return None if ok else f"{key} must be {want} (default {shown}), got {value!r}"
+
+
+def check_values(config_name: str, argv: list[str] | None = None,
+                 validate: Callable[[Any], None] | None = None) -> None:
+    """Check ``key=value`` overrides before Hydra runs (and so before it creates the run dir).
+
+    Each value (each element of a ``-m`` sweep) must keep the type of the key's default when that is a bool,
+    an integer or a number; ``null`` and interpolations pass. Then, for a single run, ``validate(cfg)`` (a
+    task's own checks) sees the composed config and raises :class:`UserError` for a bad value. Overrides
+    Hydra itself cannot parse or compose are left to Hydra's own error.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("--help", "-h", "--hydra-help", "--info", "-i")
+           or a.startswith(("--cfg", "-c", "--info", "--config")) for a in argv):
+        return  # Hydra prints help or the config (nothing is created), or composes another primary config
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    args = [a for a in argv if "=" in a and not a.startswith("-") and not a.lstrip("+~").startswith("hydra")]
+    try:
+        overrides = OverridesParser.create().parse_overrides(args)
+    except Exception:  # noqa: BLE001 - Hydra reports its own syntax errors
+        return
+    groups, values = [], []
+    for arg, ov in zip(args, overrides):
+        key = ov.key_or_group
+        if ov.is_delete():
+            continue
+        if "." not in key and "/" not in key and (Path(CONF_DIR) / key).is_dir():
+            groups.append(arg.split(",")[0] if multirun else arg)  # the first choice: its type is the same
+        else:
+            values.append(ov)
+    try:
+        base = _compose(config_name, groups)
+    except Exception:  # noqa: BLE001 - unknown keys, bad groups: Hydra's own error
+        return
+    raw = OmegaConf.to_container(base, resolve=False)
+    for ov in values:
+        cur: Any = raw
+        for part in ov.key_or_group.split("."):
+            cur = cur.get(part) if isinstance(cur, dict) else None
+        if cur is None or isinstance(cur, (dict, list)):
+            continue
+        try:
+            choices = list(ov.sweep_iterator()) if ov.is_sweep_override() else [ov.value()]
+        except Exception:  # noqa: BLE001 - interval sweeps (a sweeper's business) have no list of values
+            continue
+        for value in choices:
+            why = _type_error(ov.key_or_group, cur, value)
+            if why:
+                fail(why)
+    if validate is not None and not multirun:
+        try:
+            cfg = _compose(config_name, args)
+        except Exception:  # noqa: BLE001
+            return
+        try:
+            validate(cfg)
+        except UserError as exc:
+            fail(str(exc))
 
 
 def task_wrapper(task: Callable[..., Any]) -> Callable[..., Any]:
@@ -88,8 +181,11 @@ def resolve_profile(cfg, hint: str) -> Path:
     return path
 
 
-def make_main(config_name: str, task: Callable[..., Any]) -> Callable[[], None]:
-    """The console-script ``main`` of a task: validate group choices, then run it under ``@hydra.main``."""
+def make_main(config_name: str, task: Callable[..., Any],
+              validate: Callable[[Any], None] | None = None) -> Callable[[], None]:
+    """The console-script ``main`` of a task: validate group choices and values (:func:`check_values`, with
+    the task's own ``validate(cfg)``), then run it under ``@hydra.main``. A bad value stops before Hydra
+    creates the run dir, so it leaves nothing behind."""
     import hydra
 
     @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name)
@@ -98,6 +194,7 @@ def make_main(config_name: str, task: Callable[..., Any]) -> Callable[[], None]:
 
     def main() -> None:
         check_group_choices()
+        check_values(config_name, validate=validate)
         _hydra_main()
 
     main.__doc__ = f"Console script for the ``{config_name}`` task (see ``conf/{config_name}.yaml``)."

@@ -17,9 +17,25 @@ import logging
 
 from omegaconf import DictConfig, OmegaConf
 
+from rtlm_lab.errors import UserError
 from rtlm_lab.tasks._cli import make_main, task_wrapper
 
 log = logging.getLogger("rtlm_lab.profile")
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Values that would otherwise fail only once the run dir exists: the CLI checks them before Hydra
+    creates it (:func:`rtlm_lab.tasks._cli.check_values`), so a bad value leaves nothing behind."""
+    from rtlm_lab.data.ccc import SPLITS
+
+    n = cfg.data.get("n_prompts")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n <= 0):
+        raise UserError(f"data.n_prompts must be a positive integer or null, got {n!r}")
+    if cfg.data.get("split") not in SPLITS:
+        raise UserError(f"unknown data split {cfg.data.get('split')!r}; choose one of {', '.join(SPLITS)}")
+    b = cfg.profile.get("batch_size")
+    if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+        raise UserError(f"profile.batch_size must be >= 1, got {b!r}")
 
 
 @task_wrapper
@@ -48,7 +64,7 @@ def profile(cfg: DictConfig) -> dict:
     return summary
 
 
-main = make_main("profile", profile)
+main = make_main("profile", profile, validate=check_config)
 
 
 if __name__ == "__main__":
