@@ -68,8 +68,12 @@ def make_backend(lm, ecfg: Mapping[str, Any], max_seqs: int | None = None):
 
     n = int(max_seqs or ecfg["max_seqs"])
     if ecfg["backend"] == "paged":
-        return HFBackend(lm, n, ecfg["max_batch_tokens"], num_blocks=ecfg.get("num_blocks"),
-                         page_size=ecfg["page_size"], cuda_graphs=ecfg.get("cuda_graphs"))
+        blocks = ecfg.get("num_blocks")
+        if not blocks:  # room for every slot's longest request: a footprint fixed by the budgets, not free memory
+            per = int(lm.spec.get("max_input_tokens", 1024)) + int(lm.spec.get("max_new_tokens", 64))
+            blocks = n * math.ceil(per / ecfg["page_size"]) + 8
+        return HFBackend(lm, n, ecfg["max_batch_tokens"], num_blocks=blocks, page_size=ecfg["page_size"],
+                         cuda_graphs=ecfg.get("cuda_graphs"))
     return SlotBackend(lm, n, ecfg["max_batch_tokens"])
 
 

@@ -256,6 +256,8 @@ class HFBackend:
                               "allow_block_sharing": False, "use_async_batching": False}
         if num_blocks:
             kw["num_blocks"] = int(num_blocks)
+        else:  # sized from free memory: leave room for the rest of the process (the other backend, plain generate)
+            kw["max_memory_percent"] = 0.4
         if cuda_graphs is not None:
             kw["use_cuda_graph"] = bool(cuda_graphs)
         if chat_lm.device.type == "cpu":
@@ -303,6 +305,12 @@ class HFBackend:
             self.finished[o.request_id] = o
 
     def step(self, engine: "Engine", now: float, clock) -> tuple[float, list[tuple[Job, int, bool]], int]:
+        import torch
+
+        with torch.inference_mode():
+            return self._step(engine, now, clock)
+
+    def _step(self, engine: "Engine", now: float, clock) -> tuple[float, list[tuple[Job, int, bool]], int]:
         # the policy's order, over the jobs the engine tracks (running first unless preemptive)
         order = candidates(engine.running, engine.waiting, engine.policy, now)
         self.sched.order = {j.rid: k for k, j in enumerate(order)}
@@ -344,10 +352,22 @@ class HFBackend:
         return "max_tokens"
 
     def close(self) -> None:
+        """Free the paged KV cache (transformers sizes it from free GPU memory)."""
+        import gc
+
+        import torch
+
         try:
             self.bp.inputs_and_outputs = None
+            self.mgr.batch_processor = None
+            if self.mgr._original_attn_impl is not None:
+                self.lm.model.set_attn_implementation(self.mgr._original_attn_impl)
         except Exception:  # noqa: BLE001
             pass
+        self.bp = self.mgr = self.sched = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 class SlotBackend:
@@ -451,6 +471,10 @@ class SlotBackend:
     # -------------------------------------------------------------- engine interface
     def warmup(self) -> None:
         """Kernels for prefill and decode at a few batch sizes, before the clock (no state left behind)."""
+        with self.torch.inference_mode():
+            self._warmup()
+
+    def _warmup(self) -> None:
         ids = self.lm.encode(["Hello there, how are you?"], None, self.max_new)["input_ids"][0].tolist()
         for b in (1, 4):
             jobs = [Job(req=type("R", (), {"request_id": f"__w{b}_{i}"})()) for i in range(b)]
@@ -505,6 +529,10 @@ class SlotBackend:
         return self.last
 
     def step(self, engine: "Engine", now: float, clock) -> tuple[float, list[tuple[Job, int, bool]], int]:
+        with self.torch.inference_mode():  # no autograd graph: the cache would otherwise hold every step's
+            return self._step(engine, now, clock)
+
+    def _step(self, engine: "Engine", now: float, clock) -> tuple[float, list[tuple[Job, int, bool]], int]:
         torch = self.torch
         order = candidates(engine.running, engine.waiting, engine.policy, now)
         chosen, budget = [], int(engine.max_batch_tokens)
@@ -529,10 +557,16 @@ class SlotBackend:
             self._keep([i for i in range(len(self.rows)) if i not in set(drop)])
         # resume parked rows the policy picked
         back = [j for j in chosen if j.running and j.rid in self.parked]
-        for j in back:
-            kvs, last = self.parked.pop(j.rid)
-            n = kvs[0][0].shape[2]
-            self._merge(kvs, torch.ones((1, n), dtype=torch.long, device=self.dev), last, [j])
+        if back:  # all resumed rows in one merge (one copy of the running cache, not one per row)
+            parts = [self.parked.pop(j.rid) for j in back]
+            lens = [p[0][0][0].shape[2] for p in parts]
+            L = max(lens)
+            kvs = [(torch.cat([self._pad_left(p[0][li][0], L - n, 2) for p, n in zip(parts, lens)]),
+                    torch.cat([self._pad_left(p[0][li][1], L - n, 2) for p, n in zip(parts, lens)]))
+                   for li in range(len(parts[0][0]))]
+            mask = torch.stack([self._pad_left(torch.ones(n, dtype=torch.long, device=self.dev), L - n, 0)
+                                for n in lens])
+            self._merge(kvs, mask, torch.cat([p[1] for p in parts]), back)
         events: list[tuple[Job, int, bool]] = []
         n_tok = 0
         fin_rows: list[int] = []
@@ -573,7 +607,13 @@ class SlotBackend:
         return "max_tokens"
 
     def close(self) -> None:
-        self.cache = None
+        import gc
+
+        self.cache = self.mask = self.last = None
+        self.parked.clear()
+        gc.collect()
+        if self.torch.cuda.is_available():
+            self.torch.cuda.empty_cache()
 
 
 def stop_string_ids(chat_lm) -> set[int]:
