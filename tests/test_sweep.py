@@ -177,9 +177,9 @@ def test_by_platform_overrides_and_portable_hash(tmp_path):
 def test_cli_errors_and_help(tmp_path):
     res = _sweep_cli(tmp_path, "sweep.lms=[nope]")
     assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("error: unknown lm 'nope'")
-    res = subprocess.run([sys.executable, "-m", "rtlm_lab.report", "--help"], capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-m", "rtlm_lab.tasks.report", "--help"], capture_output=True, text=True)
     assert res.returncode == 0 and "report.md" in res.stdout and "Examples" in res.stdout
-    res = subprocess.run([sys.executable, "-m", "rtlm_lab.report", "nope"], env=_env(tmp_path),
+    res = subprocess.run([sys.executable, "-m", "rtlm_lab.tasks.report", "sweep=nope"], env=_env(tmp_path),
                          capture_output=True, text=True)
     assert res.returncode == 2 and "no sweep dir 'nope'" in res.stderr
 
