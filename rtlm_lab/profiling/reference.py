@@ -1,14 +1,13 @@
 """Commit-ready reference profiles: ``outputs/reference/profiles/``.
 
-``python -m rtlm_lab.profiling.reference RUN_DIR [RUN_DIR ...]`` copies each run's ``profile.parquet`` to
+``rtlm-reference target=profiles target.runs=[RUN_DIR,...]`` (:func:`rebuild`) copies each run's ``profile.parquet`` to
 ``<lm>__<platform>.parquet`` with a ``<lm>__<platform>.provenance.json`` (the run's config, commit, date,
 machine, versions and summary), then rebuilds ``summary.csv`` (one row per LM x platform) and prints it
-as a Markdown table for the README. Running it with no arguments just rebuilds the summary.
+as a Markdown table for the README. With no run dirs it just rebuilds the summary.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -88,22 +87,18 @@ def markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("run_dirs", nargs="*", help="finished rtlm-profile run dirs to add")
-    args = ap.parse_args(argv)
-    for d in args.run_dirs:
+def rebuild(run_dirs: list[str | Path] = ()) -> str:
+    """Add each finished ``rtlm-profile`` run dir, rebuild ``summary.csv`` (and ``agreement.csv``); return the
+    README tables (summary, then the cpu/cuda agreement when both platforms are present) as Markdown."""
+    for d in run_dirs:
         print("added", add_run(d))
-    print(markdown(build_summary()))
+    text = markdown(build_summary())
     agreement = cross_platform_agreement()
     if len(agreement):
-        print()
-        print("| lm | common requests | identical length | identical reply | mean abs diff (tokens) |")
-        print("|---|---|---|---|---|")
+        lines = ["| lm | common requests | identical length | identical reply | mean abs diff (tokens) |",
+                 "|---|---|---|---|---|"]
         for _, r in agreement.iterrows():
-            print(f"| {r['lm']} | {r['n_common']} | {100 * r['identical_share']:.1f}% | "
-                  f"{100 * r['same_reply_share']:.1f}% | {r['mean_abs_diff_tokens']:.2f} |")
-
-
-if __name__ == "__main__":
-    main()
+            lines.append(f"| {r['lm']} | {r['n_common']} | {100 * r['identical_share']:.1f}% | "
+                         f"{100 * r['same_reply_share']:.1f}% | {r['mean_abs_diff_tokens']:.2f} |")
+        text += "\n\n" + "\n".join(lines)
+    return text

@@ -41,7 +41,7 @@ def run_bench(n_single: int = 32, batch: int = 256, repeats: int = 3, fit_profil
     if fit_profile is None:
         if not profiles:
             raise UserError(f"no reference profiles in {reference_dir() / 'profiles'}; run `rtlm-profile` and "
-                            f"`python -m rtlm_lab.profiling.reference` first")
+                            f"`rtlm-reference target=profiles target.runs=[<run dir>]` first")
         fit_profile = max(profiles, key=lambda p: len(pd.read_parquet(p, columns=["text"])))
     df = pd.read_parquet(fit_profile)
     texts = df["text"].fillna("").astype(str).tolist()
