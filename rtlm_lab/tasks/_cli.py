@@ -25,35 +25,15 @@ def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in d.glob("*.yaml"))
 
 
-def config_groups(config_name: str) -> set[str]:
-    """The config groups in the defaults list of ``conf/<config_name>.yaml`` (``lm``, ``platform``, ...)."""
-    from omegaconf import OmegaConf
-
-    groups = set()
-    for entry in OmegaConf.load(Path(CONF_DIR) / f"{config_name}.yaml").get("defaults", []):
-        if not isinstance(entry, str):
-            for key in entry:
-                key = str(key).removeprefix("override ").strip()
-                if not key.startswith("hydra"):
-                    groups.add(key.split("@")[0])
-    return groups
-
-
-def check_group_choices(argv: list[str] | None = None, config_name: str | None = None) -> None:
-    """Validate ``group=choice`` overrides (also comma lists of ``--multirun``) before Hydra composes.
-    With ``config_name``, only the groups of that config's defaults list (and ``+group=`` additions) are
-    checked, so a plain key that shares a group's name (``rtlm-recalibration target=...``) is left alone."""
+def check_group_choices(argv: list[str] | None = None) -> None:
+    """Validate ``group=choice`` overrides (also comma lists of ``--multirun``) before Hydra composes."""
     argv = sys.argv[1:] if argv is None else argv
-    groups = config_groups(config_name) if config_name else None
     for arg in argv:
         if "=" not in arg or arg.startswith("-"):
             continue
         key, value = arg.split("=", 1)
-        added = key.startswith("+")
         key = key.lstrip("+~")
         if "." in key or "/" in key or not (Path(CONF_DIR) / key).is_dir():
-            continue
-        if groups is not None and key not in groups and not added:
             continue
         options = group_options(key)
         for choice in value.split(","):
@@ -119,7 +99,7 @@ def make_main(config_name: str, task: Callable[..., Any]) -> Callable[[], None]:
         task(cfg)
 
     def main() -> None:
-        check_group_choices(config_name=config_name)
+        check_group_choices()
         _hydra_main()
 
     main.__doc__ = f"Console script for the ``{config_name}`` task (see ``conf/{config_name}.yaml``)."
