@@ -145,23 +145,30 @@ def _table(rows: Sequence[Mapping], columns: Sequence[str] | None = None) -> tup
     return cols, [[_fmt(r.get(c)) for c in cols] for r in rows]
 
 
-def md_table(rows: Sequence[Mapping], columns: Sequence[str] | None = None) -> str:
+def _frame(rows: Sequence[Mapping], columns: Sequence[str] | None = None):
+    """The formatted cells (:func:`_fmt`) as a DataFrame of strings; None when there are no columns."""
+    import pandas as pd
+
     cols, body = _table(rows, columns)
-    if not cols:
+    return pd.DataFrame(body, columns=cols, dtype=object) if cols else None
+
+
+def md_table(rows: Sequence[Mapping], columns: Sequence[str] | None = None) -> str:
+    """A Markdown (pipe) table, ``DataFrame.to_markdown`` (tabulate); cells are the formatted strings, so
+    ``disable_numparse`` keeps them as written (tabulate would re-format numeric-looking text)."""
+    df = _frame(rows, columns)
+    if df is None:
         return "_(none)_"
     esc = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
-    lines = ["| " + " | ".join(map(esc, cols)) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(map(esc, r)) + " |" for r in body]
-    return "\n".join(lines)
+    return df.rename(columns=esc).map(esc).to_markdown(index=False, disable_numparse=True)
 
 
 def html_table(rows: Sequence[Mapping], columns: Sequence[str] | None = None) -> str:
-    cols, body = _table(rows, columns)
-    if not cols:
+    """An HTML table, ``DataFrame.to_html`` (cells escaped)."""
+    df = _frame(rows, columns)
+    if df is None:
         return "<p><em>(none)</em></p>"
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
-    trs = "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in r) + "</tr>" for r in body)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{trs}</tbody></table>"
+    return df.to_html(index=False, border=0)
 
 
 def format_plain_table(rows: Sequence[Mapping], columns: Sequence[str] | None = None) -> str:

@@ -129,7 +129,7 @@ def test_sweep_interrupt_resume_failure_and_report(tmp_path, tiny_profiles):
     assert len(ta) > 30 and ta == report_tables(b)
     assert "| gemma3_270m | cpu | done | 80 |" in a and "| smollm2_135m | cpu | failed |" in a
     html = (out / "sweeps" / "resumed" / "report.html").read_text()
-    assert "data:image/png;base64," in html and "<table>" in html
+    assert "data:image/png;base64," in html and "</table>" in html
     # rtlm-report on a sweep dir, elsewhere
     rep = build_report(out / "sweeps" / "straight", tmp_path / "rep")
     assert report_tables(rep["md"].read_text()) == ta

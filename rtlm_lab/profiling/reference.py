@@ -76,15 +76,24 @@ def cross_platform_agreement(out_dir: Path | None = None) -> pd.DataFrame:
 
 
 def markdown(table: pd.DataFrame) -> str:
-    """The README table: LMs as rows, platforms side by side."""
-    lines = ["| lm | platform | n | batch | mean out tok | p50 | p99 | capped (loops) | TTFT ms | ms/token |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for _, r in table.sort_values(["lm", "platform"]).iterrows():
-        lines.append(f"| {r['lm']} | {r['platform']} | {int(r['n'])} | {int(r['batch_size'])} | "
-                     f"{r['mean_out_tokens']:.1f} | {r['p50_out_tokens']:.0f} | {r['p99_out_tokens']:.0f} | "
-                     f"{100 * r['capped_share']:.1f}% ({100 * r['capped_loop_share']:.0f}%) | "
-                     f"{r['ttft_ms']:.0f} | {r['ms_per_token']:.1f} |")
-    return "\n".join(lines)
+    """The README table: LMs as rows, platforms side by side (``DataFrame.to_markdown``)."""
+    rows = [{"lm": r["lm"], "platform": r["platform"], "n": int(r["n"]), "batch": int(r["batch_size"]),
+             "mean out tok": f"{r['mean_out_tokens']:.1f}", "p50": f"{r['p50_out_tokens']:.0f}",
+             "p99": f"{r['p99_out_tokens']:.0f}",
+             "capped (loops)": f"{100 * r['capped_share']:.1f}% ({100 * r['capped_loop_share']:.0f}%)",
+             "TTFT ms": f"{r['ttft_ms']:.0f}", "ms/token": f"{r['ms_per_token']:.1f}"}
+            for _, r in table.sort_values(["lm", "platform"]).iterrows()]
+    cols = ["lm", "platform", "n", "batch", "mean out tok", "p50", "p99", "capped (loops)", "TTFT ms", "ms/token"]
+    return pd.DataFrame(rows, columns=cols).to_markdown(index=False, disable_numparse=True)
+
+
+def agreement_markdown(agreement: pd.DataFrame) -> str:
+    """The cpu/cuda agreement table of the README (``DataFrame.to_markdown``)."""
+    rows = [{"lm": r["lm"], "common requests": int(r["n_common"]),
+             "identical length": f"{100 * r['identical_share']:.1f}%",
+             "identical reply": f"{100 * r['same_reply_share']:.1f}%",
+             "mean abs diff (tokens)": f"{r['mean_abs_diff_tokens']:.2f}"} for _, r in agreement.iterrows()]
+    return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)
 
 
 def rebuild(run_dirs: list[str | Path] = ()) -> str:
@@ -95,10 +104,5 @@ def rebuild(run_dirs: list[str | Path] = ()) -> str:
     text = markdown(build_summary())
     agreement = cross_platform_agreement()
     if len(agreement):
-        lines = ["| lm | common requests | identical length | identical reply | mean abs diff (tokens) |",
-                 "|---|---|---|---|---|"]
-        for _, r in agreement.iterrows():
-            lines.append(f"| {r['lm']} | {r['n_common']} | {100 * r['identical_share']:.1f}% | "
-                         f"{100 * r['same_reply_share']:.1f}% | {r['mean_abs_diff_tokens']:.2f} |")
-        text += "\n\n" + "\n".join(lines)
+        text += "\n\n" + agreement_markdown(agreement)
     return text
