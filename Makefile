@@ -50,9 +50,9 @@ test-full: setup
 	$(BIN)/python -m pytest -q
 
 bench: setup
-	$(BIN)/python -m rtlm_lab.uncertainty.bench
-	$(BIN)/python -m rtlm_lab.regressor.bench
-	$(BIN)/python -m rtlm_lab.lm.bench_decode --platform cpu --lm gemma3_270m --n 8 --batch 4
+	$(BIN)/python -m rtlm_lab.tasks.bench bench=uncertainty
+	$(BIN)/python -m rtlm_lab.tasks.bench bench=regressor
+	$(BIN)/python -m rtlm_lab.tasks.bench bench=decode platform=cpu 'bench.lms=[gemma3_270m]' bench.n=8 bench.batch=4
 
 # The notebooks name the kernel "python3", which is this venv's Python when JupyterLab runs from .venv; the
 # registered "rtlm_lab" kernel (~/.local/share/jupyter/kernels/) is this venv for any other Jupyter (or VS Code).

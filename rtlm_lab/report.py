@@ -1,4 +1,5 @@
-"""``rtlm-report``: one report over a sweep dir (``rtlm-sweep``'s output).
+"""One report over a sweep dir (``rtlm-sweep``'s output); its CLI is ``rtlm-report`` (:mod:`rtlm_lab.tasks.report`,
+``conf/report.yaml``).
 
 Reads ``<sweep>/manifest.json`` (or, without one, every ``<lm>/<platform>/`` that holds the notebooks'
 ``metrics.json`` files) and writes ``report.md`` and ``report.html`` (self-contained: tables and the headline
@@ -17,13 +18,11 @@ so that a report depends only on the results. Files are written atomically.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import datetime as _dt
 import html
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -146,23 +145,30 @@ def _table(rows: Sequence[Mapping], columns: Sequence[str] | None = None) -> tup
     return cols, [[_fmt(r.get(c)) for c in cols] for r in rows]
 
 
-def md_table(rows: Sequence[Mapping], columns: Sequence[str] | None = None) -> str:
+def _frame(rows: Sequence[Mapping], columns: Sequence[str] | None = None):
+    """The formatted cells (:func:`_fmt`) as a DataFrame of strings; None when there are no columns."""
+    import pandas as pd
+
     cols, body = _table(rows, columns)
-    if not cols:
+    return pd.DataFrame(body, columns=cols, dtype=object) if cols else None
+
+
+def md_table(rows: Sequence[Mapping], columns: Sequence[str] | None = None) -> str:
+    """A Markdown (pipe) table, ``DataFrame.to_markdown`` (tabulate); cells are the formatted strings, so
+    ``disable_numparse`` keeps them as written (tabulate would re-format numeric-looking text)."""
+    df = _frame(rows, columns)
+    if df is None:
         return "_(none)_"
     esc = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
-    lines = ["| " + " | ".join(map(esc, cols)) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(map(esc, r)) + " |" for r in body]
-    return "\n".join(lines)
+    return df.rename(columns=esc).map(esc).to_markdown(index=False, disable_numparse=True)
 
 
 def html_table(rows: Sequence[Mapping], columns: Sequence[str] | None = None) -> str:
-    cols, body = _table(rows, columns)
-    if not cols:
+    """An HTML table, ``DataFrame.to_html`` (cells escaped)."""
+    df = _frame(rows, columns)
+    if df is None:
         return "<p><em>(none)</em></p>"
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
-    trs = "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in r) + "</tr>" for r in body)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{trs}</tbody></table>"
+    return df.to_html(index=False, border=0)
 
 
 def format_plain_table(rows: Sequence[Mapping], columns: Sequence[str] | None = None) -> str:
@@ -328,7 +334,7 @@ def copy_cells(cells: Sequence[dict], sweep_dir: Path, out_dir: Path) -> None:
 def build_report(sweep_dir: str | Path, out_dir: str | Path | None = None, figures: bool = True,
                  copy: bool = False) -> dict[str, Any]:
     """Write ``report.md``, ``report.html`` (and ``report_figures/headline.png``); returns their paths, the
-    headline rows and the cells. ``copy=True`` (``rtlm-report --copy``) also copies the cells' metrics and
+    headline rows and the cells. ``copy=True`` (``rtlm-report copy=true``) also copies the cells' metrics and
     figures next to the report (:func:`copy_cells`) and links those."""
     from rtlm_lab.io import write_text_atomic
 
@@ -416,28 +422,6 @@ def report_tables(md_text: str) -> list[str]:
     return [ln for ln in md_text.splitlines() if ln.startswith("|")]
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="rtlm-report",
-        description="Build report.md and report.html over a sweep dir made by rtlm-sweep: a headline table per "
-                    "(lm, platform) cell (uncertainty-length Spearman, length-predictor Kendall tau, scheduler "
-                    "mean response time / FCFS), LM x platform matrices, failed cells, per-cell tables, and a "
-                    "headline figure. Prints the report paths and the headline table.",
-        epilog="Examples:\n  rtlm-report                      # outputs/sweeps/demo\n"
-               "  rtlm-report reference            # outputs/sweeps/reference\n"
-               "  rtlm-report /path/to/sweep --out /tmp/rep --no-figures\n"
-               "  rtlm-report reference --out outputs/reference/report --copy   # the committed reference report",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("sweep", nargs="?", default="demo",
-                   help="a sweep dir, or a sweep name under $RTLM_OUTPUT_DIR/sweeps/ (default: demo)")
-    p.add_argument("--out", default=None, help="folder for report.md/.html (default: the sweep dir)")
-    p.add_argument("--no-figures", action="store_true", help="skip the headline figure (matplotlib)")
-    p.add_argument("--copy", action="store_true",
-                   help="with --out: also copy the cells' metrics.json files, headline figures and the sweep's "
-                        "manifest.json under --out (a self-contained copy to commit, e.g. outputs/reference/report)")
-    return p
-
-
 def resolve_sweep_dir(arg: str) -> Path:
     from rtlm_lab.paths import outputs_dir
 
@@ -450,26 +434,3 @@ def resolve_sweep_dir(arg: str) -> Path:
     from rtlm_lab.errors import UserError
 
     raise UserError(f"no sweep dir {arg!r} (neither a folder nor {named}); run `rtlm-sweep sweep.name={arg}` first")
-
-
-def main(argv: Iterable[str] | None = None) -> None:
-    from rtlm_lab.errors import user_errors
-
-    args = _parser().parse_args(list(argv) if argv is not None else None)
-
-    @user_errors
-    def run():
-        if args.copy and not args.out:
-            from rtlm_lab.errors import UserError
-
-            raise UserError("--copy needs --out (the folder to copy the cells' results into)")
-        res = build_report(resolve_sweep_dir(args.sweep), args.out, figures=not args.no_figures, copy=args.copy)
-        print(format_plain_table(res["headline"]))
-        print(f"report: {res['md']}\n        {res['html']}")
-        return res
-
-    run()
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

@@ -1,12 +1,12 @@
 """Decoding speed: plain ``generate`` vs the static-cache / CUDA-graph decoder, same requests, same run.
 
-``python -m rtlm_lab.lm.bench_decode --platform cuda --lm gemma3_270m smollm2_135m`` loads each LM on the
-platform, takes ``--n`` real CCC requests from its reference profile and decodes them
+``rtlm-bench bench=decode platform=cuda bench.lms=[gemma3_270m,smollm2_135m]`` (:func:`bench`) loads each LM on the
+platform, takes ``bench.n`` real CCC requests from its reference profile and decodes them
 
 * at batch 1 with plain ``ChatLM.generate`` and with :class:`~rtlm_lab.lm.fastdecode.StaticDecoder`
   (interleaved request by request, so machine load hits both alike): output tokens per second of decoding
   time, and whether the token ids are identical;
-* in batches of ``--batch`` with both (throughput of consolidation: tokens/s at batch B over batch 1).
+* in batches of ``bench.batch`` with both (throughput of consolidation: tokens/s at batch B over batch 1).
 
 Writes ``outputs/bench/decode_<platform>.json`` (ratios are the result; absolute numbers depend on the machine
 and its load, recorded in the provenance).
@@ -14,7 +14,6 @@ and its load, recorded in the provenance).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 from pathlib import Path
@@ -92,40 +91,20 @@ def bench_lm(lm_name: str, platform: dict, n: int, batch: int, max_len: int = 51
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    from rtlm_lab.errors import user_errors
-
-    user_errors(_main)(argv)
-
-
-def _main(argv: list[str] | None = None) -> None:
+def bench(platform: dict, lms: list[str] = ("gemma3_270m",), n: int = 16, batch: int = 8,
+          out: str | Path | None = None, config=None) -> list[dict]:
+    """:func:`bench_lm` for each LM on ``platform`` (a ``conf/platform/*.yaml`` dict), written to ``out``
+    (default ``outputs/bench/decode_<platform>.json``) with its provenance."""
     from rtlm_lab.io import provenance, write_json_atomic
     from rtlm_lab.paths import outputs_dir
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m rtlm_lab.lm.bench_decode")
-    ap.add_argument("--platform", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--lm", nargs="+", default=["gemma3_270m"])
-    ap.add_argument("--n", type=int, default=16, help="requests per LM (default 16)")
-    ap.add_argument("--batch", type=int, default=8, help="batch size of the consolidation measurement")
-    ap.add_argument("--out", type=Path, default=None)
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from omegaconf import OmegaConf
-
-    from rtlm_lab.tasks._cli import CONF_DIR
-
-    platform = OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR) / "platform" / f"{args.platform}.yaml"))
-    results = [bench_lm(name, platform, args.n, args.batch) for name in args.lm]
-    out = args.out or outputs_dir() / "bench" / f"decode_{args.platform}.json"
-    write_json_atomic(out, {"results": results,
-                            "provenance": provenance({k: str(v) for k, v in vars(args).items()})})
+    results = [bench_lm(name, platform, n, batch) for name in lms]
+    out = Path(out) if out else outputs_dir() / "bench" / f"decode_{platform['name']}.json"
+    write_json_atomic(out, {"results": results, "provenance": provenance(config)})
     for r in results:
         b1 = r["batch1"]
         print(f"{r['lm']} on {r['platform']}: plain {b1['plain_tok_s']:.1f} tok/s"
               + (f", static {b1['static_tok_s']:.1f} tok/s ({b1['speedup']:.1f}x), identical tokens "
                  f"{b1['identical_tokens']}/{r['n']}" if "static_tok_s" in b1 else ""), flush=True)
     print(f"wrote {out}")
-
-
-if __name__ == "__main__":
-    main()
+    return results

@@ -329,6 +329,13 @@ def train_loop(model, examples: Sequence[Mapping[str, list[int]]], preset: Mappi
     ``preset`` is one LM's (see :func:`preset_for`). The loss stays on the device between log steps (no
     per-step host sync), so small models on a GPU are not bound by launch latency twice over.
     """
+    # Why not transformers.Trainer (weighed for issue 17): the optimizer (AdamW, decay / no-decay groups) and the
+    # schedule already come from torch / transformers.get_scheduler, so what is left here is ~40 lines of step
+    # loop. Trainer would need a Dataset wrapper, a collator, a compute_loss override (our loss is token-weighted
+    # over reply tokens: Trainer averages per-batch means, also in evaluation), report_to="none" and output_dir
+    # handling (it writes checkpoints we do not want), a custom sampler for our seeded batch order (last short
+    # batch dropped), and a callback for the divergence check; and its own sampler / RNG would change the batch
+    # order behind the committed lab models (outputs/reference/models/). Not simpler: kept.
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 

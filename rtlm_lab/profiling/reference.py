@@ -1,14 +1,13 @@
 """Commit-ready reference profiles: ``outputs/reference/profiles/``.
 
-``python -m rtlm_lab.profiling.reference RUN_DIR [RUN_DIR ...]`` copies each run's ``profile.parquet`` to
+``rtlm-reference target=profiles target.runs=[RUN_DIR,...]`` (:func:`rebuild`) copies each run's ``profile.parquet`` to
 ``<lm>__<platform>.parquet`` with a ``<lm>__<platform>.provenance.json`` (the run's config, commit, date,
 machine, versions and summary), then rebuilds ``summary.csv`` (one row per LM x platform) and prints it
-as a Markdown table for the README. Running it with no arguments just rebuilds the summary.
+as a Markdown table for the README. With no run dirs it just rebuilds the summary.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -77,33 +76,33 @@ def cross_platform_agreement(out_dir: Path | None = None) -> pd.DataFrame:
 
 
 def markdown(table: pd.DataFrame) -> str:
-    """The README table: LMs as rows, platforms side by side."""
-    lines = ["| lm | platform | n | batch | mean out tok | p50 | p99 | capped (loops) | TTFT ms | ms/token |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for _, r in table.sort_values(["lm", "platform"]).iterrows():
-        lines.append(f"| {r['lm']} | {r['platform']} | {int(r['n'])} | {int(r['batch_size'])} | "
-                     f"{r['mean_out_tokens']:.1f} | {r['p50_out_tokens']:.0f} | {r['p99_out_tokens']:.0f} | "
-                     f"{100 * r['capped_share']:.1f}% ({100 * r['capped_loop_share']:.0f}%) | "
-                     f"{r['ttft_ms']:.0f} | {r['ms_per_token']:.1f} |")
-    return "\n".join(lines)
+    """The README table: LMs as rows, platforms side by side (``DataFrame.to_markdown``)."""
+    rows = [{"lm": r["lm"], "platform": r["platform"], "n": int(r["n"]), "batch": int(r["batch_size"]),
+             "mean out tok": f"{r['mean_out_tokens']:.1f}", "p50": f"{r['p50_out_tokens']:.0f}",
+             "p99": f"{r['p99_out_tokens']:.0f}",
+             "capped (loops)": f"{100 * r['capped_share']:.1f}% ({100 * r['capped_loop_share']:.0f}%)",
+             "TTFT ms": f"{r['ttft_ms']:.0f}", "ms/token": f"{r['ms_per_token']:.1f}"}
+            for _, r in table.sort_values(["lm", "platform"]).iterrows()]
+    cols = ["lm", "platform", "n", "batch", "mean out tok", "p50", "p99", "capped (loops)", "TTFT ms", "ms/token"]
+    return pd.DataFrame(rows, columns=cols).to_markdown(index=False, disable_numparse=True)
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("run_dirs", nargs="*", help="finished rtlm-profile run dirs to add")
-    args = ap.parse_args(argv)
-    for d in args.run_dirs:
+def agreement_markdown(agreement: pd.DataFrame) -> str:
+    """The cpu/cuda agreement table of the README (``DataFrame.to_markdown``)."""
+    rows = [{"lm": r["lm"], "common requests": int(r["n_common"]),
+             "identical length": f"{100 * r['identical_share']:.1f}%",
+             "identical reply": f"{100 * r['same_reply_share']:.1f}%",
+             "mean abs diff (tokens)": f"{r['mean_abs_diff_tokens']:.2f}"} for _, r in agreement.iterrows()]
+    return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)
+
+
+def rebuild(run_dirs: list[str | Path] = ()) -> str:
+    """Add each finished ``rtlm-profile`` run dir, rebuild ``summary.csv`` (and ``agreement.csv``); return the
+    README tables (summary, then the cpu/cuda agreement when both platforms are present) as Markdown."""
+    for d in run_dirs:
         print("added", add_run(d))
-    print(markdown(build_summary()))
+    text = markdown(build_summary())
     agreement = cross_platform_agreement()
     if len(agreement):
-        print()
-        print("| lm | common requests | identical length | identical reply | mean abs diff (tokens) |")
-        print("|---|---|---|---|---|")
-        for _, r in agreement.iterrows():
-            print(f"| {r['lm']} | {r['n_common']} | {100 * r['identical_share']:.1f}% | "
-                  f"{100 * r['same_reply_share']:.1f}% | {r['mean_abs_diff_tokens']:.2f} |")
-
-
-if __name__ == "__main__":
-    main()
+        text += "\n\n" + agreement_markdown(agreement)
+    return text

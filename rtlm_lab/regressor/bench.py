@@ -1,13 +1,13 @@
 """Overhead of length prediction: microseconds per prompt, and its share of each LM's service time.
 
-``python -m rtlm_lab.regressor.bench`` measures, in one process and one run (so the ratios are taken
+``rtlm-bench bench=regressor`` (:func:`bench`) measures, in one process and one run (so the ratios are taken
 under the same machine load):
 
 * ``rtlm_ridge``: RT-LM's predictor (uncertainty features with spaCy + ridge), ``features + predict``;
 * ``proxy_minilm``: all-MiniLM-L6-v2 embedding + ridge (the SSJF / S3-style proxy), ``embed + predict``;
 
-each at batch 1 (``--n-single`` prompts one at a time; median per prompt) and batched (one call over
-``--batch`` prompts, per prompt; best of ``--repeats``). The two methods are timed interleaved, so a burst
+each at batch 1 (``bench.n_single`` prompts one at a time; median per prompt) and batched (one call over
+``bench.batch`` prompts, per prompt; best of ``bench.repeats``). The two methods are timed interleaved, so a burst
 of load from other processes hits both. Both models are fitted on a reference profile's requests (texts are the
 profile's real CCC requests). The share of service time divides that cost by the mean ``e2e_s`` of every
 reference profile (per LM and platform). Wall-clock on this machine's CPU (``machine.loadavg_1m`` in the
@@ -16,7 +16,6 @@ provenance says how loaded it was). Writes ``outputs/bench/regressor.json``.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from pathlib import Path
@@ -41,7 +40,7 @@ def run_bench(n_single: int = 32, batch: int = 256, repeats: int = 3, fit_profil
     if fit_profile is None:
         if not profiles:
             raise UserError(f"no reference profiles in {reference_dir() / 'profiles'}; run `rtlm-profile` and "
-                            f"`python -m rtlm_lab.profiling.reference` first")
+                            f"`rtlm-reference target=profiles target.runs=[<run dir>]` first")
         fit_profile = max(profiles, key=lambda p: len(pd.read_parquet(p, columns=["text"])))
     df = pd.read_parquet(fit_profile)
     texts = df["text"].fillna("").astype(str).tolist()
@@ -85,31 +84,17 @@ def run_bench(n_single: int = 32, batch: int = 256, repeats: int = 3, fit_profil
             "share_of_service_time": service}
 
 
-def main(argv: list[str] | None = None) -> None:
-    from rtlm_lab.errors import user_errors
+def bench(n_single: int = 32, batch: int = 256, repeats: int = 3, out: str | Path | None = None,
+          config=None) -> dict:
+    """:func:`run_bench`, written to ``out`` (default outputs/bench/regressor.json) with its provenance."""
+    from rtlm_lab.io import provenance, write_json_atomic
+    from rtlm_lab.paths import outputs_dir
 
-    ap = argparse.ArgumentParser(prog="python -m rtlm_lab.regressor.bench", description=__doc__.split("\n")[0])
-    ap.add_argument("--n-single", type=int, default=32, help="prompts timed one at a time (batch 1)")
-    ap.add_argument("--batch", type=int, default=256, help="prompts in the batched call")
-    ap.add_argument("--repeats", type=int, default=3, help="batched calls per method (best is kept)")
-    ap.add_argument("--out", default=None, help="JSON path (default outputs/bench/regressor.json)")
-    args = ap.parse_args(argv)
-
-    @user_errors
-    def run():
-        from rtlm_lab.io import provenance, write_json_atomic
-        from rtlm_lab.paths import outputs_dir
-
-        res = run_bench(args.n_single, args.batch, args.repeats)
-        res["provenance"] = provenance(vars(args))
-        out = Path(args.out) if args.out else outputs_dir() / "bench" / "regressor.json"
-        write_json_atomic(out, res)
-        print(pd.DataFrame(res["cost"]).T.round(1).to_string())
-        print(pd.DataFrame(res["share_of_service_time"]).round(4).to_string(index=False))
-        print(f"wrote {out}")
-
-    run()
-
-
-if __name__ == "__main__":
-    main()
+    res = run_bench(n_single, batch, repeats)
+    res["provenance"] = provenance(config)
+    out = Path(out) if out else outputs_dir() / "bench" / "regressor.json"
+    write_json_atomic(out, res)
+    print(pd.DataFrame(res["cost"]).T.round(1).to_string())
+    print(pd.DataFrame(res["share_of_service_time"]).round(4).to_string(index=False))
+    print(f"wrote {out}")
+    return res

@@ -8,8 +8,8 @@ conversations of one real profile.
 conversations with :func:`score` (table columns :data:`METRIC_COLUMNS`):
 
 * ``mae``: mean absolute error in output tokens (NaN for the rank-only ``ltr_minilm``);
-* ``spearman``, ``kendall_tau`` (tau-b) with a **bootstrap 95% percentile CI** (``tau_ci_low/high``: test
-  rows resampled with replacement, seeded, same resamples for every method);
+* ``spearman``, ``kendall_tau`` (tau-b) with a **bootstrap 95% percentile CI** (``tau_ci_low/high``:
+  ``scipy.stats.bootstrap`` over test rows resampled with replacement, seeded, same resamples for every method);
 * ``pairwise_acc``: share of test pairs with different true lengths whose order the method gets right
   (a tie in the prediction counts one half; so ``constant`` scores 0.5);
 * ``bucket_acc``: short / medium / long accuracy, buckets cut at the tertiles of the *training* lengths
@@ -30,6 +30,7 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
+from rtlm_lab.bootstrap import percentile_ci
 from rtlm_lab.errors import UserError
 from rtlm_lab.regressor import features as F
 from rtlm_lab.regressor.baselines import EMBEDDING_METHODS, RANK_ONLY, make_baselines
@@ -97,8 +98,9 @@ def buckets(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
 
 
 def score(y: np.ndarray, pred: np.ndarray, train_y: np.ndarray, rank_only: bool = False,
-          train_pred: np.ndarray | None = None, idx: np.ndarray | None = None) -> dict[str, float]:
-    """Metrics of one method on the test rows (``idx``: bootstrap index matrix (B, n) for the tau CI)."""
+          train_pred: np.ndarray | None = None, n_bootstrap: int = 0, seed: int = 0) -> dict[str, float]:
+    """Metrics of one method on the test rows; the tau CI is :func:`rtlm_lab.bootstrap.percentile_ci` over
+    ``n_bootstrap`` row resamples drawn from ``seed`` (the same resamples for every method given that seed)."""
     y, pred = np.asarray(y, float), np.asarray(pred, float)
     edges = bucket_edges(train_y)
     if rank_only:
@@ -112,11 +114,9 @@ def score(y: np.ndarray, pred: np.ndarray, train_y: np.ndarray, rank_only: bool 
            "spearman": _spearman(pred, y), "kendall_tau": _kendall(pred, y),
            "tau_ci_low": math.nan, "tau_ci_high": math.nan, "pairwise_acc": pairwise_accuracy(y, pred),
            "bucket_acc": bacc, "n_test": int(len(y))}
-    if idx is not None and len(idx) and math.isfinite(out["kendall_tau"]):
-        taus = np.array([_kendall(pred[r], y[r]) for r in idx])
-        ok = taus[np.isfinite(taus)]
-        if len(ok) >= max(2, 0.5 * len(taus)):
-            out["tau_ci_low"], out["tau_ci_high"] = (float(v) for v in np.quantile(ok, [0.025, 0.975]))
+    if n_bootstrap and len(y) > 2 and math.isfinite(out["kendall_tau"]):
+        out["tau_ci_low"], out["tau_ci_high"] = percentile_ci((pred, y), _kendall, n_bootstrap, seed,
+                                                              vectorized=False)
     return out
 
 
@@ -183,12 +183,12 @@ def compare(profile_df: pd.DataFrame, regressor: Mapping[str, Any] | None = None
     preds["oracle"] = y[te]
     train_preds["oracle"] = y[tr]
 
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(te), size=(int(n_bootstrap), len(te))) if n_bootstrap and len(te) > 2 else None
+    n_boot = int(n_bootstrap) if n_bootstrap and len(te) > 2 else 0  # same resamples (seed) for every method
     rows = []
     timing = [t for t in t_te[:max(1, int(timing_n))]]
     for m, p in preds.items():
-        r = {"method": m, **score(y[te], p, y[tr], rank_only=m in RANK_ONLY, train_pred=train_preds[m], idx=idx)}
+        r = {"method": m, **score(y[te], p, y[tr], rank_only=m in RANK_ONLY, train_pred=train_preds[m],
+                                 n_bootstrap=n_boot, seed=seed)}
         if m == name:
             sec = _timed(lambda t: ours.predict_from_features(ours.featurize(t)), timing)
         elif m == "oracle":
@@ -208,7 +208,7 @@ def compare(profile_df: pd.DataFrame, regressor: Mapping[str, Any] | None = None
              "n_test_conversations": int(len(set(groups[te]))), "test_size": float(test_size), "seed": int(seed),
              "bucket_edges_tokens": [float(v) for v in bucket_edges(y[tr])]}
     return {"table": table, "predictions": pred_df, "predictor": ours, "split": split, "lm": lm,
-            "platform": platform, "n_bootstrap": int(n_bootstrap) if idx is not None else 0}
+            "platform": platform, "n_bootstrap": n_boot}
 
 
 def _clean(obj: Any) -> Any:

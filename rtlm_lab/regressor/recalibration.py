@@ -13,16 +13,15 @@ same window* for the rest of the stream (same requests, so windows of hard reque
 it); ``recovery_index_global`` compares with B-fitted's overall MAE instead (stricter on noisy streams).
 Both are ``0``-based request counts, ``null`` when the stream ends before recovery.
 
-CLI::
+CLI (:func:`recalibrate`, ``conf/recalibration.yaml``)::
 
-    python -m rtlm_lab.regressor.recalibration --source gemma3_270m --target smollm2_135m --platform cuda
+    rtlm-recalibration source_lm=gemma3_270m target_lm=smollm2_135m platform=cuda
 
 writes ``outputs/recalibration/<source>__to__<target>__<platform>/recalibration.json`` + ``.png/.svg``.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
 from typing import Any, Mapping
@@ -173,51 +172,40 @@ def _profile_path(lm: str, platform: str) -> Path:
     return p
 
 
-def main(argv: list[str] | None = None) -> None:
-    from rtlm_lab.errors import user_errors
-
-    ap = argparse.ArgumentParser(prog="python -m rtlm_lab.regressor.recalibration", description=__doc__.split("\n")[0])
-    ap.add_argument("--source", required=True, help="LM whose profile the predictor is fitted on")
-    ap.add_argument("--target", required=True, help="LM whose requests are served")
-    ap.add_argument("--platform", default="cuda")
-    ap.add_argument("--kind", default="ridge", choices=["ridge", "hgb", "quantile", "mlp"])
-    ap.add_argument("--window", type=int, default=50)
-    ap.add_argument("--tolerance", type=float, default=0.10)
-    ap.add_argument("--source-profile", default=None, help="parquet overriding the source reference profile")
-    ap.add_argument("--target-profile", default=None, help="parquet overriding the target reference profile")
-    ap.add_argument("--out", default=None, help="output folder (default outputs/recalibration/<src>__to__<tgt>__<platform>)")
-    args = ap.parse_args(argv)
-
-    @user_errors
-    def run():
-        import matplotlib
-
-        matplotlib.use("Agg")
-        from rtlm_lab.io import provenance, sha256_file, write_json_atomic
-        from rtlm_lab.paths import outputs_dir
-
-        sp = Path(args.source_profile) if args.source_profile else _profile_path(args.source, args.platform)
-        tp = Path(args.target_profile) if args.target_profile else _profile_path(args.target, args.platform)
-        for p in (sp, tp):
-            if not p.is_file():
-                raise UserError(f"no profile at {p}")
-        res = run_recalibration(pd.read_parquet(sp), pd.read_parquet(tp), {"kind": args.kind},
-                                window=args.window, tolerance=args.tolerance)
-        out = Path(args.out) if args.out else outputs_dir() / "recalibration" / \
-            f"{args.source}__to__{args.target}__{args.platform}"
-        js = to_jsonable(res)
-        js["provenance"] = provenance(vars(args), source_profile=str(sp), source_sha256=sha256_file(sp),
-                                      target_profile=str(tp), target_sha256=sha256_file(tp))
-        write_json_atomic(out / "recalibration.json", js)
-        plot_recalibration(res, out)
-        print(f"{res['source']} -> {res['target']} ({res['platform']}, {args.kind}): MAE frozen "
-              f"{res['mae_frozen']:.2f}, adaptive {res['mae_adaptive']:.2f}, target-fitted "
-              f"{res['mae_target_fitted']:.2f}; tau frozen {res['kendall_tau_frozen']:.3f}, adaptive "
-              f"{res['kendall_tau_adaptive']:.3f}; recovery after {res['recovery_index']} requests (vs overall target-fitted MAE: {res['recovery_index_global']})")
-        print(f"wrote {out / 'recalibration.json'}")
-
-    run()
+KINDS = ("ridge", "hgb", "quantile", "mlp")
 
 
-if __name__ == "__main__":
-    main()
+def recalibrate(source: str, target: str, platform: str = "cuda", kind: str = "ridge", window: int = 50,
+                tolerance: float = 0.10, source_profile: str | Path | None = None,
+                target_profile: str | Path | None = None, out: str | Path | None = None,
+                config: Any = None) -> dict[str, Any]:
+    """:func:`run_recalibration` on two profiles (default: the reference profiles of ``source`` / ``target`` on
+    ``platform``), written to ``out`` (``recalibration.json`` + figure); ``config`` goes into the provenance."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from rtlm_lab.io import provenance, sha256_file, write_json_atomic
+    from rtlm_lab.paths import outputs_dir
+
+    if kind not in KINDS:
+        raise UserError(f"unknown kind {kind!r}; choose one of: {', '.join(KINDS)}")
+    sp = Path(source_profile) if source_profile else _profile_path(source, platform)
+    tp = Path(target_profile) if target_profile else _profile_path(target, platform)
+    for p in (sp, tp):
+        if not p.is_file():
+            raise UserError(f"no profile at {p}")
+    res = run_recalibration(pd.read_parquet(sp), pd.read_parquet(tp), {"kind": kind},
+                            window=window, tolerance=tolerance)
+    out = Path(out) if out else outputs_dir() / "recalibration" / f"{source}__to__{target}__{platform}"
+    js = to_jsonable(res)
+    js["provenance"] = provenance(config, source_profile=str(sp), source_sha256=sha256_file(sp),
+                                  target_profile=str(tp), target_sha256=sha256_file(tp))
+    write_json_atomic(out / "recalibration.json", js)
+    plot_recalibration(res, out)
+    print(f"{res['source']} -> {res['target']} ({res['platform']}, {kind}): MAE frozen "
+          f"{res['mae_frozen']:.2f}, adaptive {res['mae_adaptive']:.2f}, target-fitted "
+          f"{res['mae_target_fitted']:.2f}; tau frozen {res['kendall_tau_frozen']:.3f}, adaptive "
+          f"{res['kendall_tau_adaptive']:.3f}; recovery after {res['recovery_index']} requests (vs overall "
+          f"target-fitted MAE: {res['recovery_index_global']})")
+    print(f"wrote {out / 'recalibration.json'}")
+    return js

@@ -1,7 +1,7 @@
 """The regressor comparison over every committed reference profile.
 
-``python -m rtlm_lab.regressor.reference`` runs :func:`rtlm_lab.regressor.evaluate.compare` for every
-``outputs/reference/profiles/<lm>__<platform>.parquet`` present and each ``--kinds`` regressor (ridge and
+``rtlm-reference target=regressor`` (:func:`build_reference`) runs :func:`rtlm_lab.regressor.evaluate.compare` for every
+``outputs/reference/profiles/<lm>__<platform>.parquet`` present and each ``target.kinds`` regressor (ridge and
 hgb by default; the MiniLM embedding is computed once per profile and shared), and writes to
 ``outputs/reference/regressor/``:
 
@@ -11,12 +11,11 @@ hgb by default; the MiniLM embedding is computed once per profile and shared), a
 * ``kendall_tau.png/svg``: Kendall tau per method and profile with bootstrap 95% CIs;
 * ``provenance.json``: arguments, commit, machine, versions, each profile's sha256.
 
-``--profiles gemma3_270m__cuda,smollm2_135m__cuda`` restricts the run; ``--out`` writes elsewhere.
+``target.profiles=[gemma3_270m__cuda,smollm2_135m__cuda]`` restricts the run; ``target.out`` writes elsewhere.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
 
@@ -83,52 +82,39 @@ def plot_summary(summary: pd.DataFrame, out_dir=None, stem: str = "kendall_tau")
     return fig
 
 
-def main(argv: list[str] | None = None) -> None:
-    from rtlm_lab.errors import UserError, user_errors
+def build_reference(profiles: list[str] = (), kinds: list[str] = ("ridge", "hgb"), n_bootstrap: int = 1000,
+                    seed: int = 0, profiles_dir: str | Path | None = None, out: str | Path | None = None,
+                    ) -> pd.DataFrame:
+    """:func:`build` over the named (or every) reference profile, written to ``out``: ``summary.csv``, the
+    Kendall tau figure and ``provenance.json`` (the arguments, commit, machine, each profile's sha256)."""
+    import matplotlib
 
-    ap = argparse.ArgumentParser(prog="python -m rtlm_lab.regressor.reference", description=__doc__.split("\n")[0])
-    ap.add_argument("--profiles", default="", help="comma list of <lm>__<platform> (default: every one present)")
-    ap.add_argument("--kinds", default="ridge,hgb")
-    ap.add_argument("--n-bootstrap", type=int, default=1000)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--profiles-dir", default=None, help="default outputs/reference/profiles")
-    ap.add_argument("--out", default=None, help="default outputs/reference/regressor")
-    args = ap.parse_args(argv)
+    matplotlib.use("Agg")
+    from rtlm_lab.errors import UserError
+    from rtlm_lab.io import atomic_path, provenance, sha256_file, write_json_atomic
+    from rtlm_lab.paths import reference_dir
 
-    @user_errors
-    def run():
-        import matplotlib
-
-        matplotlib.use("Agg")
-        from rtlm_lab.io import atomic_path, provenance, sha256_file, write_json_atomic
-        from rtlm_lab.paths import reference_dir
-
-        pdir = Path(args.profiles_dir) if args.profiles_dir else reference_dir() / "profiles"
-        present = sorted(pdir.glob("*__*.parquet"))
-        if args.profiles:
-            want = [w.strip() for w in args.profiles.split(",") if w.strip()]
-            missing = [w for w in want if not (pdir / f"{w}.parquet").is_file()]
-            if missing:
-                raise UserError(f"no reference profile {', '.join(missing)} in {pdir}")
-            present = [pdir / f"{w}.parquet" for w in want]
-        if not present:
-            raise UserError(f"no reference profiles in {pdir}; run `rtlm-profile` then "
-                            f"`python -m rtlm_lab.profiling.reference`")
-        kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
-        summary = build(present, kinds, n_bootstrap=args.n_bootstrap, seed=args.seed)
-        out = Path(args.out) if args.out else reference_dir() / "regressor"
-        out.mkdir(parents=True, exist_ok=True)
-        with atomic_path(out / "summary.csv") as tmp:
-            summary.to_csv(tmp, index=False, float_format="%.6g")
-        plot_summary(summary, out)
-        write_json_atomic(out / "provenance.json", provenance(
-            vars(args), profiles={p.stem: sha256_file(p) for p in present}))
-        print(summary.pivot_table(index="method", columns=["lm", "platform"], values="kendall_tau", sort=False)
-              .round(3).to_string())
-        print(f"wrote {out / 'summary.csv'}")
-
-    run()
-
-
-if __name__ == "__main__":
-    main()
+    args = {"profiles": ",".join(profiles), "kinds": ",".join(kinds), "n_bootstrap": n_bootstrap, "seed": seed,
+            "profiles_dir": None if profiles_dir is None else str(profiles_dir),
+            "out": None if out is None else str(out)}
+    pdir = Path(profiles_dir) if profiles_dir else reference_dir() / "profiles"
+    present = sorted(pdir.glob("*__*.parquet"))
+    if profiles:
+        missing = [w for w in profiles if not (pdir / f"{w}.parquet").is_file()]
+        if missing:
+            raise UserError(f"no reference profile {', '.join(missing)} in {pdir}")
+        present = [pdir / f"{w}.parquet" for w in profiles]
+    if not present:
+        raise UserError(f"no reference profiles in {pdir}; run `rtlm-profile` then "
+                        f"`rtlm-reference target=profiles target.runs=[<run dir>]`")
+    summary = build(present, list(kinds), n_bootstrap=n_bootstrap, seed=seed)
+    out = Path(out) if out else reference_dir() / "regressor"
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "summary.csv") as tmp:
+        summary.to_csv(tmp, index=False, float_format="%.6g")
+    plot_summary(summary, out)
+    write_json_atomic(out / "provenance.json", provenance(args, profiles={p.stem: sha256_file(p) for p in present}))
+    print(summary.pivot_table(index="method", columns=["lm", "platform"], values="kendall_tau", sort=False)
+          .round(3).to_string())
+    print(f"wrote {out / 'summary.csv'}")
+    return summary

@@ -146,7 +146,9 @@ def task_wrapper(task: Callable[..., Any]) -> Callable[..., Any]:
         try:
             from hydra.core.hydra_config import HydraConfig
 
-            run_dir = HydraConfig.get().runtime.output_dir
+            hc = HydraConfig.get()
+            if hc.output_subdir is not None:  # tools over existing results (rtlm-report, ...) have no run dir
+                run_dir = hc.runtime.output_dir
         except Exception:  # noqa: BLE001 - called without Hydra (tests)
             pass
         try:

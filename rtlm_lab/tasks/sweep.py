@@ -77,17 +77,19 @@ CELL_KEYS = ("scheduler_mode", "nb01", "nb02", "nb03")
 
 
 def platform_sweep(sweep: dict, platform: str) -> dict:
-    """``sweep`` with ``by_platform[platform]`` applied: ``scheduler_mode`` replaced, ``nb01``-``nb03`` merged
-    key by key (a value given there wins over the sweep-wide one)."""
+    """``sweep`` with ``by_platform[platform]`` applied by ``OmegaConf.merge``: ``scheduler_mode`` replaced,
+    ``nb01``-``nb03`` merged key by key (a value given there wins over the sweep-wide one; lists are replaced)."""
+    from omegaconf import OmegaConf
+
     over = dict((sweep.get("by_platform") or {}).get(platform) or {})
     unknown = sorted(set(over) - set(CELL_KEYS))
     if unknown:
         raise UserError(f"sweep.by_platform.{platform} sets {', '.join(unknown)}; it may set only "
                         f"{', '.join(CELL_KEYS)}")
-    out = dict(sweep)
-    for k, v in over.items():
-        out[k] = {**dict(sweep.get(k) or {}), **dict(v or {})} if k.startswith("nb") else v
-    return out
+    nb = lambda k, d: (d.get(k) or {}) if k.startswith("nb") else d.get(k)  # noqa: E731 - `nb03: null` = {}
+    base = {k: nb(k, sweep) for k in over}
+    merged = OmegaConf.to_container(OmegaConf.merge(base, {k: nb(k, over) for k in over}), resolve=False)
+    return {**sweep, **merged}
 
 
 def notebook_parameters(sweep: dict, lm: str, platform: str, cell_dir: Path, profile: Path) -> dict[str, dict]:

@@ -4,9 +4,9 @@
 (:data:`rtlm_lab.profiling.profiler.PROFILE_COLUMNS`, one row per request) and computes:
 
 * **Spearman** rho of each uncertainty type, of ``total`` and (as a baseline) of ``n_input_tokens`` with
-  ``n_output_tokens``, its asymptotic p-value (scipy) and a **bootstrap 95% percentile CI** (rows are
-  resampled with a seeded ``numpy.random.default_rng``; the same resamples serve every feature, so
-  the CIs are comparable across types);
+  ``n_output_tokens``, its asymptotic p-value (scipy) and a **bootstrap 95% percentile CI**
+  (``scipy.stats.bootstrap`` via :func:`rtlm_lab.bootstrap.percentile_ci`: rows are resampled with a seeded
+  ``numpy.random.default_rng``; the same resamples serve every feature, so the CIs are comparable across types);
 * **partial Spearman** controlling for input length: the Pearson correlation of the residuals of
   ``rank(x)`` and ``rank(n_output_tokens)`` after a least-squares fit on ``rank(n_input_tokens)``
   (with its own bootstrap CI). A type that only "works" because uncertain requests are longer drops to
@@ -40,6 +40,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from rtlm_lab.bootstrap import percentile_ci
 from rtlm_lab.errors import UserError
 from rtlm_lab.uncertainty.quantifier import UNCERTAINTY_TYPES
 
@@ -106,25 +107,26 @@ def _residualize(r: np.ndarray, z: np.ndarray) -> np.ndarray:
     return rc - b * zc
 
 
-def _percentile_ci(values: np.ndarray, level: float = CI_LEVEL) -> tuple[float, float]:
-    ok = values[np.isfinite(values)]
-    if len(values) == 0 or len(ok) < 0.5 * len(values) or len(ok) < 2:
-        return float("nan"), float("nan")
-    alpha = (1 - level) / 2
-    lo, hi = np.quantile(ok, [alpha, 1 - alpha])
-    return float(lo), float(hi)
-
-
 def _finite(a: np.ndarray) -> bool:
     return bool(np.all(np.isfinite(a)))
 
 
+def _spearman_rows(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
+    return _pearson_rows(_rank_rows(x), _rank_rows(y))
+
+
+def _partial_spearman_rows(x: np.ndarray, y: np.ndarray, z: np.ndarray, axis: int = -1) -> np.ndarray:
+    rz = _rank_rows(z)
+    return _pearson_rows(_residualize(_rank_rows(x), rz), _residualize(_rank_rows(y), rz))
+
+
 def spearman_stats(x: Sequence[float], y: Sequence[float], z: Sequence[float] | None = None,
-                   n_bootstrap: int = 1000, seed: int = 0, idx: np.ndarray | None = None) -> dict[str, float]:
+                   n_bootstrap: int = 1000, seed: int = 0) -> dict[str, float]:
     """Spearman of ``x`` with ``y`` (+ p-value, bootstrap CI) and, given ``z``, partial Spearman | ``z``.
 
-    ``idx`` is an optional (B, n) matrix of resampled row indices (shared across features by
-    :func:`analyze_scores`); otherwise one is drawn from ``seed``. Never raises: NaN when undefined.
+    The CIs come from :func:`rtlm_lab.bootstrap.percentile_ci` (``scipy.stats.bootstrap``, rows resampled
+    with ``default_rng(seed)``: the same resamples for every feature of one analysis). Never raises: NaN
+    when undefined.
     """
     x = np.asarray(x, dtype=float)
     y = np.asarray(y, dtype=float)
@@ -140,29 +142,17 @@ def spearman_stats(x: Sequence[float], y: Sequence[float], z: Sequence[float] | 
     res = spearmanr(x, y)
     out["spearman"] = float(res.statistic)
     out["p_value"] = float(res.pvalue)
-    if n_bootstrap and n_bootstrap > 0:
-        if idx is None:
-            idx = bootstrap_indices(n, n_bootstrap, seed)
-        rx = _rank_rows(x[idx])
-        ry = _rank_rows(y[idx])
-        out["ci_low"], out["ci_high"] = _percentile_ci(_pearson_rows(rx, ry))
+    boot = bool(n_bootstrap and n_bootstrap > 0)
+    if boot:
+        out["ci_low"], out["ci_high"] = percentile_ci((x, y), _spearman_rows, n_bootstrap, seed, CI_LEVEL)
     if z is not None:
         z = np.asarray(z, dtype=float)
         if len(z) == n and _finite(z) and np.ptp(z) > 0:
-            rz = _rank_rows(z)
-            out["partial_spearman"] = float(_pearson_rows(_residualize(_rank_rows(x), rz),
-                                                          _residualize(_rank_rows(y), rz)))
-            if n_bootstrap and n_bootstrap > 0 and idx is not None:
-                rzb = _rank_rows(z[idx])
-                out["partial_ci_low"], out["partial_ci_high"] = _percentile_ci(
-                    _pearson_rows(_residualize(rx, rzb), _residualize(ry, rzb)))
+            out["partial_spearman"] = float(_partial_spearman_rows(x, y, z))
+            if boot:
+                out["partial_ci_low"], out["partial_ci_high"] = percentile_ci(
+                    (x, y, z), _partial_spearman_rows, n_bootstrap, seed, CI_LEVEL)
     return out
-
-
-def bootstrap_indices(n: int, n_bootstrap: int, seed: int = 0) -> np.ndarray:
-    """(n_bootstrap, n) row indices drawn with replacement from a seeded generator."""
-    rng = np.random.default_rng(seed)
-    return rng.integers(0, n, size=(int(n_bootstrap), int(n)))
 
 
 # ---------------------------------------------------------------------------------- other summaries
@@ -248,7 +238,6 @@ def analyze_scores(scores: pd.DataFrame, n_bootstrap: int = 1000, seed: int = 0,
     n = int(len(df))
     y = df[TARGET].to_numpy(float) if TARGET in df.columns else np.full(n, np.nan)
     z = df[CONTROL].to_numpy(float) if CONTROL in df.columns else None
-    idx = bootstrap_indices(n, n_bootstrap, seed) if n >= MIN_ROWS and n_bootstrap > 0 else None
     per_type: dict[str, dict[str, float]] = {}
     for feat in FEATURES:
         if feat not in df.columns:
@@ -257,7 +246,7 @@ def analyze_scores(scores: pd.DataFrame, n_bootstrap: int = 1000, seed: int = 0,
             continue
         x = df[feat].to_numpy(float)
         per_type[feat] = spearman_stats(x, y, None if feat == CONTROL else z, n_bootstrap=n_bootstrap,
-                                        seed=seed, idx=idx)
+                                        seed=seed)
     table = pd.DataFrame([{"lm": lm_name, "platform": plat_name, "type": feat, **per_type[feat]}
                           for feat in FEATURES], columns=TABLE_COLUMNS)
     out_tokens = df[TARGET].astype(float) if TARGET in df.columns else pd.Series(dtype=float)

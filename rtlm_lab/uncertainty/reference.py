@@ -12,17 +12,16 @@ Gathers the ``metrics.json`` of several ``rtlm-uncertainty`` runs (one per LM x 
 
 Usage::
 
-    python -m rtlm_lab.uncertainty.reference outputs/uncertainty/gemma3_270m/cpu outputs/uncertainty/smollm2_135m/cpu
-    python -m rtlm_lab.uncertainty.reference            # every outputs/uncertainty/*/*/metrics.json
-    python -m rtlm_lab.uncertainty.reference RUN... --out DIR
+    rtlm-reference target=uncertainty target.runs=[outputs/uncertainty/gemma3_270m/cpu,outputs/uncertainty/smollm2_135m/cpu]
+    rtlm-reference target=uncertainty            # every outputs/uncertainty/*/*/metrics.json
+    rtlm-reference target=uncertainty target.runs=[RUN,...] target.out=DIR
 
-Arguments may be run dirs or ``metrics.json`` files. When two sources carry the same (lm, platform),
+Runs may be run dirs or ``metrics.json`` files. When two sources carry the same (lm, platform),
 the later argument wins (a warning is logged), so a summary never double-counts a model.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from pathlib import Path
@@ -30,7 +29,7 @@ from typing import Iterable
 
 import pandas as pd
 
-from rtlm_lab.errors import UserError, user_errors
+from rtlm_lab.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -103,18 +102,3 @@ def build_reference(metrics_paths: Iterable[str | Path], out_dir: str | Path | N
                       provenance(None, sources=sources, files=["summary.csv", "spearman_heatmap.png",
                                                                "spearman_heatmap.svg"]))
     return summary
-
-
-@user_errors
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m rtlm_lab.uncertainty.reference", description=__doc__.split("\n\n")[0])
-    ap.add_argument("runs", nargs="*", help="rtlm-uncertainty run dirs or metrics.json files "
-                                            "(default: every outputs/uncertainty/*/*/metrics.json)")
-    ap.add_argument("--out", default=None, help="output folder (default: outputs/reference/uncertainty)")
-    args = ap.parse_args(argv)
-    summary = build_reference(args.runs or default_sources(), args.out)
-    print(summary.to_string(index=False, float_format=lambda v: f"{v:+.3f}"))
-
-
-if __name__ == "__main__":
-    main()

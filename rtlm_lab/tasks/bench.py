@@ -1,0 +1,43 @@
+"""``rtlm-bench``: one micro-benchmark, ``bench=uncertainty|regressor|decode`` (see ``conf/bench/``).
+
+* ``bench=uncertainty``: :func:`rtlm_lab.uncertainty.bench.bench` -> ``outputs/bench/uncertainty.json``;
+* ``bench=regressor``: :func:`rtlm_lab.regressor.bench.bench` -> ``outputs/bench/regressor.json``;
+* ``bench=decode``: :func:`rtlm_lab.lm.bench_decode.bench` on ``platform`` -> ``outputs/bench/decode_<platform>.json``.
+
+Examples::
+
+    rtlm-bench bench=uncertainty bench.n=500
+    rtlm-bench bench=decode platform=cuda bench.lms=[gemma3_270m,smollm2_135m]
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig, OmegaConf
+
+from rtlm_lab.tasks._cli import make_main, task_wrapper
+
+
+@task_wrapper
+def bench(cfg: DictConfig):
+    """Dispatch on ``cfg.bench.name`` (callable without the CLI)."""
+    b = cfg.bench
+    config = OmegaConf.to_container(b, resolve=True)
+    if b.name == "uncertainty":
+        from rtlm_lab.uncertainty.bench import bench as run
+
+        return run(int(b.n), int(b.batch_size), int(b.n_process), b.out, config=config)
+    if b.name == "regressor":
+        from rtlm_lab.regressor.bench import bench as run
+
+        return run(int(b.n_single), int(b.batch), int(b.repeats), b.out, config=config)
+    from rtlm_lab.lm.bench_decode import bench as run
+
+    platform = OmegaConf.to_container(cfg.platform, resolve=True)
+    return run(platform, list(b.lms), int(b.n), int(b.batch), b.out,
+               config={**config, "platform": platform["name"]})
+
+
+main = make_main("bench", bench)
+
+if __name__ == "__main__":
+    main()

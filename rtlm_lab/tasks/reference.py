@@ -1,0 +1,59 @@
+"""``rtlm-reference``: rebuild one committed reference folder under ``outputs/reference/`` (``target=``).
+
+* ``target=profiles``: :func:`rtlm_lab.profiling.reference.rebuild` (copy run dirs in, ``summary.csv``);
+* ``target=uncertainty``: :func:`rtlm_lab.uncertainty.reference.build_reference`;
+* ``target=regressor``: :func:`rtlm_lab.regressor.reference.build_reference`.
+
+Examples::
+
+    rtlm-reference target=profiles target.runs=[outputs/profile/*/cuda/test-n500-s0]
+    rtlm-reference target=uncertainty
+    rtlm-reference target=regressor target.profiles=[gemma3_270m__cuda] target.kinds=[ridge]
+"""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from rtlm_lab.tasks._cli import make_main, task_wrapper
+
+
+def expand(paths) -> list[str]:
+    """Each entry, with shell-style globs expanded (sorted); an entry matching nothing is kept as given, so
+    the builder's own error names it."""
+    out: list[str] = []
+    for p in paths or []:
+        p = str(Path(str(p)).expanduser())
+        out.extend(sorted(glob.glob(p)) or [p])
+    return out
+
+
+@task_wrapper
+def reference(cfg: DictConfig):
+    """Dispatch on ``cfg.target.name`` (callable without the CLI)."""
+    t = cfg.target
+    if t.name == "profiles":
+        from rtlm_lab.profiling.reference import rebuild
+
+        text = rebuild(expand(t.runs))
+        print(text)
+        return text
+    if t.name == "uncertainty":
+        from rtlm_lab.uncertainty.reference import build_reference, default_sources
+
+        summary = build_reference(expand(t.runs) or default_sources(), t.out)
+        print(summary.to_string(index=False, float_format=lambda v: f"{v:+.3f}"))
+        return summary
+    from rtlm_lab.regressor.reference import build_reference
+
+    return build_reference(list(t.profiles), list(t.kinds), n_bootstrap=int(t.n_bootstrap), seed=int(t.seed),
+                           profiles_dir=t.profiles_dir, out=t.out)
+
+
+main = make_main("reference", reference)
+
+if __name__ == "__main__":
+    main()
