@@ -50,6 +50,15 @@ def _register_resolvers() -> None:
         OmegaConf.register_new_resolver("rtlm_root", lambda: str(ROOT))
     if not OmegaConf.has_resolver("rtlm_hash"):
         OmegaConf.register_new_resolver("rtlm_hash", config_hash)
+    if not OmegaConf.has_resolver("rtlm_file_tag"):
+        OmegaConf.register_new_resolver("rtlm_file_tag", _file_tag)
+
+
+def _file_tag(path) -> str:
+    """``${rtlm_file_tag:${data.path}}``: ``<stem>-<sha256[:8]>`` of a prompt file (run-dir names)."""
+    from rtlm_lab.data.prompts import file_tag
+
+    return file_tag(path)
 
 
 def config_hash(*nodes) -> str:
