@@ -168,8 +168,9 @@ def run_profile(cfg: Mapping, run_dir: str | Path, lm=None) -> dict:
     if batch_size > 1 and n_check > 0 and len(todo):
         batch1 = check_batch1(lm, todo.head(min(n_check, len(todo))), batch_size)
         log.info("batched vs batch-1 token counts: %d/%d identical", batch1["identical"], batch1["n"])
+    used = dict(getattr(lm, "spec", None) or lm_cfg)  # as loaded: chat_format / stop_strings "auto" resolved
     decoding = json.dumps({"greedy": True, "max_new_tokens": int(lm_cfg.get("max_new_tokens", 64)),
-                           "chat_format": lm_cfg.get("chat_format"), "stop_strings": lm_cfg.get("stop_strings", []),
+                           "chat_format": used.get("chat_format"), "stop_strings": used.get("stop_strings", []),
                            "with_context": bool(cfg["data"].get("with_context", False))})
     commit, seed = git_commit(), int(cfg.get("seed", 0))
     device = str(getattr(lm, "device", platform.get("device", "cpu")))
