@@ -176,7 +176,7 @@ def test_custom_seq2seq_profile_detects_encoder_decoder(tmp_path, tiny_seq2seq_d
     res = _run("profile", ["data=prompts", f"data.path={CSV}", "data.n_prompts=6", "lm=custom",
                            f"lm.local_dir={tiny_seq2seq_dir}", "lm.arch=causal", *FAST], out)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "holds a seq2seq model" in res.stderr
+    assert "holds a seq2seq model" in res.stderr + res.stdout
     df = pd.read_parquet(next((out / "profile").rglob("profile.parquet")))
     assert len(df) == 6 and (df["n_output_tokens"].between(1, 16)).all()
     assert json.loads(df["decoding"].iloc[0])["chat_format"] == "plain"
