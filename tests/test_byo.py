@@ -124,6 +124,11 @@ def test_other_tasks_check_the_prompt_file_first(tmp_path):
         assert "line 1: invalid JSON" in line, (module, line)
 
 
+def test_train_lm_refuses_prompt_files(tmp_path):
+    line = _one_error_line(_run("train_lm", ["data=prompts", f"data.path={JSONL}"], tmp_path, timeout=120))
+    assert "has no replies" in line
+
+
 # ------------------------------------------------------------------------------------------ own models
 def test_cli_missing_or_unloadable_model_dir_is_one_line(tmp_path):
     junk = tmp_path / "junk"
