@@ -124,6 +124,15 @@ def test_other_tasks_check_the_prompt_file_first(tmp_path):
         assert "line 1: invalid JSON" in line, (module, line)
 
 
+def test_find_profile_ignores_prompt_file_profiles(tmp_path):
+    from rtlm_lab.uncertainty.analysis import find_profile
+
+    mine = tmp_path / "profile" / "nope_lm" / "cpu" / "prompts-my_prompts-0123abcd-nNone-s0" / "profile.parquet"
+    mine.parent.mkdir(parents=True)
+    pd.DataFrame({"request_id": ["p00000-000"]}).to_parquet(mine)
+    assert find_profile("nope_lm", "cpu", tmp_path) is None  # notebook 01's default stays on CCC profiles
+
+
 def test_train_lm_refuses_prompt_files(tmp_path):
     line = _one_error_line(_run("train_lm", ["data=prompts", f"data.path={JSONL}"], tmp_path, timeout=120))
     assert "has no replies" in line
