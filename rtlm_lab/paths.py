@@ -50,6 +50,29 @@ def _register_resolvers() -> None:
         OmegaConf.register_new_resolver("rtlm_root", lambda: str(ROOT))
     if not OmegaConf.has_resolver("rtlm_hash"):
         OmegaConf.register_new_resolver("rtlm_hash", config_hash)
+    if not OmegaConf.has_resolver("rtlm_file_tag"):
+        OmegaConf.register_new_resolver("rtlm_file_tag", _file_tag)
+    if not OmegaConf.has_resolver("rtlm_model_name"):
+        OmegaConf.register_new_resolver("rtlm_model_name", _model_name)
+
+
+def _model_name(local_dir, prefix: str = "custom") -> str:
+    """``${rtlm_model_name:${lm.local_dir}}``: ``custom_<folder name>`` (``custom`` without a folder), so the
+    run dirs of two models of your own stay apart."""
+    import re
+
+    if local_dir is None or not str(local_dir).strip():
+        return prefix
+    base = Path(str(local_dir).rstrip("/\\")).expanduser().name
+    base = re.sub(r"[^A-Za-z0-9_.-]+", "_", base).strip("._-")
+    return f"{prefix}_{base}" if base else prefix
+
+
+def _file_tag(path) -> str:
+    """``${rtlm_file_tag:${data.path}}``: ``<stem>-<sha256[:8]>`` of a prompt file (run-dir names)."""
+    from rtlm_lab.data.prompts import file_tag
+
+    return file_tag(path)
 
 
 def config_hash(*nodes) -> str:

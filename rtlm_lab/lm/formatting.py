@@ -8,13 +8,15 @@
 * ``lab_causal`` (DialoGPT-style GPT-2 trained here): ``<context><eos><text><eos>``; the reply ends at ``<eos>``.
 * ``lab_seq2seq`` (BlenderBot-small / GODEL-style T5 trained here): encoder input ``<context> <sep> <text>``;
   the decoder reply ends at ``</s>``.
+* ``plain`` (your own model, ``lm=custom``; the default for an encoder-decoder without a chat template): the
+  turn as it is, the context (if any) on the line before; the tokenizer adds its own special tokens.
 """
 
 from __future__ import annotations
 
 from typing import Any, Mapping
 
-FORMATS = ("fewshot", "chat_template", "lab_causal", "lab_seq2seq")
+FORMATS = ("fewshot", "chat_template", "lab_causal", "lab_seq2seq", "plain")
 
 LAB_SEP = " <sep> "
 
@@ -58,6 +60,11 @@ def format_lab(text: str, context: str, tokenizer, seq2seq: bool) -> str:
     return f"{context}{eos}{text}{eos}" if context else f"{text}{eos}"
 
 
+def format_plain(text: str, context: str) -> str:
+    text, context = _clean(text), _clean(context)
+    return f"{context}\n{text}" if context else text
+
+
 def format_prompt(text: str, context: str, spec: Mapping, tokenizer) -> str:
     """Render one request for the LM described by ``spec`` (its ``lm`` config)."""
     fmt = spec["chat_format"]
@@ -69,4 +76,6 @@ def format_prompt(text: str, context: str, spec: Mapping, tokenizer) -> str:
         return format_lab(text, context, tokenizer, seq2seq=False)
     if fmt == "lab_seq2seq":
         return format_lab(text, context, tokenizer, seq2seq=True)
+    if fmt == "plain":
+        return format_plain(text, context)
     raise ValueError(f"unknown chat_format {fmt!r}; choose one of {FORMATS}")

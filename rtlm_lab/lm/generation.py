@@ -138,7 +138,7 @@ class ChatLM:
         prompts = [self.prompt(t, c) for t, c in zip(texts, contexts)]
         if self.is_encoder_decoder:  # an empty encoder input is degenerate: give it one end-of-text token
             prompts = [p if p.strip() else (self.tokenizer.eos_token or " ") for p in prompts]
-        add_special = self.spec["chat_format"] == "fewshot" or self.is_encoder_decoder
+        add_special = self.spec["chat_format"] in ("fewshot", "plain") or self.is_encoder_decoder
         max_len = self.max_input_tokens(max_new_tokens)
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=add_special,
                              truncation=True, max_length=max_len)

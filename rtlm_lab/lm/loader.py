@@ -9,7 +9,13 @@ Resolution order for an LM config (``conf/lm/<name>.yaml``):
    into a cached safetensors directory ``data/models/gguf/<name>-<sha12>/`` with a manifest of sha256
    sums; a cache whose files no longer match the manifest is rebuilt;
 4. ``source: lab``: a lab-trained LM: the committed weights under ``outputs/reference/models/<name>/``
-   for ``preset: standard``, else ``data/models/lab/<name>-<preset>/`` written by ``rtlm-train-lm``.
+   for ``preset: standard``, else ``data/models/lab/<name>-<preset>/`` written by ``rtlm-train-lm``;
+5. ``source: local`` (``lm=custom``): ``local_dir`` is required.
+
+With ``local_dir`` (your own model, ``lm=custom lm.local_dir=...``) the architecture is read from the model's
+config (``is_encoder_decoder``: seq2seq, else causal), ``chat_format: auto`` picks a prompt format from the
+tokenizer (:func:`resolve_chat_format`) and any failure to load the directory is one line (a
+:class:`~rtlm_lab.errors.UserError`).
 """
 
 from __future__ import annotations
@@ -31,18 +37,21 @@ from rtlm_lab.paths import ROOT, models_dir, reference_dir
 log = logging.getLogger(__name__)
 
 CONF_LM = ROOT / "conf" / "lm"
-KNOWN_LMS = tuple(sorted(p.stem for p in CONF_LM.glob("*.yaml")))
+CUSTOM_LM = "custom"  # conf/lm/custom.yaml: your own model (lm.local_dir), not one of the lab's five
+KNOWN_LMS = tuple(sorted(p.stem for p in CONF_LM.glob("*.yaml") if p.stem != CUSTOM_LM))
 MANIFEST = "rtlm_manifest.json"
 
 
-def lm_config(name: str) -> dict[str, Any]:
-    """The ``conf/lm/<name>.yaml`` config as a plain dict (for code that runs without Hydra)."""
+def lm_config(name: str, **overrides: Any) -> dict[str, Any]:
+    """The ``conf/lm/<name>.yaml`` config as a plain dict (for code that runs without Hydra); ``overrides``
+    are applied before interpolations resolve (``lm_config("custom", local_dir="/path/to/model")``)."""
     from omegaconf import OmegaConf
 
     path = CONF_LM / f"{name}.yaml"
     if not path.exists():
-        raise UserError(f"unknown lm {name!r}; choose one of {', '.join(KNOWN_LMS)}")
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        raise UserError(f"unknown lm {name!r}; choose one of {', '.join(KNOWN_LMS + (CUSTOM_LM,))}")
+    root = OmegaConf.create({"lm": OmegaConf.merge(OmegaConf.load(path), overrides)})
+    return OmegaConf.to_container(root, resolve=True)["lm"]
 
 
 def resolve_device(platform: Mapping[str, Any]) -> torch.device:
@@ -156,11 +165,15 @@ def lab_model_dir(spec: Mapping[str, Any]) -> Path:
 def model_dir(spec: Mapping[str, Any]) -> str:
     """Where ``from_pretrained`` reads this LM from (see module docstring)."""
     if spec.get("local_dir"):
-        d = Path(spec["local_dir"])
+        d = Path(str(spec["local_dir"])).expanduser()
         if not d.exists():
             raise UserError(f"lm.local_dir {d} does not exist")
+        if not d.is_dir() or not (d / "config.json").is_file():
+            raise UserError(f"lm.local_dir {d} is not a save_pretrained model directory (no config.json)")
         return str(d)
     source = spec.get("source", "gguf")
+    if source == "local":
+        raise UserError(f"lm={spec.get('name', 'custom')} needs lm.local_dir=<a save_pretrained model directory>")
     if source == "hub":
         if not spec.get("hub_id"):
             raise UserError(f"lm {spec['name']!r} has source=hub but no hub_id")
@@ -169,7 +182,47 @@ def model_dir(spec: Mapping[str, Any]) -> str:
         return str(gguf_cache_dir(spec))
     if source == "lab":
         return str(lab_model_dir(spec))
-    raise UserError(f"unknown lm.source {source!r}; use gguf, lab or hub")
+    raise UserError(f"unknown lm.source {source!r}; use gguf, lab, hub or local (with lm.local_dir)")
+
+
+def detect_arch(src: str, declared: str | None = None, revision: str | None = None) -> str:
+    """``seq2seq`` for an encoder-decoder (``is_encoder_decoder`` in its config), else ``causal``; a declared
+    ``lm.arch`` that disagrees with the model's config is overridden, with a warning."""
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(src, revision=revision)
+    except Exception as exc:  # noqa: BLE001 - unreadable config.json / unknown model_type
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise UserError(f"could not read the model config in {src}: {type(exc).__name__}: {first}") from exc
+    arch = "seq2seq" if getattr(cfg, "is_encoder_decoder", False) else "causal"
+    if declared not in (None, "auto", arch):
+        log.warning("lm.arch=%s but %s holds a %s model (%s); loading it as %s", declared, src, arch,
+                    getattr(cfg, "model_type", "?"), arch)
+    return arch
+
+
+def resolve_chat_format(spec: dict, tokenizer) -> dict:
+    """``chat_format: auto``: the tokenizer's chat template when it has one, else ``plain`` for an
+    encoder-decoder and ``fewshot`` for a decoder-only model; ``stop_strings: null``: a newline for the
+    line-based ``fewshot`` frame, none otherwise (the reply then ends at end-of-sequence)."""
+    spec = dict(spec)
+    if spec.get("chat_format") in (None, "auto"):
+        if getattr(tokenizer, "chat_template", None):
+            spec["chat_format"] = "chat_template"
+        else:
+            spec["chat_format"] = "plain" if spec.get("arch") == "seq2seq" else "fewshot"
+        log.info("lm %s: chat_format auto -> %s", spec.get("name"), spec["chat_format"])
+    if spec.get("stop_strings") is None:
+        spec["stop_strings"] = ["\n"] if spec["chat_format"] == "fewshot" else []
+    from rtlm_lab.lm.formatting import FORMATS
+
+    if spec["chat_format"] not in FORMATS:
+        raise UserError(f"unknown lm.chat_format {spec['chat_format']!r}; choose one of: auto, {', '.join(FORMATS)}")
+    if spec["chat_format"] == "chat_template" and not getattr(tokenizer, "chat_template", None):
+        raise UserError(f"lm.chat_format=chat_template but the tokenizer of lm {spec.get('name')!r} has no chat "
+                        f"template; use chat_format=auto, fewshot or plain")
+    return spec
 
 
 def load_lm(spec: Mapping[str, Any] | str, platform: Mapping[str, Any] | None = None) -> ChatLM:
@@ -183,13 +236,22 @@ def load_lm(spec: Mapping[str, Any] | str, platform: Mapping[str, Any] | None = 
     device = resolve_device(platform)
     dtype = _dtype(platform)
     src = model_dir(spec)
-    auto = AutoModelForSeq2SeqLM if spec.get("arch") == "seq2seq" else AutoModelForCausalLM
+    local = bool(spec.get("local_dir"))
     t0 = time.perf_counter()
     try:
+        if local or spec.get("arch") in (None, "auto"):
+            spec["arch"] = detect_arch(src, spec.get("arch"), spec.get("hub_revision"))
+        auto = AutoModelForSeq2SeqLM if spec.get("arch") == "seq2seq" else AutoModelForCausalLM
         tok = AutoTokenizer.from_pretrained(src, revision=spec.get("hub_revision"))
         model = auto.from_pretrained(src, dtype=dtype, revision=spec.get("hub_revision"))
-    except OSError as exc:
-        raise UserError(f"could not load lm {spec['name']!r} from {src}: {str(exc).splitlines()[0]}") from exc
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a directory the user gave us: any failure is one line
+        if not (local or isinstance(exc, OSError)):
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise UserError(f"could not load lm {spec['name']!r} from {src}: {type(exc).__name__}: {first}") from exc
+    spec = resolve_chat_format(spec, tok)
     model.to(device)
     log.info("loaded %s from %s on %s (%s) in %.1f s", spec["name"], src, device, dtype,
              time.perf_counter() - t0)

@@ -1,4 +1,6 @@
-"""``rtlm-profile``: real greedy generation for each request of a CCC sample, one parquet row each.
+"""``rtlm-profile``: real greedy generation for each request (a CCC sample or your own prompt file,
+``data=prompts data.path=...``), one parquet row each; ``conv_id`` keeps each request's conversation for
+the by-conversation splits downstream.
 
 Rows are flushed to ``parts/part-NNNNN.parquet`` (atomically) every ``profile.flush_every`` requests and
 when the run is interrupted (Ctrl-C / SIGTERM), so a rerun of the same command skips every finished
@@ -22,15 +24,15 @@ from typing import Any, Mapping
 import pandas as pd
 from tqdm.auto import tqdm
 
-from rtlm_lab.data.ccc import SplitSpec, load_requests
+from rtlm_lab.data.requests import load_data_requests
 from rtlm_lab.errors import UserError
 from rtlm_lab.io import git_commit, provenance, write_json_atomic, write_parquet_atomic
 
 log = logging.getLogger(__name__)
 
 PROFILE_COLUMNS = [
-    "request_id", "text", "context", "n_input_tokens", "n_output_tokens", "ttft_s", "e2e_s", "ms_per_token",
-    "stop_reason", "batch_size", "reply", "lm", "platform", "device", "decoding", "git_commit", "seed",
+    "request_id", "conv_id", "text", "context", "n_input_tokens", "n_output_tokens", "ttft_s", "e2e_s",
+    "ms_per_token", "stop_reason", "batch_size", "reply", "lm", "platform", "device", "decoding", "git_commit", "seed",
     "finished_utc",
 ]
 
@@ -112,17 +114,8 @@ def _get(cfg: Any, key: str, default: Any = None) -> Any:
 
 
 def select_requests(cfg: Mapping) -> pd.DataFrame:
-    d = cfg["data"]
-    spec = SplitSpec(train_frac=float(d.get("train_frac", 0.8)), val_frac=float(d.get("val_frac", 0.1)),
-                     seed=int(d.get("split_seed", 0)))
-    n = d.get("n_prompts")
-    if n is not None:
-        try:
-            n = int(n)
-        except (TypeError, ValueError) as exc:
-            raise UserError(f"data.n_prompts must be a positive integer or null, got {n!r}") from exc
-    return load_requests(split=str(d.get("split", "test")), n=n, seed=int(d.get("sample_seed", 0)),
-                         with_context=bool(d.get("with_context", False)), max_chars=d.get("max_chars"), spec=spec)
+    """The requests of ``cfg.data``: a CCC sample (``data=ccc``) or your own file (``data=prompts``)."""
+    return load_data_requests(cfg["data"])
 
 
 def check_batch1(lm, requests: pd.DataFrame, batch_size: int) -> dict:
@@ -175,8 +168,9 @@ def run_profile(cfg: Mapping, run_dir: str | Path, lm=None) -> dict:
     if batch_size > 1 and n_check > 0 and len(todo):
         batch1 = check_batch1(lm, todo.head(min(n_check, len(todo))), batch_size)
         log.info("batched vs batch-1 token counts: %d/%d identical", batch1["identical"], batch1["n"])
+    used = dict(getattr(lm, "spec", None) or lm_cfg)  # as loaded: chat_format / stop_strings "auto" resolved
     decoding = json.dumps({"greedy": True, "max_new_tokens": int(lm_cfg.get("max_new_tokens", 64)),
-                           "chat_format": lm_cfg.get("chat_format"), "stop_strings": lm_cfg.get("stop_strings", []),
+                           "chat_format": used.get("chat_format"), "stop_strings": used.get("stop_strings", []),
                            "with_context": bool(cfg["data"].get("with_context", False))})
     commit, seed = git_commit(), int(cfg.get("seed", 0))
     device = str(getattr(lm, "device", platform.get("device", "cpu")))
@@ -192,7 +186,8 @@ def run_profile(cfg: Mapping, run_dir: str | Path, lm=None) -> dict:
                 rows = []
                 for (_, req), g in zip(chunk.iterrows(), gens):
                     rows.append({
-                        "request_id": req["request_id"], "text": req["text"], "context": req["context"],
+                        "request_id": req["request_id"], "conv_id": req["conv_id"], "text": req["text"],
+                        "context": req["context"],
                         "n_input_tokens": g.n_input_tokens, "n_output_tokens": g.n_output_tokens,
                         "ttft_s": g.ttft_s, "e2e_s": g.e2e_s, "ms_per_token": g.ms_per_token,
                         "stop_reason": g.stop_reason, "batch_size": g.batch_size, "reply": g.text,

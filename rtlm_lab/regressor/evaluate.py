@@ -43,10 +43,14 @@ MIN_ROWS = 10
 
 
 def conversation_ids(df: pd.DataFrame) -> np.ndarray:
-    """Conversation of each row: ``request_id`` up to its last ``-`` (the row index when absent)."""
-    if "request_id" not in df.columns:
+    """Conversation of each row: its ``conv_id`` (profiles since ``data=prompts``), else ``request_id`` up
+    to its last ``-`` (the CCC convention; older profiles), else the row index."""
+    if "request_id" not in df.columns and "conv_id" not in df.columns:
         return np.arange(len(df)).astype(str)
-    return np.array([str(r).rsplit("-", 1)[0] for r in df["request_id"]])
+    rids = df["request_id"] if "request_id" in df.columns else pd.Series(np.arange(len(df)).astype(str))
+    convs = df["conv_id"] if "conv_id" in df.columns else pd.Series([None] * len(df))
+    return np.array([str(c) if c is not None and c == c and str(c) else str(r).rsplit("-", 1)[0]
+                     for c, r in zip(convs, rids)])
 
 
 def split_by_conversation(df: pd.DataFrame, test_size: float = 0.3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

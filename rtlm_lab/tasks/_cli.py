@@ -166,6 +166,30 @@ def task_wrapper(task: Callable[..., Any]) -> Callable[..., Any]:
     return wrapped
 
 
+def check_data(cfg) -> None:
+    """``data=prompts``: read the prompt file now, so a bad one is one clear line before any work."""
+    data = cfg.get("data")
+    if data is not None and data.get("name") == "prompts":
+        from rtlm_lab.data.requests import load_data_requests
+
+        load_data_requests(data)
+
+
+def profile_hint(cfg) -> str:
+    """The ``rtlm-profile`` command that writes the profile a task reads by default."""
+    parts = [f"rtlm-profile lm={cfg.lm.name} platform={cfg.platform.name}"]
+    data = cfg.get("data")
+    if data is not None and data.get("name") == "prompts":
+        parts.append(f"data=prompts data.path={data.get('path')}")
+        if data.get("n_prompts") is not None:
+            parts.append(f"data.n_prompts={data.n_prompts}")
+    elif data is not None:
+        parts.append(f"data.n_prompts={data.get('n_prompts')}")
+    if cfg.lm.get("local_dir"):
+        parts.append(f"lm.local_dir={cfg.lm.local_dir}")
+    return " ".join(parts)
+
+
 def resolve_profile(cfg, hint: str) -> Path:
     """The profile parquet a task reads: ``cfg.profile`` or ``cfg.profile_default``; relative paths are
     taken from where the command was started. A missing file is a :class:`UserError` naming ``hint``."""

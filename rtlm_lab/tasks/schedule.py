@@ -12,6 +12,7 @@ Examples::
 
     rtlm-schedule lm=smollm2_135m platform=cpu policy=rtlm workload.rho=0.9 workload.n_requests=30 mode=real
     rtlm-schedule -m policy=fcfs,sjf_proxy,oracle_srpt,rtlm workload.rho=0.5,0.7,0.9 mode=sim
+    rtlm-schedule data=prompts data.path=my_prompts.jsonl lm=custom lm.local_dir=DIR mode=sim  # your prompts
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from rtlm_lab.tasks._cli import make_main, resolve_profile, task_wrapper
+from rtlm_lab.tasks._cli import check_data, make_main, profile_hint, resolve_profile, task_wrapper
 
 log = logging.getLogger("rtlm_lab.scheduler")
 
@@ -55,7 +56,9 @@ def schedule(cfg: DictConfig) -> dict:
             return m
         except (json.JSONDecodeError, KeyError):
             log.warning("%s is unreadable; rerunning", done)
-    path = resolve_profile(cfg, f"rtlm-profile lm={cfg.lm.name} platform={cfg.platform.name}")
+    check_data(cfg)  # data=prompts: a bad prompt file is one line, before any work
+    path = resolve_profile(cfg, profile_hint(cfg) if cfg.data.get("name") == "prompts"
+                           else f"rtlm-profile lm={cfg.lm.name} platform={cfg.platform.name}")
     plain = OmegaConf.to_container(cfg, resolve=True)
     m = run_experiment(plain, run_dir, path)
     print(format_metrics(m), flush=True)

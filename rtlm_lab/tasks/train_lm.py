@@ -31,6 +31,11 @@ def run(cfg: DictConfig) -> None:
     from rtlm_lab.io import sha256_file, write_run_manifest
     from rtlm_lab.lm.train import MANIFEST, output_dir_for, train_lab_lm
 
+    if cfg.data.get("name", "ccc") != "ccc":
+        from rtlm_lab.errors import UserError
+
+        raise UserError(f"rtlm-train-lm trains on CCC prompt/reply pairs; data={cfg.data.name} has no replies "
+                        f"(profile your prompts with rtlm-profile data={cfg.data.name} instead)")
     metrics = train_lab_lm(cfg)
     # the run dir holds a copy of metrics.json; the model itself lives in (and is checked by) its own
     # directory's rtlm_manifest.json, which this manifest pins by sha256

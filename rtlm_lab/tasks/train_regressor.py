@@ -1,7 +1,8 @@
 """``rtlm-train-regressor``: RT-LM's output-length regressor vs baselines, on one real profile.
 
 Reads a profile (``profile=<parquet>``, by default the committed reference profile
-``outputs/reference/profiles/<lm>__<platform>.parquet``), splits it by conversation (seeded) and runs
+``outputs/reference/profiles/<lm>__<platform>.parquet``, or with ``data=prompts`` the profile that
+``rtlm-profile`` wrote for your prompt file), splits it by conversation (seeded) and runs
 :func:`rtlm_lab.regressor.evaluate.compare`: ``rtlm_<regressor>`` against ``constant``, ``input_length``,
 ``proxy_minilm``, ``ltr_minilm`` and ``oracle`` on the held-out conversations. The run dir
 ``outputs/train_regressor/<lm>/<platform>/<regressor>/`` receives:
@@ -17,6 +18,7 @@ Examples::
 
     rtlm-train-regressor lm=gemma3_270m platform=cuda regressor=hgb
     rtlm-train-regressor -m regressor=ridge,hgb lm=smollm2_135m,gemma3_270m platform=cuda
+    rtlm-train-regressor data=prompts data.path=my_prompts.jsonl lm=custom lm.local_dir=DIR  # your prompts' profile
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from rtlm_lab.errors import UserError
-from rtlm_lab.tasks._cli import make_main, resolve_profile, task_wrapper
+from rtlm_lab.tasks._cli import check_data, make_main, profile_hint, resolve_profile, task_wrapper
 
 log = logging.getLogger("rtlm_lab.regressor")
 
@@ -37,7 +39,9 @@ def train_regressor(cfg: DictConfig) -> dict:
     """Compose-and-run body (callable without the CLI)."""
     from hydra.core.hydra_config import HydraConfig
 
-    path = resolve_profile(cfg, f"rtlm-profile lm={cfg.lm.name} platform={cfg.platform.name}")
+    check_data(cfg)
+    path = resolve_profile(cfg, profile_hint(cfg) if cfg.data.get("name") == "prompts"
+                           else f"rtlm-profile lm={cfg.lm.name} platform={cfg.platform.name}")
 
     import matplotlib
 

@@ -17,6 +17,7 @@ Examples::
     rtlm-uncertainty lm=smollm2_135m platform=cpu
     rtlm-uncertainty lm=gemma3_270m data.n_prompts=6
     rtlm-uncertainty profile=outputs/profile/gemma3_270m/cpu/test-n6-s0/profile.parquet n_bootstrap=200
+    rtlm-uncertainty data=prompts data.path=my_prompts.jsonl lm=custom lm.local_dir=DIR   # your prompts' profile
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from rtlm_lab.errors import UserError
-from rtlm_lab.tasks._cli import make_main, resolve_profile, task_wrapper
+from rtlm_lab.tasks._cli import check_data, make_main, profile_hint, resolve_profile, task_wrapper
 
 log = logging.getLogger("rtlm_lab.uncertainty")
 
@@ -37,8 +38,9 @@ def uncertainty(cfg: DictConfig) -> dict:
     """Compose-and-run body, callable without the CLI (``uncertainty(cfg)``) in tests and notebooks."""
     from hydra.core.hydra_config import HydraConfig
 
-    path = resolve_profile(cfg, f"rtlm-profile lm={cfg.lm.name} platform={cfg.platform.name} "
-                                f"data.n_prompts={cfg.data.n_prompts}")  # before the heavy imports: a missing file is a quick one-line error
+    # before the heavy imports: a bad prompt file or a missing profile is a quick one-line error
+    check_data(cfg)
+    path = resolve_profile(cfg, profile_hint(cfg))
 
     import matplotlib
 

@@ -326,13 +326,16 @@ def table_from_metrics(metrics: Mapping[str, Any]) -> pd.DataFrame:
 def find_profile(lm: str, platform: str, output_root: str | Path | None = None) -> Path | None:
     """The largest profile of ``lm`` on ``platform``: among ``<outputs>/profile/<lm>/<platform>/*/profile.parquet``
     and the committed ``outputs/reference/profiles/<lm>__<platform>.parquet``, the one with the most rows
-    (ties: the newest); ``None`` when there is none. A quick 5-request run never hides the reference."""
+    (ties: the newest); ``None`` when there is none. A quick 5-request run never hides the reference, and
+    profiles of your own prompt files (``prompts-*`` run dirs, ``data=prompts``) are never picked: pass
+    their path."""
     import pyarrow.parquet as pq
 
     from rtlm_lab.paths import outputs_dir, reference_dir
 
     root = Path(output_root) if output_root else outputs_dir()
-    candidates = list((root / "profile" / lm / platform).glob("*/profile.parquet"))
+    candidates = [p for p in (root / "profile" / lm / platform).glob("*/profile.parquet")
+                  if not p.parent.name.startswith("prompts-")]
     ref = reference_dir() / "profiles" / f"{lm}__{platform}.parquet"
     if ref.is_file():
         candidates.append(ref)
