@@ -417,3 +417,64 @@ class LMStatePredictor:
             loop = np.array([detect_loop(t, self.loop_n) for t in toks], dtype=bool)
             pred = np.where(loop, cap_left, pred)
         return pred
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+PROBE_METHODS = tuple(f"lmstate_{p}" for p in ("ridge", "mlp", "ordinal", "rank"))
+
+
+def evaluate_methods(states: LMStates, y: np.ndarray, tr: np.ndarray, te: np.ndarray, groups: np.ndarray,
+                     seed: int = 0, candidates: Sequence[str] = ("ridge", "mlp", "ordinal", "rank"),
+                     which: Sequence[str] = ("last", "mean", "scalar"), max_new_tokens: int | None = None,
+                     loop_n: int = 3):
+    """Fit every probe and the validation-picked one on ``tr``; predictions on ``te`` and ``tr``.
+
+    Returns ``(preds, train_preds, models)`` keyed ``lmstate_<probe>`` and ``lmstate_auto``."""
+    preds, train_preds, models = {}, {}, {}
+    Str, Ste = states.take(tr), states.take(te)
+    for p in candidates:
+        m = LMStatePredictor(probe=p, which=which, seed=seed).fit(Str, y[tr], max_new_tokens=max_new_tokens)
+        preds[f"lmstate_{p}"], train_preds[f"lmstate_{p}"] = m.predict_from_states(Ste), m.predict_from_states(Str)
+        models[f"lmstate_{p}"] = m
+    auto = LMStatePredictor(probe="auto", which=which, candidates=candidates, seed=seed, loop_n=loop_n)
+    auto.fit(Str, y[tr], groups=groups[tr], max_new_tokens=max_new_tokens)
+    preds["lmstate_auto"], train_preds["lmstate_auto"] = auto.predict_from_states(Ste), auto.predict_from_states(Str)
+    models["lmstate_auto"] = auto
+    return preds, train_preds, models
+
+
+def evaluate_refine(auto: LMStatePredictor, states_k: LMStates, prefix: Sequence[Sequence[int]], y: np.ndarray,
+                    tr: np.ndarray, te: np.ndarray, k: int, prefill_pred_te: np.ndarray, idx_fn=None):
+    """Remaining-length prediction at step ``k`` on the test rows still decoding after ``k`` tokens:
+    ``prefill_minus_k`` (the prefill prediction minus k), ``prefill+loop``, ``refine_probe`` (a probe on
+    the step-k states, trained on the training rows alive at k), ``refine+loop``, ``oracle``. Returns a
+    DataFrame of :func:`rtlm_lab.regressor.evaluate.score` rows with ``method`` and ``k``."""
+    import pandas as pd
+
+    from rtlm_lab.regressor.evaluate import score
+
+    alive_tr, rem = remaining_targets(y, k)
+    auto.fit_refine(k, states_k.take(tr), y[tr])
+    te_alive = te[alive_tr[te]]
+    if len(te_alive) < 3:
+        return pd.DataFrame()
+    pos = np.searchsorted(te, te_alive)
+    ytrue = rem[te_alive]
+    ytrain = rem[tr][alive_tr[tr]]
+    cap = auto.max_new_tokens_ - k
+    toks = [list(prefix[i])[:k] for i in te_alive]
+    loop = np.array([detect_loop(t, auto.loop_n) for t in toks], dtype=bool)
+    base = np.clip(np.minimum(prefill_pred_te[pos] - k, cap), 0, None)
+    Sk = states_k.take(te_alive)
+    methods = {"prefill_minus_k": base, "prefill+loop": np.where(loop, cap, base)}
+    if k in auto.refiners_:
+        methods["refine_probe"] = auto.refine_predict(Sk, toks, use_loop=False)
+        methods["refine+loop"] = auto.refine_predict(Sk, toks, use_loop=True)
+    methods["oracle"] = ytrue
+    idx = idx_fn(te_alive) if idx_fn is not None else None
+    rows = []
+    for m, p in methods.items():
+        rows.append({"k": int(k), "method": m, **score(ytrue, p, ytrain, idx=idx),
+                     "loop_flagged": int(loop.sum()), "loop_precision":
+                     float(np.mean(y[te_alive][loop] >= auto.max_new_tokens_)) if loop.any() else math.nan})
+    return pd.DataFrame(rows)
