@@ -1,0 +1,149 @@
+"""LM-state features, probes, loop detector and refinement targets (tiny random-init models: seconds)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import tiny_spec
+from rtlm_lab.regressor import lmstate as LS
+from rtlm_lab.regressor.evaluate import _kendall
+from rtlm_lab.regressor.probes import PROBES, make_probe
+
+TEXTS = ["hi", "what do you think about the weather in spring and in autumn?", "ok", "tell me about music"]
+
+
+@pytest.fixture(scope="module")
+def causal(tiny_causal_dir):
+    from rtlm_lab.lm import load_lm
+
+    return load_lm(tiny_spec(tiny_causal_dir))
+
+
+@pytest.fixture(scope="module")
+def seq2seq(tiny_seq2seq_dir):
+    from rtlm_lab.lm import load_lm
+
+    return load_lm(tiny_spec(tiny_seq2seq_dir, "seq2seq"))
+
+
+@pytest.mark.parametrize("which", ["causal", "seq2seq"])
+def test_shapes_ranges_and_padding_invariance(which, request):
+    lm = request.getfixturevalue(which)
+    st = LS.extract_states(lm, TEXTS, layers=["mid", -1], batch_size=4)
+    d = lm.model.config.d_model if lm.is_encoder_decoder else lm.model.config.n_embd
+    assert len(st) == len(TEXTS) and len(st.layers) >= 1
+    for l in st.layers:
+        assert st.last[l].shape == (len(TEXTS), d) and st.mean[l].shape == (len(TEXTS), d)
+    V = len(lm.tokenizer)
+    assert np.all(st.entropy >= 0) and np.all(st.entropy <= np.log(max(V, lm.model.config.vocab_size)) + 1e-4)
+    assert np.all((st.eos_prob >= 0) & (st.eos_prob <= 1))
+    assert np.all(st.eos_prob > 0)  # the stop string "e" makes many tokens end the turn
+    X = LS.feature_matrix(st)
+    assert X.shape == (len(TEXTS), 2 * d * len(st.layers) + 3) and np.isfinite(X).all()
+    # batched (left padding for causal models) == each request alone
+    for i, t in enumerate(TEXTS):
+        one = LS.extract_states(lm, [t], layers=["mid", -1])
+        for l in st.layers:
+            np.testing.assert_allclose(st.last[l][i], one.last[l][0], rtol=1e-3, atol=1e-4)
+            np.testing.assert_allclose(st.mean[l][i], one.mean[l][0], rtol=1e-3, atol=1e-4)
+        np.testing.assert_allclose(st.entropy[i], one.entropy[0], rtol=1e-3, atol=1e-4)
+        np.testing.assert_allclose(st.eos_prob[i], one.eos_prob[0], rtol=1e-3, atol=1e-5)
+        assert st.n_tokens[i] == one.n_tokens[0]
+
+
+@pytest.mark.parametrize("which", ["causal", "seq2seq"])
+def test_teacher_forced_prefix(which, request):
+    """Teacher-forcing the greedy reply's first k tokens: the step-k state's next-token argmax is the reply's
+    token k+1 (greedy decoding is deterministic), and batched prefixes of unequal length match singles."""
+    lm = request.getfixturevalue(which)
+    k = 3
+    gens = lm.generate(TEXTS, max_new_tokens=k + 1)
+    full = [g.output_ids for g in gens]
+    pre = [ids[:k] for ids in full]
+    pre[0] = pre[0][:1]  # unequal prefix lengths in one batch
+    st = LS.extract_states(lm, TEXTS, prefix_ids=pre)
+    for i, t in enumerate(TEXTS):
+        one = LS.extract_states(lm, [t], prefix_ids=[pre[i]])
+        for l in st.layers:
+            np.testing.assert_allclose(st.last[l][i], one.last[l][0], rtol=1e-3, atol=1e-4)
+    base = LS.extract_states(lm, TEXTS)
+    assert np.all(st.n_tokens == base.n_tokens + np.array([len(p) for p in pre]))
+
+
+def test_end_of_turn_ids_include_stop_string_tokens(causal):
+    ids = LS.end_of_turn_ids(causal)
+    assert set(causal.eos_ids) <= set(ids)
+    assert any("e" in causal.tokenizer.decode([i]) for i in ids)
+    assert all(i in causal.eos_ids or "e" in causal.tokenizer.decode([i], skip_special_tokens=True) for i in ids)
+
+
+def test_cache_roundtrip(causal, tmp_path, monkeypatch):
+    monkeypatch.setenv("RTLM_DATA_DIR", str(tmp_path))
+    df = pd.DataFrame({"request_id": [f"c{i}-000" for i in range(4)], "text": TEXTS, "context": [""] * 4})
+    a = LS.cached_states(causal, df, "ab" * 32, "tiny", ["mid", -1])
+    calls = []
+    b = LS.cached_states(lambda: calls.append(1) or causal, df, "ab" * 32, "tiny", ["mid", -1])
+    assert not calls  # served from the cache
+    assert list(tmp_path.glob("cache/lmstate/*.npz"))
+    np.testing.assert_array_equal(a.last[a.layers[-1]], b.last[b.layers[-1]])
+    c = LS.cached_states(lambda: calls.append(1) or causal, df.iloc[::-1].reset_index(drop=True), "ab" * 32,
+                         "tiny", ["mid", -1])
+    assert calls and np.allclose(c.entropy, a.entropy[::-1], atol=1e-5)  # other rows: recomputed
+
+
+def _synthetic(n=300, d=40, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, d))
+    y = np.round(np.expm1(2.5 + 0.8 * X[:, 0] - 0.5 * X[:, 1] + 0.2 * rng.normal(size=n))).clip(1, 200)
+    return X, y
+
+
+@pytest.mark.parametrize("name", PROBES)
+def test_probes_beat_a_constant(name):
+    X, y = _synthetic()
+    p = make_probe(name).fit(X[:200], y[:200])
+    pred = p.predict(X[200:])
+    assert pred.shape == (100,) and np.all(pred >= 0) and np.isfinite(pred).all()
+    assert _kendall(pred, y[200:]) > 0.4
+    assert np.mean(np.abs(pred - y[200:])) < np.mean(np.abs(np.mean(y[:200]) - y[200:]))
+
+
+def test_predictor_auto_and_refine_api():
+    X, y = _synthetic(d=6)
+    st = LS.LMStates({1: X[:, :3]}, {1: X[:, 3:]}, np.abs(X[:, 0]), np.full(len(y), 0.1), np.full(len(y), 10.0),
+                     (1,))
+    pred = LS.LMStatePredictor(probe="auto", seed=0).fit(st.take(range(200)), y[:200], max_new_tokens=200)
+    assert pred.probe_ in PROBES and set(pred.val_scores_) == set(PROBES)
+    out = pred.predict_from_states(st.take(range(200, 300)))
+    assert _kendall(out, y[200:]) > 0.4
+    k = 4
+    pred.fit_refine(k, st.take(range(200)), y[:200])
+    toks = [[5, 6, 7, 8]] * 100
+    rem = pred.refine_predict(st.take(range(200, 300)), toks)
+    assert rem.shape == (100,) and np.all((rem >= 0) & (rem <= 200 - k))
+    looped = pred.refine_predict(st.take(range(200, 300)), [[1, 2, 3, 1, 2, 3]] * 100)
+    assert np.all(looped == 200 - 6)  # a loop runs to the cap
+
+
+def test_detect_loop():
+    assert LS.detect_loop([1, 2, 3, 4, 1, 2, 3], n=3)
+    assert not LS.detect_loop([1, 2, 3, 4, 5, 6, 7], n=3)
+    assert LS.detect_loop([9, 9, 9, 9], n=3)  # overlapping occurrences count
+    assert not LS.detect_loop([9, 9, 9], n=3)  # the tail alone is no repeat
+    assert not LS.detect_loop([1, 2], n=3) and not LS.detect_loop([], n=2)
+    assert LS.detect_loop([4, 7, 4, 7], n=2) and not LS.detect_loop([4, 7, 4, 8], n=2)
+
+
+def test_remaining_targets():
+    alive, rem = LS.remaining_targets([3, 8, 9, 64], k=8)
+    assert alive.tolist() == [False, False, True, True]
+    assert rem.tolist() == [0.0, 0.0, 1.0, 56.0]
+
+
+def test_resolve_layers():
+    assert LS.resolve_layers(["mid", -1], 13) == [6, 12]
+    assert LS.resolve_layers([0, -1, 12], 13) == [0, 12]
+    with pytest.raises(Exception):
+        LS.resolve_layers([20], 13)
