@@ -147,3 +147,48 @@ def test_resolve_layers():
     assert LS.resolve_layers([0, -1, 12], 13) == [0, 12]
     with pytest.raises(Exception):
         LS.resolve_layers([20], 13)
+
+
+@pytest.fixture(scope="module")
+def tiny_profile(causal, tmp_path_factory):
+    from rtlm_lab.profiling import run_profile
+
+    spec = tiny_spec(causal.source_dir)
+    cfg = {"seed": 0, "lm": spec,
+           "data": {"split": "test", "n_prompts": 40, "sample_seed": 0, "with_context": False, "max_chars": 600},
+           "platform": {"name": "cpu", "device": "cpu", "dtype": "float32", "threads": 2},
+           "profile": {"batch_size": 4, "warmup": 0, "flush_every": 8, "sanity_check": False, "output_ids": 4}}
+    d = tmp_path_factory.mktemp("prof")
+    run_profile(cfg, d, lm=causal)
+    return pd.read_parquet(d / "profile.parquet")
+
+
+def test_profile_output_ids_match_greedy_prefix(causal, tiny_profile):
+    df = tiny_profile
+    assert "output_ids" in df.columns
+    assert all(len(v) == min(4, n) for v, n in zip(df["output_ids"], df["n_output_tokens"]))
+    regen = LS.reply_prefix_ids(causal, df.drop(columns=["output_ids"]), 4, batch_size=4)
+    assert [list(v) for v in df["output_ids"]] == [r[:len(v)] for r, v in zip(regen, df["output_ids"])]
+
+
+def test_compare_with_prefill(causal, tiny_profile):
+    from rtlm_lab.regressor.evaluate import compare
+
+    df = tiny_profile
+    prefill = {"states": lambda src, fr, step, pre: LS.extract_states(causal, fr["text"].tolist(),
+                                                                       prefix_ids=pre, batch_size=8),
+               "prefix": lambda src, fr, k: LS.reply_prefix_ids(causal, fr, k),
+               "time": None, "max_new_tokens": 24, "refine_k": [2], "probes": ["ridge", "ordinal"]}
+    res = compare(df, {"kind": "ridge", "use_prefill": True}, n_bootstrap=20, embedding_baselines=False,
+                  bootstrap_by="conversation", prefill=prefill)
+    methods = set(res["table"]["method"])
+    assert {"rtlm_ridge", "rtlm_ridge_prefill", "lmstate_ridge", "lmstate_ordinal", "lmstate_auto",
+            "input_length", "oracle"} <= methods
+    assert res["lmstate"]["picked_probe"] in ("ridge", "ordinal")
+    ref = res["refine"]
+    assert ref is not None and set(ref["k"]) == {2}
+    orc = ref[ref["method"] == "oracle"].iloc[0]
+    y = df["n_output_tokens"].to_numpy()
+    assert orc["mae"] == 0
+    # remaining-length targets are over test rows still running at k
+    assert orc["n_test"] <= int((y > 2).sum())

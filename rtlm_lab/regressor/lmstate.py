@@ -478,3 +478,76 @@ def evaluate_refine(auto: LMStatePredictor, states_k: LMStates, prefix: Sequence
                      "loop_flagged": int(loop.sum()), "loop_precision":
                      float(np.mean(y[te_alive][loop] >= auto.max_new_tokens_)) if loop.any() else math.nan})
     return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------------------------- slim profiles
+#: What a committed training profile keeps: lengths and ids (texts are re-joined from the corpus).
+SLIM_COLUMNS = ["request_id", "n_input_tokens", "n_output_tokens", "stop_reason", "output_ids", "lm", "platform",
+                "decoding"]
+
+
+def read_run(path: str | Path):
+    """A profile parquet, or a profile run dir (its ``profile.parquet``, else its finished ``parts/``)."""
+    import pandas as pd
+
+    path = Path(path)
+    if path.is_file():
+        return pd.read_parquet(path)
+    if (path / "profile.parquet").is_file():
+        return pd.read_parquet(path / "profile.parquet")
+    parts = sorted((path / "parts").glob("part-*.parquet"))
+    if not parts:
+        raise UserError(f"no profile.parquet nor parts/ under {path}")
+    df = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+    return df.drop_duplicates("request_id", keep="first").reset_index(drop=True)
+
+
+def slim_profile(df):
+    """Only :data:`SLIM_COLUMNS` (those present)."""
+    return df[[c for c in SLIM_COLUMNS if c in df.columns]].reset_index(drop=True)
+
+
+def with_texts(df, split: str = "train"):
+    """Re-join ``text`` (and ``context`` when the profile was made with context) from the CCC corpus by
+    ``request_id`` (the default split spec of ``conf/data/ccc.yaml``)."""
+    from rtlm_lab.data.ccc import load_requests
+
+    if "text" in df.columns:
+        return df
+    with_ctx = False
+    if "decoding" in df.columns and len(df):
+        try:
+            with_ctx = bool(json.loads(str(df["decoding"].iloc[0])).get("with_context", False))
+        except ValueError:
+            pass
+    req = load_requests(split=split, n=None, with_context=with_ctx, max_chars=None)
+    req = req.drop_duplicates("request_id").set_index("request_id")
+    missing = ~df["request_id"].isin(req.index)
+    if missing.any():
+        raise UserError(f"{int(missing.sum())} request ids of the slim profile are not in the CCC {split} split")
+    out = df.copy()
+    out["text"] = req.loc[out["request_id"], "text"].to_numpy()
+    out["context"] = req.loc[out["request_id"], "context"].to_numpy()
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:  # pragma: no cover - thin CLI
+    """``python -m rtlm_lab.regressor.lmstate slim <profile parquet | run dir> <out.parquet>``."""
+    import argparse
+
+    from rtlm_lab.io import write_parquet_atomic
+
+    ap = argparse.ArgumentParser(prog="python -m rtlm_lab.regressor.lmstate")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sp = sub.add_parser("slim", help="keep lengths + ids of a profile (the file to commit)")
+    sp.add_argument("src")
+    sp.add_argument("dst")
+    a = ap.parse_args(argv)
+    df = slim_profile(read_run(a.src))
+    Path(a.dst).parent.mkdir(parents=True, exist_ok=True)
+    write_parquet_atomic(df, a.dst)
+    print(f"{a.dst}: {len(df)} rows, columns {list(df.columns)}, {Path(a.dst).stat().st_size} bytes")
+
+
+if __name__ == "__main__":
+    main()

@@ -61,7 +61,9 @@ def train_regressor(cfg: DictConfig) -> dict:
         if not train_path.is_file():
             raise UserError(f"no train profile at {train_path}; make one with `rtlm-profile lm={cfg.lm.name} "
                             f"data.split=train profile.output_ids=32` (or drop train_profile=)")
-        train_df = pd.read_parquet(train_path)
+        from rtlm_lab.regressor.lmstate import with_texts
+
+        train_df = with_texts(pd.read_parquet(train_path))  # a slim profile (lengths + ids) gets its texts back
     prefill = _prefill(cfg, path, train_path) if reg.get("use_prefill") else None
     result = compare(profile_df, reg, test_size=float(cfg.test_size), seed=int(cfg.seed),
                      n_bootstrap=int(cfg.n_bootstrap), timing_n=int(cfg.timing_n),
