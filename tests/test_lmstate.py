@@ -125,6 +125,10 @@ def test_predictor_auto_and_refine_api():
     assert rem.shape == (100,) and np.all((rem >= 0) & (rem <= 200 - k))
     looped = pred.refine_predict(st.take(range(200, 300)), [[1, 2, 3, 1, 2, 3]] * 100)
     assert np.all(looped == 200 - 6)  # a loop runs to the cap
+    pred.fit_refine(k, st.take(range(200)), y[:200], tokens=[[5, 6, 7, 8]] * 100 + [[1, 2, 1, 2]] * 100)
+    assert k in pred.refiners_tok_
+    rem2 = pred.refine_predict(st.take(range(200, 300)), toks, use_loop=False)
+    assert rem2.shape == (100,) and np.all((rem2 >= 0) & (rem2 <= 200 - k))
 
 
 def test_detect_loop():
@@ -192,3 +196,10 @@ def test_compare_with_prefill(causal, tiny_profile):
     assert orc["mae"] == 0
     # remaining-length targets are over test rows still running at k
     assert orc["n_test"] <= int((y > 2).sum())
+
+
+def test_token_features():
+    f = LS.token_features([[1, 2, 1, 2, 1, 2], [1, 2, 3, 4, 5, 6], [7]])
+    assert f.shape == (3, 5)
+    assert f[0, :3].tolist() == [1.0, 1.0, 1.0] and f[1, :3].tolist() == [0.0, 0.0, 0.0]
+    assert f[0, 3] == pytest.approx(3 / 5) and f[1, 3] == 0 and f[1, 4] == 1.0 and f[0, 4] == pytest.approx(2 / 6)

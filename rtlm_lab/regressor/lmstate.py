@@ -24,7 +24,8 @@ profile, layers, teacher-forcing step), written atomically; a cache whose reques
 ``k`` tokens (prompt + those tokens, re-encoded; greedy decoding makes them a function of the input: the
 profile's ``output_ids``, or a short greedy ``generate`` when the profile has none, :func:`reply_prefix_ids`)
 predicts the *remaining* length, and :func:`detect_loop` (the last ``n``-gram already occurred verbatim in the
-tokens so far) overrides it with "runs to the cap".
+tokens so far) overrides it with "runs to the cap" (``refine+loop``); ``refine+repfeat`` instead gives the
+step-k probe :func:`token_features` (loop flags for n = 2, 3, 4, repeated-bigram share, distinct-token share).
 
 API for the scheduler (no import of the scheduler here)::
 
@@ -333,6 +334,22 @@ def detect_loop(tokens: Sequence[int], n: int = 3) -> bool:
     return any(t[i:i + n] == tail for i in range(len(t) - n))
 
 
+def token_features(tokens: Sequence[Sequence[int]], ns: Sequence[int] = (2, 3, 4)) -> np.ndarray:
+    """Repetition features of the tokens so far, one row per request: the loop flag for each ``n`` in ``ns``,
+    the share of bigrams that already occurred earlier, and the share of distinct tokens."""
+    rows = []
+    for t in tokens:
+        t = list(t)
+        flags = [float(detect_loop(t, n)) for n in ns]
+        big = list(zip(t, t[1:]))
+        seen, rep = set(), 0
+        for b in big:
+            rep += b in seen
+            seen.add(b)
+        rows.append(flags + [rep / max(1, len(big)), len(set(t)) / max(1, len(t))])
+    return np.asarray(rows, dtype=np.float64).reshape(len(rows), len(ns) + 2)
+
+
 def remaining_targets(lengths: Sequence[float], k: int) -> tuple[np.ndarray, np.ndarray]:
     """(mask of requests still decoding after ``k`` steps, their remaining tokens ``n - k``)."""
     y = np.asarray(lengths, dtype=float)
@@ -388,26 +405,39 @@ class LMStatePredictor:
         """Predicted output tokens (float >= 0) per request."""
         return np.clip(self.model_.predict(feature_matrix(states, self.which)), 0, None)
 
-    def fit_refine(self, k: int, states_k: LMStates, lengths, probe: str | None = None):
-        """Remaining-length probe for step ``k`` (rows that were still decoding after ``k`` tokens)."""
+    def fit_refine(self, k: int, states_k: LMStates, lengths, probe: str | None = None,
+                   tokens: Sequence[Sequence[int]] | None = None):
+        """Remaining-length probe for step ``k`` (rows that were still decoding after ``k`` tokens); with
+        ``tokens`` (each row's first ``k`` reply tokens) a second probe also sees :func:`token_features`."""
         alive, rem = remaining_targets(lengths, k)
         if alive.sum() < 5:
             return self
-        X = feature_matrix(states_k, self.which)[alive]
-        self.refiners_[int(k)] = self._new(probe or self.probe_).fit(X, rem[alive])
+        X = feature_matrix(states_k, self.which)
+        self.refiners_[int(k)] = self._new(probe or self.probe_).fit(X[alive], rem[alive])
+        if tokens is not None:
+            if not hasattr(self, "refiners_tok_"):
+                self.refiners_tok_ = {}
+            Xt = np.hstack([X, token_features([list(t)[:k] for t in tokens])])
+            self.refiners_tok_[int(k)] = self._new(probe or self.probe_).fit(Xt[alive], rem[alive])
         return self
 
     def refine_predict(self, states_k: LMStates, tokens_so_far: Sequence[Sequence[int]] | Sequence[int],
-                       use_loop: bool = True) -> np.ndarray:
+                       use_loop: bool = True, use_token_features: bool = True) -> np.ndarray:
         """Predicted *remaining* tokens after ``len(tokens_so_far)`` decoding steps, from the state after
-        teacher-forcing those tokens; a detected repetition loop predicts the cap. One list of tokens or one
-        per request (all of the same step)."""
+        teacher-forcing those tokens (+ their repetition features, when that probe was fitted); a detected
+        repetition loop predicts the cap (``use_loop``). One list of tokens or one per request (all of the
+        same step)."""
         toks = list(tokens_so_far)
         if toks and not isinstance(toks[0], (list, tuple, np.ndarray)):
             toks = [toks]
         k = len(toks[0]) if toks else 0
         ks = [s for s in self.refiners_ if s <= k]
-        if ks:
+        tok_models = getattr(self, "refiners_tok_", {})
+        if ks and use_token_features and max(ks) in tok_models:
+            kk = max(ks)
+            Xt = np.hstack([feature_matrix(states_k, self.which), token_features([list(t)[:kk] for t in toks])])
+            pred = np.clip(tok_models[kk].predict(Xt), 0, None)
+        elif ks:
             pred = np.clip(self.refiners_[max(ks)].predict(feature_matrix(states_k, self.which)), 0, None)
         else:
             pred = np.clip(self.predict_from_states(states_k) - k, 0, None)
@@ -447,14 +477,15 @@ def evaluate_refine(auto: LMStatePredictor, states_k: LMStates, prefix: Sequence
                     tr: np.ndarray, te: np.ndarray, k: int, prefill_pred_te: np.ndarray, idx_fn=None):
     """Remaining-length prediction at step ``k`` on the test rows still decoding after ``k`` tokens:
     ``prefill_minus_k`` (the prefill prediction minus k), ``prefill+loop``, ``refine_probe`` (a probe on
-    the step-k states, trained on the training rows alive at k), ``refine+loop``, ``oracle``. Returns a
+    the step-k states, trained on the training rows alive at k), ``refine+loop`` (loop => the cap),
+    ``refine+repfeat`` (the probe also sees :func:`token_features`), ``oracle``. Returns a
     DataFrame of :func:`rtlm_lab.regressor.evaluate.score` rows with ``method`` and ``k``."""
     import pandas as pd
 
     from rtlm_lab.regressor.evaluate import score
 
     alive_tr, rem = remaining_targets(y, k)
-    auto.fit_refine(k, states_k.take(tr), y[tr])
+    auto.fit_refine(k, states_k.take(tr), y[tr], tokens=[list(prefix[i])[:k] for i in tr])
     te_alive = te[alive_tr[te]]
     if len(te_alive) < 3:
         return pd.DataFrame()
@@ -468,8 +499,9 @@ def evaluate_refine(auto: LMStatePredictor, states_k: LMStates, prefix: Sequence
     Sk = states_k.take(te_alive)
     methods = {"prefill_minus_k": base, "prefill+loop": np.where(loop, cap, base)}
     if k in auto.refiners_:
-        methods["refine_probe"] = auto.refine_predict(Sk, toks, use_loop=False)
-        methods["refine+loop"] = auto.refine_predict(Sk, toks, use_loop=True)
+        methods["refine_probe"] = auto.refine_predict(Sk, toks, use_loop=False, use_token_features=False)
+        methods["refine+loop"] = auto.refine_predict(Sk, toks, use_loop=True, use_token_features=False)
+        methods["refine+repfeat"] = auto.refine_predict(Sk, toks, use_loop=False, use_token_features=True)
     methods["oracle"] = ytrue
     idx = idx_fn(te_alive) if idx_fn is not None else None
     rows = []
