@@ -10,7 +10,7 @@ output tokens (float >= 0); all standardize ``X`` first (hidden states have a fe
 * :class:`OrdinalBinsProbe` (TRAIL-style): ``n_bins`` length buckets at the training quantiles, a multinomial
   logistic classifier; the prediction is the expected length ``sum_b p_b * mean_y_b``;
 * :class:`PairwiseRankProbe` (vLLM-LTR style): logistic loss on feature differences of sampled pairs with
-  different lengths (no intercept) gives a score ``x . w``; ``decision_function`` is that score and
+  different lengths (``pairs_per_item`` per row, at most ``max_pairs``; no intercept) gives a score ``x . w``; ``decision_function`` is that score and
   ``predict`` maps it to tokens by a 1-d least-squares fit of ``log1p(y)`` on it (monotone increasing, so the
   ranking, hence tau, is the score's own).
 """
@@ -119,8 +119,8 @@ class OrdinalBinsProbe(_Scaled):
 
 
 class PairwiseRankProbe(_Scaled):
-    def __init__(self, pairs_per_item: int = 20, C: float = 0.01, seed: int = 0):
-        self.pairs_per_item, self.C, self.seed = pairs_per_item, C, seed
+    def __init__(self, pairs_per_item: int = 20, C: float = 0.01, max_pairs: int = 10000, seed: int = 0):
+        self.pairs_per_item, self.C, self.max_pairs, self.seed = pairs_per_item, C, max_pairs, seed
 
     def fit(self, X, y):
         from sklearn.linear_model import LogisticRegression
@@ -129,7 +129,7 @@ class PairwiseRankProbe(_Scaled):
         Z = self._scale_fit(X)
         rng = np.random.default_rng(self.seed)
         n = len(y)
-        m = max(1, int(self.pairs_per_item) * n)
+        m = max(1, min(int(self.pairs_per_item) * n, int(self.max_pairs)))  # 5k rows x 2.5k dims: bound memory
         i, j = rng.integers(0, n, m), rng.integers(0, n, m)
         keep = y[i] != y[j]
         i, j = i[keep], j[keep]
