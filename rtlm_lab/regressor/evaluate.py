@@ -240,10 +240,12 @@ def compare(profile_df: pd.DataFrame, regressor: Mapping[str, Any] | None = None
         train_preds.update(t2)
         models.update(m2)
         refine_tables = []
-        for k in [int(k) for k in prefill.get("refine_k", []) or []]:
-            prefix = []
-            for src, fr in frames:
-                prefix += prefill["prefix"](src, fr.reset_index(drop=True), k)
+        ks = sorted({int(k) for k in prefill.get("refine_k", []) or []})
+        longest = []  # the reply's first max(k) tokens, once (greedy: each shorter prefix is a prefix of it)
+        for src, fr in frames:
+            longest += prefill["prefix"](src, fr.reset_index(drop=True), ks[-1]) if ks else []
+        for k in ks:
+            prefix = [list(p)[:k] for p in longest]
             Sk = LS.LMStates.concat([states_for(src, fr.reset_index(drop=True), k,
                                                 prefix[:n_main] if src == "main" else prefix[n_main:])
                                      for src, fr in frames])
