@@ -125,10 +125,19 @@ def test_predictor_auto_and_refine_api():
     assert rem.shape == (100,) and np.all((rem >= 0) & (rem <= 200 - k))
     looped = pred.refine_predict(st.take(range(200, 300)), [[1, 2, 3, 1, 2, 3]] * 100)
     assert np.all(looped == 200 - 6)  # a loop runs to the cap
-    pred.fit_refine(k, st.take(range(200)), y[:200], tokens=[[5, 6, 7, 8]] * 100 + [[1, 2, 1, 2]] * 100)
+    pred.fit_refine(k, st.take(range(200)), y[:200], tokens=[[5, 6, 7, 8]] * 100 + [[7, 7, 7, 7]] * 100)
     assert k in pred.refiners_tok_
     rem2 = pred.refine_predict(st.take(range(200, 300)), toks, use_loop=False)
     assert rem2.shape == (100,) and np.all((rem2 >= 0) & (rem2 <= 200 - k))
+    # training loops that did not run to the cap: the gated override is off, the plain one still on
+    assert pred.loop_precision_[k] < 0.8 and not pred.loop_trusted(k)
+    gated = pred.refine_predict(st.take(range(200, 300)), [[7, 7, 7, 7]] * 100, use_loop="gated")
+    assert not np.all(gated == 200 - k)  # the probe, not the override
+    assert np.all(pred.refine_predict(st.take(range(200, 300)), [[7, 7, 7, 7]] * 100) == 200 - k)
+    ycap = y.copy()
+    ycap[100:200] = 200  # now every flagged training request ran to the cap
+    pred.fit_refine(k, st.take(range(200)), ycap[:200], tokens=[[5, 6, 7, 8]] * 100 + [[7, 7, 7, 7]] * 100)
+    assert pred.loop_precision_[k] == 1.0 and pred.loop_trusted(k)
 
 
 def test_detect_loop():

@@ -25,7 +25,9 @@ profile, layers, teacher-forcing step), written atomically; a cache whose reques
 profile's ``output_ids``, or a short greedy ``generate`` when the profile has none, :func:`reply_prefix_ids`)
 predicts the *remaining* length, and :func:`detect_loop` (the last ``n``-gram already occurred verbatim in the
 tokens so far) overrides it with "runs to the cap" (``refine+loop``); ``refine+repfeat`` instead gives the
-step-k probe :func:`token_features` (loop flags for n = 2, 3, 4, repeated-bigram share, distinct-token share).
+step-k probe :func:`token_features` (loop flags for n = 2, 3, 4, repeated-bigram share, distinct-token share),
+and ``refine+repfeat+gated_loop`` applies the override only where the training loops flagged at step k ran to
+the cap (share >= ``loop_min_precision``; an LM may repeat itself and still stop).
 
 API for the scheduler (no import of the scheduler here)::
 
@@ -363,7 +365,9 @@ class LMStatePredictor:
 
     def __init__(self, probe: str = "auto", which: Sequence[str] = ("last", "mean", "scalar"),
                  candidates: Sequence[str] = ("ridge", "mlp", "ordinal", "rank"), val_size: float = 0.25,
-                 loop_n: int = 3, seed: int = 0, probe_params: Mapping[str, Mapping] | None = None):
+                 loop_n: int = 3, loop_min_precision: float = 0.8, seed: int = 0,
+                 probe_params: Mapping[str, Mapping] | None = None):
+        self.loop_min_precision = loop_min_precision
         self.probe, self.which, self.candidates = probe, tuple(which), tuple(candidates)
         self.val_size, self.loop_n, self.seed = val_size, loop_n, seed
         self.probe_params = dict(probe_params or {})
@@ -416,16 +420,30 @@ class LMStatePredictor:
         self.refiners_[int(k)] = self._new(probe or self.probe_).fit(X[alive], rem[alive])
         if tokens is not None:
             if not hasattr(self, "refiners_tok_"):
-                self.refiners_tok_ = {}
-            Xt = np.hstack([X, token_features([list(t)[:k] for t in tokens])])
+                self.refiners_tok_, self.loop_precision_ = {}, {}
+            toks = [list(t)[:k] for t in tokens]
+            Xt = np.hstack([X, token_features(toks)])
             self.refiners_tok_[int(k)] = self._new(probe or self.probe_).fit(Xt[alive], rem[alive])
+            loop = np.array([detect_loop(t, self.loop_n) for t in toks], dtype=bool) & alive
+            y = np.asarray(lengths, dtype=float)
+            self.loop_precision_[int(k)] = float(np.mean(y[loop] >= self.max_new_tokens_)) if loop.any() \
+                else math.nan  # share of training loops (at step k) that did run to the cap
         return self
 
+    def loop_trusted(self, k: int) -> bool:
+        """Whether the loop override is trusted at step ``k``: at least ``loop_min_precision`` of the training
+        requests flagged at ``k`` ran to the cap (an LM may repeat itself and still stop: BlenderBot-ccc)."""
+        ks = [s for s in getattr(self, "loop_precision_", {}) if s <= k]
+        if not ks:
+            return True
+        p = self.loop_precision_[max(ks)]
+        return bool(math.isfinite(p) and p >= self.loop_min_precision)
+
     def refine_predict(self, states_k: LMStates, tokens_so_far: Sequence[Sequence[int]] | Sequence[int],
-                       use_loop: bool = True, use_token_features: bool = True) -> np.ndarray:
+                       use_loop: bool | str = True, use_token_features: bool = True) -> np.ndarray:
         """Predicted *remaining* tokens after ``len(tokens_so_far)`` decoding steps, from the state after
         teacher-forcing those tokens (+ their repetition features, when that probe was fitted); a detected
-        repetition loop predicts the cap (``use_loop``). One list of tokens or one per request (all of the
+        repetition loop predicts the cap (``use_loop=True``; ``"gated"``: only where :meth:`loop_trusted`). One list of tokens or one per request (all of the
         same step)."""
         toks = list(tokens_so_far)
         if toks and not isinstance(toks[0], (list, tuple, np.ndarray)):
@@ -443,6 +461,8 @@ class LMStatePredictor:
             pred = np.clip(self.predict_from_states(states_k) - k, 0, None)
         cap_left = max(0, self.max_new_tokens_ - k)
         pred = np.minimum(pred, cap_left)
+        if use_loop == "gated":
+            use_loop = self.loop_trusted(k)
         if use_loop:
             loop = np.array([detect_loop(t, self.loop_n) for t in toks], dtype=bool)
             pred = np.where(loop, cap_left, pred)
@@ -478,7 +498,8 @@ def evaluate_refine(auto: LMStatePredictor, states_k: LMStates, prefix: Sequence
     """Remaining-length prediction at step ``k`` on the test rows still decoding after ``k`` tokens:
     ``prefill_minus_k`` (the prefill prediction minus k), ``prefill+loop``, ``refine_probe`` (a probe on
     the step-k states, trained on the training rows alive at k), ``refine+loop`` (loop => the cap),
-    ``refine+repfeat`` (the probe also sees :func:`token_features`), ``oracle``. Returns a
+    ``refine+repfeat`` (the probe also sees :func:`token_features`), ``refine+repfeat+gated_loop`` (+ the
+    override where training loops at k ran to the cap, :meth:`LMStatePredictor.loop_trusted`), ``oracle``. Returns a
     DataFrame of :func:`rtlm_lab.regressor.evaluate.score` rows with ``method`` and ``k``."""
     import pandas as pd
 
@@ -502,6 +523,8 @@ def evaluate_refine(auto: LMStatePredictor, states_k: LMStates, prefix: Sequence
         methods["refine_probe"] = auto.refine_predict(Sk, toks, use_loop=False, use_token_features=False)
         methods["refine+loop"] = auto.refine_predict(Sk, toks, use_loop=True, use_token_features=False)
         methods["refine+repfeat"] = auto.refine_predict(Sk, toks, use_loop=False, use_token_features=True)
+        methods["refine+repfeat+gated_loop"] = auto.refine_predict(Sk, toks, use_loop="gated",
+                                                                   use_token_features=True)
     methods["oracle"] = ytrue
     idx = idx_fn(te_alive) if idx_fn is not None else None
     rows = []
