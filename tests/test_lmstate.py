@@ -212,3 +212,14 @@ def test_token_features():
     assert f.shape == (3, 5)
     assert f[0, :3].tolist() == [1.0, 1.0, 1.0] and f[1, :3].tolist() == [0.0, 0.0, 0.0]
     assert f[0, 3] == pytest.approx(3 / 5) and f[1, 3] == 0 and f[1, 4] == 1.0 and f[0, 4] == pytest.approx(2 / 6)
+
+
+def test_predictor_on_texts(causal):
+    texts = TEXTS * 5
+    st = LS.extract_states(causal, texts)
+    y = np.arange(len(texts), dtype=float) % 7 + 3
+    pred = LS.LMStatePredictor(probe="ridge").fit(st, y, max_new_tokens=24)
+    np.testing.assert_allclose(pred.predict_texts(causal, texts), pred.predict_from_states(st), rtol=1e-4, atol=1e-4)
+    pred.fit_refine(2, LS.extract_states(causal, texts, prefix_ids=[[5, 6]] * len(texts)), y + 2)
+    rem = pred.refine_texts(causal, texts[:3], [[5, 6]] * 3)
+    assert rem.shape == (3,) and np.all((rem >= 0) & (rem <= 22))

@@ -35,6 +35,7 @@ API for the scheduler (no import of the scheduler here)::
     pred.fit_refine(k, states_k, lengths)                 # optional: per-step remaining-length probes
     pred.predict_from_states(extract_states(lm, texts))   # -> predicted output tokens (float array)
     pred.refine_predict(state_k, tokens_so_far)           # -> predicted remaining tokens (float array)
+    pred.predict_texts(lm, texts); pred.refine_texts(lm, texts, tokens_so_far)   # the same, LM pass included
 
 Probes are in :mod:`rtlm_lab.regressor.probes`; the comparison table in :mod:`rtlm_lab.regressor.evaluate`
 (``rtlm-train-regressor regressor.use_prefill=true``).
@@ -400,6 +401,7 @@ class LMStatePredictor:
         if name == "auto":
             name, self.val_scores_ = self._select(X, y, groups)
         self.probe_ = name
+        self.layers_ = tuple(states.layers)
         self.model_ = self._new(name).fit(X, y)
         self.max_new_tokens_ = int(max_new_tokens or np.max(y))
         self.refiners_: dict[int, Any] = {}
@@ -408,6 +410,18 @@ class LMStatePredictor:
     def predict_from_states(self, states: LMStates) -> np.ndarray:
         """Predicted output tokens (float >= 0) per request."""
         return np.clip(self.model_.predict(feature_matrix(states, self.which)), 0, None)
+
+    def predict_texts(self, lm, texts: Sequence[Any], contexts: Sequence[Any] | None = None,
+                      batch_size: int = 16) -> np.ndarray:
+        """:meth:`predict_from_states` after one prefill pass of ``lm`` (the LM the probe was fitted on)."""
+        return self.predict_from_states(extract_states(lm, texts, contexts, layers=self.layers_,
+                                                       batch_size=batch_size))
+
+    def refine_texts(self, lm, texts: Sequence[Any], tokens_so_far: Sequence[Sequence[int]],
+                     contexts: Sequence[Any] | None = None, use_loop: bool | str = "gated") -> np.ndarray:
+        """:meth:`refine_predict` after teacher-forcing ``tokens_so_far`` (one list per request, same length)."""
+        st = extract_states(lm, texts, contexts, layers=self.layers_, prefix_ids=tokens_so_far)
+        return self.refine_predict(st, tokens_so_far, use_loop=use_loop)
 
     def fit_refine(self, k: int, states_k: LMStates, lengths, probe: str | None = None,
                    tokens: Sequence[Sequence[int]] | None = None):
