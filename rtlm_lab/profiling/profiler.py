@@ -35,6 +35,9 @@ PROFILE_COLUMNS = [
     "ms_per_token", "stop_reason", "batch_size", "reply", "lm", "platform", "device", "decoding", "git_commit", "seed",
     "finished_utc",
 ]
+#: Optional column (``profile.output_ids=N``, N > 0): the reply's first N token ids (list of int), the
+#: teacher-forcing prefix of :mod:`rtlm_lab.regressor.lmstate`'s remaining-length refinement.
+OUTPUT_IDS_COLUMN = "output_ids"
 
 
 class ProfileStore:
@@ -80,7 +83,8 @@ class ProfileStore:
         # buffer was cleared) used to make the final flush write the same rows again as a second part
         rows, self._buffer = self._buffer, []
         try:
-            write_parquet_atomic(pd.DataFrame(rows, columns=PROFILE_COLUMNS), path)
+            cols = PROFILE_COLUMNS + ([OUTPUT_IDS_COLUMN] if rows and OUTPUT_IDS_COLUMN in rows[0] else [])
+            write_parquet_atomic(pd.DataFrame(rows, columns=cols), path)
         except BaseException:
             if not path.exists():  # not written: keep the rows for the next flush
                 self._buffer = rows + self._buffer
@@ -144,6 +148,7 @@ def run_profile(cfg: Mapping, run_dir: str | Path, lm=None) -> dict:
     prof = cfg.get("profile", {}) or {}
     batch_size = int(prof.get("batch_size", 1))
     flush_every = max(1, int(prof.get("flush_every", 10)))
+    n_ids = int(prof.get("output_ids", 0) or 0)
     if batch_size < 1:
         raise UserError(f"profile.batch_size must be >= 1, got {batch_size}")
     requests = select_requests(cfg)
@@ -194,6 +199,8 @@ def run_profile(cfg: Mapping, run_dir: str | Path, lm=None) -> dict:
                         "lm": lm_cfg["name"], "platform": platform.get("name"), "device": device,
                         "decoding": decoding, "git_commit": commit, "seed": seed, "finished_utc": now,
                     })
+                    if n_ids > 0:
+                        rows[-1][OUTPUT_IDS_COLUMN] = [int(t) for t in g.output_ids[:n_ids]]
                 store.add(rows, flush_every)
                 bar.update(len(rows))
             bar.close()

@@ -4,6 +4,9 @@
 * :mod:`.features`: uncertainty features and the MiniLM embedding;
 * :mod:`.baselines`: constant, input length, MiniLM proxy (SSJF / S3), pairwise learning-to-rank (vLLM-LTR);
 * :mod:`.evaluate`: the method comparison on held-out conversations (``rtlm-train-regressor``);
+* :mod:`.lmstate`: the served LM's own prefill states (hidden states, entropy, end-of-turn probability),
+  :class:`~rtlm_lab.regressor.lmstate.LMStatePredictor` and step-k remaining-length refinement;
+  :mod:`.probes`: ridge / MLP / ordinal-bins / pairwise-rank probes over them;
 * :mod:`.recalibration`: cross-LM recalibration experiment; :mod:`.bench`: overhead benchmark;
   :mod:`.reference`: the comparison over every reference profile.
 """

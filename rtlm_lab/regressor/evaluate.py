@@ -102,9 +102,12 @@ def buckets(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
 
 
 def score(y: np.ndarray, pred: np.ndarray, train_y: np.ndarray, rank_only: bool = False,
-          train_pred: np.ndarray | None = None, n_bootstrap: int = 0, seed: int = 0) -> dict[str, float]:
-    """Metrics of one method on the test rows; the tau CI is :func:`rtlm_lab.bootstrap.percentile_ci` over
-    ``n_bootstrap`` row resamples drawn from ``seed`` (the same resamples for every method given that seed)."""
+          train_pred: np.ndarray | None = None, n_bootstrap: int = 0, seed: int = 0,
+          idx: list[np.ndarray] | None = None) -> dict[str, float]:
+    """Metrics of one method on the test rows. The tau CI: over ``idx`` (resampled positions, e.g. whole
+    conversations from :func:`bootstrap_index`: scipy's bootstrap cannot resample clusters) where given,
+    else :func:`rtlm_lab.bootstrap.percentile_ci` over ``n_bootstrap`` row resamples drawn from ``seed`` (the
+    same resamples for every method given that seed)."""
     y, pred = np.asarray(y, float), np.asarray(pred, float)
     edges = bucket_edges(train_y)
     if rank_only:
@@ -118,7 +121,12 @@ def score(y: np.ndarray, pred: np.ndarray, train_y: np.ndarray, rank_only: bool 
            "spearman": _spearman(pred, y), "kendall_tau": _kendall(pred, y),
            "tau_ci_low": math.nan, "tau_ci_high": math.nan, "pairwise_acc": pairwise_accuracy(y, pred),
            "bucket_acc": bacc, "n_test": int(len(y))}
-    if n_bootstrap and len(y) > 2 and math.isfinite(out["kendall_tau"]):
+    if idx is not None and len(idx) and math.isfinite(out["kendall_tau"]):
+        taus = np.array([_kendall(pred[r], y[r]) for r in idx])
+        ok = taus[np.isfinite(taus)]
+        if len(ok) >= max(2, 0.5 * len(taus)):
+            out["tau_ci_low"], out["tau_ci_high"] = (float(v) for v in np.quantile(ok, [0.025, 0.975]))
+    elif n_bootstrap and len(y) > 2 and math.isfinite(out["kendall_tau"]):
         out["tau_ci_low"], out["tau_ci_high"] = percentile_ci((pred, y), _kendall, n_bootstrap, seed,
                                                               vectorized=False)
     return out
@@ -131,9 +139,32 @@ def _timed(fn, *args) -> float:
 
 
 # -------------------------------------------------------------------------------------------- compare
+def bootstrap_index(groups: np.ndarray, n_bootstrap: int, seed: int, by: str = "row") -> list[np.ndarray] | None:
+    """Bootstrap resamples of positions ``0..len(groups)-1``: rows with replacement (``by="row"``) or whole
+    conversations with replacement, all rows of a drawn conversation kept (``by="conversation"``; resamples
+    then vary in size). ``None`` when there are too few rows."""
+    n = len(groups)
+    if not n_bootstrap or n <= 2:
+        return None
+    rng = np.random.default_rng(seed)
+    if by == "row":
+        return list(rng.integers(0, n, size=(int(n_bootstrap), n)))
+    if by != "conversation":
+        raise UserError(f"bootstrap_by must be 'row' or 'conversation', got {by!r}")
+    uniq, inv = np.unique(np.asarray(groups), return_inverse=True)
+    members = [np.flatnonzero(inv == g) for g in range(len(uniq))]
+    return [np.concatenate([members[c] for c in rng.integers(0, len(uniq), len(uniq))]) for _ in range(int(n_bootstrap))]
+
+
+def usable_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows :func:`compare` uses: those with a measured output length."""
+    return df[df[TARGET].notna()].reset_index(drop=True)
+
+
 def compare(profile_df: pd.DataFrame, regressor: Mapping[str, Any] | None = None, test_size: float = 0.3,
             seed: int = 0, n_bootstrap: int = 1000, timing_n: int = 64, embedding_baselines: bool = True,
-            E: np.ndarray | None = None) -> dict[str, Any]:
+            E: np.ndarray | None = None, extra_train: pd.DataFrame | None = None, bootstrap_by: str = "row",
+            prefill: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Fit and score every method on one profile; see the module doc.
 
     ``regressor``: keyword arguments of :class:`LengthPredictor` (``kind``...; a ``name`` key is ignored).
@@ -143,10 +174,22 @@ def compare(profile_df: pd.DataFrame, regressor: Mapping[str, Any] | None = None
     """
     if "text" not in profile_df.columns or TARGET not in profile_df.columns:
         raise UserError(f"not a profile: needs columns text and {TARGET}")
-    df = profile_df[profile_df[TARGET].notna()].reset_index(drop=True)
+    df = usable_rows(profile_df)
     if len(df) < MIN_ROWS:
         raise UserError(f"profile has {len(df)} usable rows; need at least {MIN_ROWS}")
+    n_main = len(df)
+    if extra_train is not None:  # a train-split profile: every method trains on it, the whole profile is the test
+        ex = usable_rows(extra_train)
+        ex = ex[~np.isin(conversation_ids(ex), conversation_ids(df))].reset_index(drop=True)
+        if len(ex) < MIN_ROWS:
+            raise UserError(f"extra training profile has {len(ex)} usable rows (conversations disjoint from the "
+                            f"test profile); need at least {MIN_ROWS}")
+        df = pd.concat([df, ex], ignore_index=True)
     params = {k: v for k, v in dict(regressor or {}).items() if k != "name"}
+    use_prefill = bool(params.pop("use_prefill", False))
+    if use_prefill and prefill is None:
+        raise UserError("regressor.use_prefill=true needs the served LM's states (prefill=...; "
+                        "rtlm-train-regressor provides them)")
     params.setdefault("random_state", seed)
     if isinstance(params.get("hidden_layer_sizes"), list):
         params["hidden_layer_sizes"] = tuple(params["hidden_layer_sizes"])
@@ -156,7 +199,10 @@ def compare(profile_df: pd.DataFrame, regressor: Mapping[str, Any] | None = None
     kind = ours.kind
     texts = df["text"].fillna("").astype(str).tolist()
     y = df[TARGET].to_numpy(dtype=float)
-    tr, te = split_by_conversation(df, test_size, seed)
+    if extra_train is not None:
+        tr, te = np.arange(n_main, len(df)), np.arange(n_main)
+    else:
+        tr, te = split_by_conversation(df, test_size, seed)
     groups = conversation_ids(df)
 
     U = F.uncertainty_features(texts)
@@ -184,19 +230,60 @@ def compare(profile_df: pd.DataFrame, regressor: Mapping[str, Any] | None = None
         preds[bname] = model.predict(t_te, E=Ete)
         train_preds[bname] = model.predict(t_tr, E=Etr)
         models[bname] = model
+    refine = None
+    if use_prefill:
+        from rtlm_lab.regressor import lmstate as LS
+
+        states_for = prefill["states"]  # (source "main" | "extra", frame, step, prefix ids) -> LMStates
+        frames = [("main", df.iloc[:n_main])] + ([("extra", df.iloc[n_main:])] if extra_train is not None else [])
+        S = LS.LMStates.concat([states_for(src, fr.reset_index(drop=True), 0, None) for src, fr in frames])
+        cap = int(prefill.get("max_new_tokens") or np.max(y))
+        # RT-LM's regressor with the prefill scalars (entropy, end-of-turn prob, prompt tokens) appended
+        Xp = np.hstack([X, LS.scalar_features(S)])
+        ours_p = LengthPredictor(**params).fit([texts[i] for i in tr], y[tr], X=Xp[tr])
+        pname = f"{name}_prefill"
+        preds[pname], train_preds[pname] = ours_p.predict_from_features(Xp[te]), ours_p.predict_from_features(Xp[tr])
+        models[pname] = ours_p
+        p2, t2, m2 = LS.evaluate_methods(S, y, tr, te, groups, seed=seed,
+                                         candidates=tuple(prefill.get("probes", ("ridge", "mlp", "ordinal", "rank"))),
+                                         which=tuple(prefill.get("which", ("last", "mean", "scalar"))),
+                                         max_new_tokens=cap, loop_n=int(prefill.get("loop_n", 3)))
+        preds.update(p2)
+        train_preds.update(t2)
+        models.update(m2)
+        refine_tables = []
+        ks = sorted({int(k) for k in prefill.get("refine_k", []) or []})
+        longest = []  # the reply's first max(k) tokens, once (greedy: each shorter prefix is a prefix of it)
+        for src, fr in frames:
+            longest += prefill["prefix"](src, fr.reset_index(drop=True), ks[-1]) if ks else []
+        for k in ks:
+            prefix = [list(p)[:k] for p in longest]
+            Sk = LS.LMStates.concat([states_for(src, fr.reset_index(drop=True), k,
+                                                prefix[:n_main] if src == "main" else prefix[n_main:])
+                                     for src, fr in frames])
+            idx_fn = (lambda rows: bootstrap_index(groups[rows], n_bootstrap, seed, bootstrap_by))
+            refine_tables.append(LS.evaluate_refine(m2["lmstate_auto"], Sk, prefix, y, tr, te, k,
+                                                    preds["lmstate_auto"], idx_fn=idx_fn))
+        refine = pd.concat(refine_tables, ignore_index=True) if refine_tables else None
     preds["oracle"] = y[te]
     train_preds["oracle"] = y[tr]
 
     n_boot = int(n_bootstrap) if n_bootstrap and len(te) > 2 else 0  # same resamples (seed) for every method
+    # rows: scipy's paired bootstrap; conversations: our cluster resamples (the same for every method)
+    idx = bootstrap_index(groups[te], n_bootstrap, seed, bootstrap_by) if bootstrap_by == "conversation" else None
     rows = []
     timing = [t for t in t_te[:max(1, int(timing_n))]]
     for m, p in preds.items():
         r = {"method": m, **score(y[te], p, y[tr], rank_only=m in RANK_ONLY, train_pred=train_preds[m],
-                                 n_bootstrap=n_boot, seed=seed)}
+                                 n_bootstrap=n_boot, seed=seed, idx=idx)}
         if m == name:
             sec = _timed(lambda t: ours.predict_from_features(ours.featurize(t)), timing)
         elif m == "oracle":
             sec = math.nan
+        elif use_prefill and (m.startswith("lmstate_") or m == f"{name}_prefill"):
+            timer = prefill.get("time")  # seconds to extract the states of these texts (the LM's forward pass)
+            sec = timer(timing) if timer is not None else math.nan
+            sec += _timed(lambda t: ours.featurize(t), timing) if m == f"{name}_prefill" else 0.0
         elif m in EMBEDDING_METHODS:
             sec = _timed(lambda t, mm=models[m]: mm.predict(t, E=F.embed(t)), timing)
         else:
@@ -211,8 +298,19 @@ def compare(profile_df: pd.DataFrame, regressor: Mapping[str, Any] | None = None
     split = {"n_train": int(len(tr)), "n_test": int(len(te)), "n_train_conversations": int(len(set(groups[tr]))),
              "n_test_conversations": int(len(set(groups[te]))), "test_size": float(test_size), "seed": int(seed),
              "bucket_edges_tokens": [float(v) for v in bucket_edges(y[tr])]}
-    return {"table": table, "predictions": pred_df, "predictor": ours, "split": split, "lm": lm,
-            "platform": platform, "n_bootstrap": n_boot}
+    split["bootstrap_by"] = bootstrap_by
+    if extra_train is not None:
+        split["extra_train_rows"] = int(len(tr))
+        split["test"] = "whole profile (training rows from the extra train-split profile)"
+    out = {"table": table, "predictions": pred_df, "predictor": ours, "split": split, "lm": lm,
+           "platform": platform, "n_bootstrap": n_boot}
+    if use_prefill:
+        auto = models["lmstate_auto"]
+        out["lmstate"] = {"picked_probe": auto.probe_, "val_kendall_tau": auto.val_scores_,
+                          "layers": list(S.layers), "n_features": int(LS.feature_matrix(S.take([0]), auto.which).shape[1])}
+        out["lmstate_predictor"] = auto
+        out["refine"] = refine
+    return out
 
 
 def _clean(obj: Any) -> Any:
@@ -229,9 +327,14 @@ def _clean(obj: Any) -> Any:
 
 def to_jsonable(result: Mapping[str, Any]) -> dict[str, Any]:
     """``compare``'s result as JSON (NaN -> null); ``methods`` is the table as a list of records."""
-    return _clean({"lm": result["lm"], "platform": result["platform"], "split": result["split"],
-                   "n_bootstrap": result["n_bootstrap"], "regressor": result["predictor"].get_params(),
-                   "methods": result["table"].to_dict(orient="records")})
+    out = {"lm": result["lm"], "platform": result["platform"], "split": result["split"],
+           "n_bootstrap": result["n_bootstrap"], "regressor": result["predictor"].get_params(),
+           "methods": result["table"].to_dict(orient="records")}
+    if "lmstate" in result:
+        out["lmstate"] = result["lmstate"]
+        ref = result.get("refine")
+        out["refine"] = ref.to_dict(orient="records") if ref is not None else []
+    return _clean(out)
 
 
 def format_table(table: pd.DataFrame) -> str:

@@ -16,8 +16,11 @@ Choices, documented once:
   log-prediction by ``log 2``). Predictions are ``expm1`` of it, clipped at 0. ``log_target=False`` fits raw
   lengths.
 * **Features**: :data:`rtlm_lab.regressor.features.FEATURE_NAMES` (six scores, ``total``, log words, log
-  spaCy tokens); ``use_embedding=True`` appends the 384-d MiniLM sentence embedding. ``use_prefill`` (the
-  LM's own prefill states) is not implemented: it would need the LM in the predictor's process.
+  spaCy tokens); ``use_embedding=True`` appends the 384-d MiniLM sentence embedding. The served LM's own
+  prefill states (``use_prefill`` in ``conf/regressor``) are not features of this class: they need the LM in
+  the process; :mod:`rtlm_lab.regressor.lmstate` (``LMStatePredictor``, probes) provides them, and
+  ``compare(..., prefill=...)`` adds ``rtlm_<kind>_prefill`` (these features + entropy, end-of-turn
+  probability and prompt tokens of the prefill pass) and the ``lmstate_*`` probes to the comparison.
 * **Kinds** (each a scikit-learn ``Pipeline``): ``ridge`` (StandardScaler + Ridge), ``hgb``
   (HistGradientBoostingRegressor, squared error), ``quantile`` (HGB with ``loss="quantile"``: the point
   prediction is the p50 model, and one model per entry of ``quantiles``), ``mlp`` (StandardScaler +

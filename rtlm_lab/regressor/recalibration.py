@@ -72,7 +72,7 @@ def run_recalibration(source_df: pd.DataFrame, target_df: pd.DataFrame, regresso
 
     src, tgt = _clean_df(source_df), _clean_df(target_df)
     window = int(max(2, min(window, len(tgt))))
-    params = {k: v for k, v in dict(regressor or {}).items() if k != "name"}
+    params = {k: v for k, v in dict(regressor or {}).items() if k not in ("name", "use_prefill")}
     params.setdefault("random_state", seed)
     base = LengthPredictor(**params)
     Xs = base.featurize(src["text"].fillna("").astype(str).tolist())

@@ -57,17 +57,39 @@ def train_regressor(cfg: DictConfig) -> dict:
     except Exception as exc:  # noqa: BLE001
         raise UserError(f"cannot read profile {path}: {type(exc).__name__}: {exc}".splitlines()[0]) from exc
     reg = OmegaConf.to_container(cfg.regressor, resolve=True)
+    train_path, train_df = None, None
+    if cfg.get("train_profile"):
+        train_path = Path(str(cfg.train_profile)).expanduser()
+        if not train_path.is_absolute():
+            train_path = Path(HydraConfig.get().runtime.cwd) / train_path
+        if not train_path.is_file():
+            raise UserError(f"no train profile at {train_path}; make one with `rtlm-profile lm={cfg.lm.name} "
+                            f"data.split=train profile.output_ids=32` (or drop train_profile=)")
+        from rtlm_lab.regressor.lmstate import with_texts
+
+        train_df = with_texts(pd.read_parquet(train_path))  # a slim profile (lengths + ids) gets its texts back
+    prefill = _prefill(cfg, path, train_path) if reg.get("use_prefill") else None
     result = compare(profile_df, reg, test_size=float(cfg.test_size), seed=int(cfg.seed),
                      n_bootstrap=int(cfg.n_bootstrap), timing_n=int(cfg.timing_n),
-                     embedding_baselines=bool(cfg.embedding_baselines))
+                     embedding_baselines=bool(cfg.embedding_baselines), extra_train=train_df,
+                     bootstrap_by=str(cfg.get("bootstrap_by", "row")), prefill=prefill)
     if (result["lm"], result["platform"]) != (cfg.lm.name, cfg.platform.name):
         log.warning("profile %s holds lm=%s platform=%s but the config says lm=%s platform=%s", path,
                     result["lm"], result["platform"], cfg.lm.name, cfg.platform.name)
     run_dir.mkdir(parents=True, exist_ok=True)
     result["predictor"].save(run_dir / "predictor.joblib")
     metrics = to_jsonable(result)
+    extra = {"train_profile": str(train_path), "train_profile_sha256": sha256_file(train_path)} if train_path else {}
     metrics["provenance"] = provenance(cfg, profile=str(path), profile_sha256=sha256_file(path),
-                                       run_dir=str(run_dir))
+                                       run_dir=str(run_dir), **extra)
+    if "lmstate_predictor" in result:
+        import joblib
+
+        with atomic_path(run_dir / "lmstate_predictor.joblib") as tmp:
+            joblib.dump(result["lmstate_predictor"], tmp)
+        if result.get("refine") is not None:
+            with atomic_path(run_dir / "refine.csv") as tmp:
+                result["refine"].to_csv(tmp, index=False)
     write_json_atomic(run_dir / "metrics.json", metrics)
     with atomic_path(run_dir / "predictions.csv") as tmp:
         result["predictions"].to_csv(tmp, index=False)
@@ -78,8 +100,59 @@ def train_regressor(cfg: DictConfig) -> dict:
     print(f"{result['lm']} on {result['platform']}, regressor={cfg.regressor.name}: "
           f"train {result['split']['n_train']} / test {result['split']['n_test']} requests", flush=True)
     print(format_table(result["table"]), flush=True)
+    if "lmstate" in result:
+        ls = result["lmstate"]
+        print(f"lmstate_auto = lmstate_{ls['picked_probe']} (validation tau {ls['val_kendall_tau']}); "
+              f"layers {ls['layers']}, {ls['n_features']} features", flush=True)
+        if result.get("refine") is not None and len(result["refine"]):
+            from rtlm_lab.regressor.evaluate import METRIC_COLUMNS
+
+            cols = ["k"] + [c for c in METRIC_COLUMNS if c != "us_per_prompt"] + ["loop_flagged", "loop_precision"]
+            print("remaining length after k decoding steps (test requests still running at k):", flush=True)
+            print(format_table(result["refine"][cols]), flush=True)
     print(f"metrics: {run_dir / 'metrics.json'}", flush=True)
     return metrics
+
+
+def _prefill(cfg: DictConfig, profile_path: Path, train_path: Path | None) -> dict:
+    """Callbacks giving :func:`~rtlm_lab.regressor.evaluate.compare` the served LM's states, cached under
+    ``data/cache/lmstate/`` per (LM + platform, profile sha256, layers, step); the LM loads on the first miss."""
+    import time
+
+    from rtlm_lab.io import sha256_file
+    from rtlm_lab.lm import load_lm
+    from rtlm_lab.regressor import lmstate as LS
+
+    ls = OmegaConf.to_container(cfg.lmstate, resolve=True)
+    layers, bs = list(ls.get("layers") or LS.DEFAULT_LAYERS), int(ls.get("batch_size", 16))
+    shas = {"main": sha256_file(profile_path)}
+    if train_path is not None:
+        shas["extra"] = sha256_file(train_path)
+    key = f"{cfg.lm.name}__{cfg.platform.name}"
+    holder: dict = {}
+
+    def get_lm():
+        if "lm" not in holder:
+            holder["lm"] = load_lm(OmegaConf.to_container(cfg.lm, resolve=True),
+                                   OmegaConf.to_container(cfg.platform, resolve=True))
+        return holder["lm"]
+
+    def states(src, frame, step, prefix):
+        return LS.cached_states(get_lm, frame, shas[src], key, layers, step, prefix, bs)
+
+    def prefix(src, frame, k):
+        return LS.reply_prefix_ids(get_lm, frame, k, bs, shas[src], key)
+
+    def timer(texts):
+        lm = get_lm()
+        LS.extract_states(lm, texts[:2], layers=layers, batch_size=bs)  # warm
+        t0 = time.perf_counter()
+        LS.extract_states(lm, texts, layers=layers, batch_size=bs)
+        return time.perf_counter() - t0
+
+    return {"states": states, "prefix": prefix, "time": timer, "max_new_tokens": int(cfg.lm.max_new_tokens),
+            "probes": ls.get("probes"), "which": ls.get("which"), "refine_k": ls.get("refine_k") or [],
+            "loop_n": int(ls.get("loop_n", 3))}
 
 
 main = make_main("train_regressor", train_regressor)
