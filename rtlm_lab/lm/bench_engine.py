@@ -131,36 +131,3 @@ def bench_engine(lm_names: Sequence[str], platform: Mapping[str, Any], concurren
                       for n, r in res["lms"].items()}))
     print(f"wrote {out}")
     return res
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    import argparse
-
-    from rtlm_lab.errors import user_errors
-
-    ap = argparse.ArgumentParser(prog="python -m rtlm_lab.lm.bench_engine", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--platform", default="cpu")
-    ap.add_argument("--lm", nargs="+", default=["gemma3_270m", "smollm2_135m", "dialogpt_ccc"])
-    ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 64, 256])
-    ap.add_argument("--max-new-tokens", type=int, default=None)
-    ap.add_argument("--n-check", type=int, default=16)
-    ap.add_argument("--random-init", nargs="*", default=[], help="LM=DIR: time LM's architecture from DIR's config")
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--backends", nargs="+", default=["slots", "paged"])
-    a = ap.parse_args(argv)
-
-    @user_errors
-    def go():
-        from omegaconf import OmegaConf
-
-        from rtlm_lab.paths import ROOT
-
-        platform = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "platform" / f"{a.platform}.yaml"))
-        ri = dict(x.split("=", 1) for x in a.random_init)
-        bench_engine(a.lm, platform, a.concurrency, a.max_new_tokens, a.n_check, ri, a.out, a.backends)
-
-    go()
-
-
-if __name__ == "__main__":
-    main()

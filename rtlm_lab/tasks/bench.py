@@ -2,12 +2,14 @@
 
 * ``bench=uncertainty``: :func:`rtlm_lab.uncertainty.bench.bench` -> ``outputs/bench/uncertainty.json``;
 * ``bench=regressor``: :func:`rtlm_lab.regressor.bench.bench` -> ``outputs/bench/regressor.json``;
-* ``bench=decode``: :func:`rtlm_lab.lm.bench_decode.bench` on ``platform`` -> ``outputs/bench/decode_<platform>.json``.
+* ``bench=decode``: :func:`rtlm_lab.lm.bench_decode.bench` on ``platform`` -> ``outputs/bench/decode_<platform>.json``;
+* ``bench=engine``: :func:`rtlm_lab.lm.bench_engine.bench_engine` on ``platform`` -> ``outputs/bench/engine.json``.
 
 Examples::
 
     rtlm-bench bench=uncertainty bench.n=500
     rtlm-bench bench=decode platform=cuda bench.lms=[gemma3_270m,smollm2_135m]
+    rtlm-bench bench=engine platform=cpu bench.lms=[dialogpt_ccc] bench.concurrency=[1,8]
 """
 
 from __future__ import annotations
@@ -30,6 +32,12 @@ def bench(cfg: DictConfig):
         from rtlm_lab.regressor.bench import bench as run
 
         return run(int(b.n_single), int(b.batch), int(b.repeats), b.out, config=config)
+    if b.name == "engine":
+        from rtlm_lab.lm.bench_engine import bench_engine
+
+        platform = OmegaConf.to_container(cfg.platform, resolve=True)
+        return bench_engine(list(b.lms), platform, list(b.concurrency), b.max_new_tokens, int(b.n_check),
+                            dict(b.random_init or {}), b.out, tuple(b.backends))
     from rtlm_lab.lm.bench_decode import bench as run
 
     platform = OmegaConf.to_container(cfg.platform, resolve=True)

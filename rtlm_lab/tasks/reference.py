@@ -2,13 +2,16 @@
 
 * ``target=profiles``: :func:`rtlm_lab.profiling.reference.rebuild` (copy run dirs in, ``summary.csv``);
 * ``target=uncertainty``: :func:`rtlm_lab.uncertainty.reference.build_reference`;
-* ``target=regressor``: :func:`rtlm_lab.regressor.reference.build_reference`.
+* ``target=regressor``: :func:`rtlm_lab.regressor.reference.build_reference`;
+* ``target=scheduler``: :func:`rtlm_lab.scheduler.analysis.add_runs` then
+  :func:`~rtlm_lab.scheduler.analysis.build` (the continuous-engine results table with CIs).
 
 Examples::
 
     rtlm-reference target=profiles target.runs=[outputs/profile/*/cuda/test-n500-s0]
     rtlm-reference target=uncertainty
     rtlm-reference target=regressor target.profiles=[gemma3_270m__cuda] target.kinds=[ridge]
+    rtlm-reference target=scheduler 'target.runs=[outputs/schedule/dialogpt_ccc/cpu/real/*/*/*]' target.group=cpu__dialogpt
 """
 
 from __future__ import annotations
@@ -47,6 +50,18 @@ def reference(cfg: DictConfig):
         summary = build_reference(expand(t.runs) or default_sources(), t.out)
         print(summary.to_string(index=False, float_format=lambda v: f"{v:+.3f}"))
         return summary
+    if t.name == "scheduler":
+        from rtlm_lab.errors import UserError
+        from rtlm_lab.scheduler.analysis import add_runs, build, format_summary
+
+        runs = expand(t.runs)
+        if runs:
+            if not t.group:
+                raise UserError("target.group names the group the runs are added as (e.g. h200__dialogpt_ccc)")
+            add_runs([Path(r) for r in runs], str(t.group), note=str(t.note))
+        df = build(n_boot=int(t.n_boot))
+        print(format_summary(df))
+        return df
     from rtlm_lab.regressor.reference import build_reference
 
     return build_reference(list(t.profiles), list(t.kinds), n_bootstrap=int(t.n_bootstrap), seed=int(t.seed),

@@ -1,0 +1,207 @@
+"""Scheduling results as a table: per-run metrics, and ratios to FCFS and to the oracle with 95% CIs.
+
+A *run dir* holds ``requests.parquet`` and ``metrics.json`` (``rtlm-schedule`` on the continuous engine, or
+the reference builder's copies). Runs group by LM x platform x engine budgets x nominal rho; inside a group
+every policy served the *same traces* (one per seed), so ratios are paired.
+
+Ratio CIs (:func:`ratio_ci`): a paired bootstrap over seeds and over blocks of consecutive requests within a
+seed (a moving-block bootstrap: response times of neighbouring requests are correlated through the queue, so
+requests are not resampled one by one). Each replicate draws seeds with replacement, then for each drawn seed
+the same block starts for both policies (their rows are the same requests, matched by arrival order), and
+takes the ratio of the two means (or p99s). ``scipy.stats.bootstrap`` resamples independent observations
+only, hence our own resampling here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from rtlm_lab.errors import UserError
+
+GROUP = ("lm", "platform", "engine_key", "nominal_rho")
+
+
+def load_run(run_dir: Path) -> tuple[dict, pd.DataFrame]:
+    run_dir = Path(run_dir)
+    try:
+        m = json.loads((run_dir / "metrics.json").read_text())
+        r = pd.read_parquet(run_dir / "requests.parquet")
+    except (OSError, json.JSONDecodeError, ValueError) as exc:
+        raise UserError(f"{run_dir} is not a finished run ({type(exc).__name__})") from None
+    return m, r
+
+
+def _engine_key(m: dict) -> str:
+    e = m.get("engine_config") or {}
+    return f"{e.get('backend', m.get('engine', 'static'))}-seqs{e.get('max_seqs', '?')}"
+
+
+def measured(records: pd.DataFrame) -> pd.DataFrame:
+    """The rows metrics are computed on: after the warm-up share, in arrival order."""
+    r = records[~records["warmup"]] if "warmup" in records else records
+    return r.sort_values(["arrival_s", "request_id"]).reset_index(drop=True)
+
+
+def _stat(x: np.ndarray, stat: str) -> float:
+    return float(np.mean(x)) if stat == "mean" else float(np.percentile(x, 99 if stat == "p99" else 50))
+
+
+def ratio_ci(a: Sequence[np.ndarray], b: Sequence[np.ndarray], stat: str = "mean", block: int = 50,
+             n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+    """``(ratio, low, high)`` of ``stat(a) / stat(b)`` pooled over seeds; ``a[i]``, ``b[i]``: response times of
+    seed ``i``'s requests in arrival order (the same requests). See the module doc."""
+    if len(a) != len(b) or not a:
+        raise ValueError("need the same seeds for both policies")
+    for x, y in zip(a, b):
+        if len(x) != len(y):
+            raise ValueError("paired runs must hold the same requests")
+    point = _stat(np.concatenate(a), stat) / _stat(np.concatenate(b), stat)
+    rng = np.random.default_rng(seed)
+    k = len(a)
+    reps = np.empty(n_boot)
+    for t in range(n_boot):
+        xa, xb = [], []
+        for s in rng.integers(0, k, k):
+            n = len(a[s])
+            L = max(1, min(block, n))
+            starts = rng.integers(0, n - L + 1, int(math.ceil(n / L)))
+            idx = (starts[:, None] + np.arange(L)[None, :]).ravel()[:n]
+            xa.append(a[s][idx])
+            xb.append(b[s][idx])
+        reps[t] = _stat(np.concatenate(xa), stat) / _stat(np.concatenate(xb), stat)
+    alpha = (1 - level) / 2
+    lo, hi = np.quantile(reps, [alpha, 1 - alpha])
+    return point, float(lo), float(hi)
+
+
+def collect(run_dirs: Iterable[Path]) -> pd.DataFrame:
+    """One row per run: its group keys, policy, seed and headline metrics (units in the names)."""
+    rows = []
+    for d in run_dirs:
+        m, _ = load_run(d)
+        util = m.get("worker_utilization") or {}
+        rows.append({"run_dir": str(d), "lm": m["lm"], "platform": m["platform"], "mode": m.get("mode", "real"),
+                     "engine_key": _engine_key(m), "nominal_rho": float(m.get("nominal_rho", m.get("rho", math.nan))),
+                     "policy": m["policy"]["name"] if isinstance(m["policy"], dict) else str(m["policy"]),
+                     "seed": int(m.get("seed", 0)), "gpu": m.get("gpu", ""),
+                     **{k: m.get(k, math.nan) for k in (
+                         "n_requests", "n_measured", "mean_rt_s", "p50_rt_s", "p99_rt_s", "mean_ttft_ms",
+                         "p99_ttft_ms", "throughput_rps", "throughput_tok_s", "slo_miss_rate", "realized_rho",
+                         "capacity_rps", "prediction_share", "mean_running_seqs")},
+                     "utilization": float(np.mean(list(util.values()))) if util else math.nan})
+    if not rows:
+        raise UserError("no finished runs to summarize")
+    return pd.DataFrame(rows)
+
+
+def summarize(run_dirs: Sequence[Path], baseline: str = "fcfs", oracle: str = "oracle_srpt", block: int = 50,
+              n_boot: int = 2000) -> pd.DataFrame:
+    """The results table: per group x policy, metrics averaged over seeds and the paired ratios (mean and p99
+    response time) to ``baseline`` and to ``oracle`` with 95% CIs (NaN where that policy was not run)."""
+    runs = collect(run_dirs)
+    rt: dict[str, np.ndarray] = {}
+    for d in runs["run_dir"]:
+        rt[d] = measured(load_run(Path(d))[1])["response_s"].to_numpy(float)
+    out = []
+    for key, g in runs.groupby(list(GROUP) + ["mode"], sort=True):
+        for pol, gp in g.groupby("policy", sort=True):
+            row = dict(zip(list(GROUP) + ["mode"], key))
+            row.update({"policy": pol, "n_seeds": int(gp["seed"].nunique()), "seeds": ",".join(map(str, sorted(gp["seed"]))),
+                        "gpu": ",".join(sorted(set(gp["gpu"].astype(str)) - {""}))})
+            for c in ("n_requests", "n_measured", "mean_rt_s", "p50_rt_s", "p99_rt_s", "mean_ttft_ms", "p99_ttft_ms",
+                      "throughput_rps", "throughput_tok_s", "slo_miss_rate", "realized_rho", "utilization",
+                      "capacity_rps", "prediction_share", "mean_running_seqs"):
+                row[c] = float(gp[c].mean())
+            for ref, tag in ((baseline, "fcfs"), (oracle, "oracle")):
+                gr = g[g["policy"] == ref]
+                seeds = sorted(set(gp["seed"]) & set(gr["seed"]))
+                for stat in ("mean", "p99"):
+                    cols = [f"{stat}_rt_vs_{tag}", f"{stat}_rt_vs_{tag}_lo", f"{stat}_rt_vs_{tag}_hi"]
+                    if not seeds:
+                        row.update(dict.fromkeys(cols, math.nan))
+                        continue
+                    a = [rt[gp[gp["seed"] == s]["run_dir"].iloc[0]] for s in seeds]
+                    b = [rt[gr[gr["seed"] == s]["run_dir"].iloc[0]] for s in seeds]
+                    row.update(dict(zip(cols, ratio_ci(a, b, stat, block=block, n_boot=n_boot))))
+            out.append(row)
+    return pd.DataFrame(out)
+
+
+def format_summary(df: pd.DataFrame) -> str:
+    """The table as markdown (what docs/results.md shows)."""
+    def ci(r, c):
+        v = r[c]
+        if not math.isfinite(v):
+            return ""
+        return f"{v:.2f} [{r[c + '_lo']:.2f}, {r[c + '_hi']:.2f}]"
+
+    rows = []
+    for _, r in df.iterrows():
+        rows.append({"LM": r["lm"], "platform": r["platform"] + (f" ({r['gpu']})" if r.get("gpu") else ""),
+                     "mode": r["mode"], "engine": r["engine_key"], "rho": r["nominal_rho"],
+                     "realized rho": round(r["realized_rho"], 2), "policy": r["policy"], "seeds": r["n_seeds"],
+                     "mean RT s": round(r["mean_rt_s"], 3), "p99 RT s": round(r["p99_rt_s"], 3),
+                     "p99 TTFT ms": round(r["p99_ttft_ms"], 1), "req/s": round(r["throughput_rps"], 1),
+                     "SLO miss": f"{100 * r['slo_miss_rate']:.1f}%",
+                     "mean / FCFS": ci(r, "mean_rt_vs_fcfs"), "p99 / FCFS": ci(r, "p99_rt_vs_fcfs"),
+                     "mean / oracle_srpt": ci(r, "mean_rt_vs_oracle"),
+                     "prediction share": f"{100 * r['prediction_share']:.2f}%"})
+    return pd.DataFrame(rows).to_markdown(index=False)
+
+
+# ---------------------------------------------------------------------------------------------- reference
+def reference_root() -> Path:
+    from rtlm_lab.paths import reference_dir
+
+    return reference_dir() / "scheduler" / "continuous"
+
+
+KEEP = ("metrics.json", "requests.parquet", "steps.parquet", "trace.parquet")
+
+
+def add_runs(run_dirs: Sequence[Path], group: str, root: Path | None = None, note: str = "") -> list[Path]:
+    """Copy finished runs (their four files; a trace's request texts dropped: the profile has them) into
+    ``<root>/runs/<group>/<run>/`` atomically, with the group's provenance."""
+    from rtlm_lab.io import copy_file_atomic, provenance, write_json_atomic, write_parquet_atomic
+
+    root = Path(root) if root else reference_root()
+    dest = root / "runs" / group
+    out = []
+    for d in map(Path, run_dirs):
+        m, _ = load_run(d)
+        t = dest / d.name
+        t.mkdir(parents=True, exist_ok=True)
+        for f in KEEP:
+            src = d / f
+            if not src.is_file():
+                continue
+            if f == "trace.parquet":
+                tr = pd.read_parquet(src)
+                write_parquet_atomic(tr.drop(columns=[c for c in ("text", "context") if c in tr]), t / f)
+            else:
+                copy_file_atomic(src, t / f)
+        out.append(t)
+    write_json_atomic(dest / "provenance.json", {"note": note, "n_runs": len(out),
+                                                 "added": provenance({"group": group, "runs": [str(d) for d in run_dirs]})})
+    return out
+
+
+def build(root: Path | None = None, n_boot: int = 2000) -> pd.DataFrame:
+    """``summary.csv`` and ``summary.md`` of every committed run under ``<root>/runs/``."""
+    from rtlm_lab.io import write_text_atomic
+
+    root = Path(root) if root else reference_root()
+    dirs = sorted(p.parent for p in root.glob("runs/*/*/metrics.json"))
+    df = summarize(dirs, n_boot=n_boot)
+    from rtlm_lab.io import atomic_path
+
+    with atomic_path(root / "summary.csv") as tmp:
+        df.to_csv(tmp, index=False)
+    write_text_atomic(root / "summary.md", format_summary(df) + "\n")
+    return df
