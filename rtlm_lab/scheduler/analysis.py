@@ -203,5 +203,25 @@ def build(root: Path | None = None, n_boot: int = 2000) -> pd.DataFrame:
 
     with atomic_path(root / "summary.csv") as tmp:
         df.to_csv(tmp, index=False)
-    write_text_atomic(root / "summary.md", format_summary(df) + "\n")
+    table = format_summary(df)
+    write_text_atomic(root / "summary.md", table + "\n")
+    update_results_doc(table)
     return df
+
+
+BEGIN, END = "<!-- scheduler-summary:begin -->", "<!-- scheduler-summary:end -->"
+
+
+def update_results_doc(table: str, doc: Path | None = None) -> None:
+    """Put the table between the markers of ``docs/results.md`` (the page is built from the committed runs)."""
+    from rtlm_lab.io import write_text_atomic
+    from rtlm_lab.paths import ROOT
+
+    doc = Path(doc) if doc else ROOT / "docs" / "results.md"
+    if not doc.is_file():
+        return
+    s = doc.read_text()
+    if BEGIN not in s or END not in s:
+        return
+    a, b = s.index(BEGIN) + len(BEGIN), s.index(END)
+    write_text_atomic(doc, s[:a] + "\n" + table + "\n" + s[b:])
