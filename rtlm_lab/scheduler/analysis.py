@@ -5,7 +5,7 @@ the reference builder's copies). Runs group by LM x platform x engine budgets x 
 every policy served the *same traces* (one per seed), so ratios are paired.
 
 Ratio CIs (:func:`ratio_ci`): a paired bootstrap over seeds and over blocks of consecutive requests within a
-seed (a moving-block bootstrap: response times of neighbouring requests are correlated through the queue, so
+seed (``block`` requests, at most a tenth of the run) (a moving-block bootstrap: response times of neighbouring requests are correlated through the queue, so
 requests are not resampled one by one). Each replicate draws seeds with replacement, then for each drawn seed
 the same block starts for both policies (their rows are the same requests, matched by arrival order), and
 takes the ratio of the two means (or p99s). ``scipy.stats.bootstrap`` resamples independent observations
@@ -69,7 +69,7 @@ def ratio_ci(a: Sequence[np.ndarray], b: Sequence[np.ndarray], stat: str = "mean
         xa, xb = [], []
         for s in rng.integers(0, k, k):
             n = len(a[s])
-            L = max(1, min(block, n))
+            L = max(1, min(block, n // 10))  # at least ~10 blocks a run, so a short run still resamples
             starts = rng.integers(0, n - L + 1, int(math.ceil(n / L)))
             idx = (starts[:, None] + np.arange(L)[None, :]).ravel()[:n]
             xa.append(a[s][idx])
@@ -166,7 +166,8 @@ KEEP = ("metrics.json", "requests.parquet", "steps.parquet", "trace.parquet")
 
 
 def add_runs(run_dirs: Sequence[Path], group: str, root: Path | None = None, note: str = "") -> list[Path]:
-    """Copy finished runs (their four files; a trace's request texts dropped: the profile has them) into
+    """Copy finished runs (their four files; a trace's request texts dropped: the profile has them; the
+    requests' per-token times dropped: steps.parquet has every step, and the copies stay small) into
     ``<root>/runs/<group>/<run>/`` atomically, with the group's provenance."""
     from rtlm_lab.io import copy_file_atomic, provenance, write_json_atomic, write_parquet_atomic
 
@@ -175,7 +176,9 @@ def add_runs(run_dirs: Sequence[Path], group: str, root: Path | None = None, not
     out = []
     for d in map(Path, run_dirs):
         m, _ = load_run(d)
-        t = dest / d.name
+        pol = m["policy"]["name"] if isinstance(m["policy"], dict) else str(m["policy"])
+        name = d.name if d.name.startswith(f"{m['lm']}__") else f"{m['lm']}__{m['platform']}__{m.get('mode', 'real')}__{pol}__{d.name}"
+        t = dest / name
         t.mkdir(parents=True, exist_ok=True)
         for f in KEEP:
             src = d / f
@@ -184,6 +187,9 @@ def add_runs(run_dirs: Sequence[Path], group: str, root: Path | None = None, not
             if f == "trace.parquet":
                 tr = pd.read_parquet(src)
                 write_parquet_atomic(tr.drop(columns=[c for c in ("text", "context") if c in tr]), t / f)
+            elif f == "requests.parquet":  # per-token times stay in the run dir (steps.parquet has every step)
+                rq = pd.read_parquet(src)
+                write_parquet_atomic(rq.drop(columns=[c for c in ("token_times_s",) if c in rq]), t / f)
             else:
                 copy_file_atomic(src, t / f)
         out.append(t)
