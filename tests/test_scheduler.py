@@ -622,7 +622,9 @@ def test_cli_sim_writes_results_and_skips_reruns(tmp_path):
     trace, records = pd.read_parquet(run_dir / "trace.parquet"), pd.read_parquet(run_dir / "requests.parquet")
     assert len(trace) == 20 and len(records) == 20
     assert sorted(records["request_id"]) == sorted(trace["request_id"])
-    assert list(records.columns) == list(RECORD_COLUMNS)
+    from rtlm_lab.scheduler.continuous import RECORDS
+
+    assert m["engine"] == "continuous" and list(records.columns) == list(RECORDS)  # auto: Gemma is decoder-only
     assert trace["arrival_s"].is_monotonic_increasing and trace["pred_rtlm"].notna().all()
     assert math.isfinite(m["mean_rt_s"]) and m["policy"]["name"] == "rtlm"
     again = _schedule_cli(args, tmp_path)
@@ -656,7 +658,7 @@ def test_cli_overload_rho_above_one_is_served_and_accounted(tmp_path):
     m = json.loads(metrics_path.read_text())
     assert m["n_requests"] == m["n_completed"] == m["n_unique_completed"] == 40 and m["rho"] == 1.5
     manifest = json.loads((metrics_path.parent / "manifest.json").read_text())
-    assert set(manifest["files"]) == {"trace.parquet", "requests.parquet", "metrics.json"}
+    assert set(manifest["files"]) == {"trace.parquet", "requests.parquet", "steps.parquet", "metrics.json"}
     from rtlm_lab.io import verify_run_manifest
 
     assert verify_run_manifest(metrics_path.parent) == []

@@ -600,23 +600,13 @@ def with_texts(df, split: str = "train"):
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> None:  # pragma: no cover - thin CLI
-    """``python -m rtlm_lab.regressor.lmstate slim <profile parquet | run dir> <out.parquet>``."""
-    import argparse
-
+def slim(src: str | Path, dst: str | Path) -> pd.DataFrame:
+    """Keep lengths + ids of a profile (parquet or run dir) in ``dst``: the file to commit
+    (``rtlm-reference target=train_profile target.src=<run dir> target.dst=<parquet>``)."""
     from rtlm_lab.io import write_parquet_atomic
 
-    ap = argparse.ArgumentParser(prog="python -m rtlm_lab.regressor.lmstate")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    sp = sub.add_parser("slim", help="keep lengths + ids of a profile (the file to commit)")
-    sp.add_argument("src")
-    sp.add_argument("dst")
-    a = ap.parse_args(argv)
-    df = slim_profile(read_run(a.src))
-    Path(a.dst).parent.mkdir(parents=True, exist_ok=True)
-    write_parquet_atomic(df, a.dst)
-    print(f"{a.dst}: {len(df)} rows, columns {list(df.columns)}, {Path(a.dst).stat().st_size} bytes")
-
-
-if __name__ == "__main__":
-    main()
+    df = slim_profile(read_run(src))
+    Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    write_parquet_atomic(df, dst)
+    print(f"{dst}: {len(df)} rows, columns {list(df.columns)}, {Path(dst).stat().st_size} bytes")
+    return df

@@ -341,7 +341,7 @@ def job_records(jobs, policy: Policy, slo_k: float, warmup_frac: float) -> pd.Da
             "token_times_s": [t - j.admit_s for t in j.token_s]})
     df = pd.DataFrame(rows).sort_values(["arrival_s", "request_id"]).reset_index(drop=True)
     df["warmup"] = np.arange(len(df)) < int(math.floor(warmup_frac * len(df)))
-    return df
+    return df[list(RECORDS)]
 
 
 def run_metrics(records: pd.DataFrame, steps: pd.DataFrame, facts: Mapping[str, Any], cap: Mapping[str, Any],

@@ -50,6 +50,13 @@ def reference(cfg: DictConfig):
         summary = build_reference(expand(t.runs) or default_sources(), t.out)
         print(summary.to_string(index=False, float_format=lambda v: f"{v:+.3f}"))
         return summary
+    if t.name == "train_profile":
+        from rtlm_lab.errors import UserError
+        from rtlm_lab.regressor.lmstate import slim
+
+        if not t.src or not t.dst:
+            raise UserError("target=train_profile needs target.src=<run dir or parquet> and target.dst=<parquet>")
+        return slim(t.src, t.dst)
     if t.name == "scheduler":
         from rtlm_lab.errors import UserError
         from rtlm_lab.scheduler.analysis import add_runs, build, format_summary
