@@ -212,14 +212,41 @@ def build(root: Path | None = None, n_boot: int = 2000) -> pd.DataFrame:
     table = format_summary(df)
     write_text_atomic(root / "summary.md", table + "\n")
     update_results_doc(table)
+    from rtlm_lab.paths import ROOT
+
+    update_results_doc(format_headline(df), ROOT / "README.md")
     return df
+
+
+def format_headline(df: pd.DataFrame) -> str:
+    """README's table: real runs only, one row per group, each policy's mean response time / FCFS [95% CI]."""
+    real = df[df["mode"] == "real"]
+    pols = [p for p in ("sjf_input", "sjf_proxy", "ltr", "rtlm", "oracle_sjf", "oracle_srpt") if p in set(real["policy"])]
+    rows = []
+    for key, g in real.groupby(["lm", "platform", "engine_key", "nominal_rho"], sort=True):
+        by = g.set_index("policy")
+        f = by.loc["fcfs"] if "fcfs" in by.index else None
+        gpu = (f["gpu"] if f is not None else "") or ""
+        row = {"LM": key[0], "platform": key[1] + (f" ({gpu.replace('NVIDIA ', '')})" if gpu else ""),
+               "engine": key[2], "rho (realized)": f"{key[3]} ({g['realized_rho'].mean():.2f})",
+               "seeds x requests": f"{int(g['n_seeds'].max())} x {int(g['n_requests'].max())}",
+               "FCFS mean RT s": round(float(f["mean_rt_s"]), 3) if f is not None else math.nan}
+        for p in pols:
+            if p in by.index and math.isfinite(by.loc[p, "mean_rt_vs_fcfs"]):
+                r = by.loc[p]
+                row[p] = f"{r['mean_rt_vs_fcfs']:.2f} [{r['mean_rt_vs_fcfs_lo']:.2f}, {r['mean_rt_vs_fcfs_hi']:.2f}]"
+            else:
+                row[p] = "not run"
+        rows.append(row)
+    return pd.DataFrame(rows).to_markdown(index=False)
 
 
 BEGIN, END = "<!-- scheduler-summary:begin -->", "<!-- scheduler-summary:end -->"
 
 
 def update_results_doc(table: str, doc: Path | None = None) -> None:
-    """Put the table between the markers of ``docs/results.md`` (the page is built from the committed runs)."""
+    """Put the table between the markers of ``docs/results.md`` (or of ``doc``: the README's headline), so
+    the pages show what the committed runs say."""
     from rtlm_lab.io import write_text_atomic
     from rtlm_lab.paths import ROOT
 

@@ -205,8 +205,10 @@ def measure_capacity(factory: EngineFactory, pool: pd.DataFrame, sched: Mapping[
     return cap
 
 
-def sim_capacity(lm: str, platform: str, ecfg: Mapping[str, Any], given: str | None) -> dict[str, Any]:
-    """The measured capacity file a simulation replays: ``given``, this machine's, else the committed one."""
+def sim_capacity(lm: str, platform: str, ecfg: Mapping[str, Any], given: str | None,
+                 profile: pd.DataFrame | None = None) -> dict[str, Any]:
+    """The measured capacity file a simulation replays: ``given``, this machine's, else the committed one;
+    else, on the cpu platform with a batch-1 profile, a step model estimated from the profile (said so)."""
     paths = [Path(given)] if given else [capacity_cache(lm, platform, ecfg), reference_capacity(lm, platform, ecfg)]
     for p in paths:
         if p.is_file():
@@ -217,6 +219,13 @@ def sim_capacity(lm: str, platform: str, ecfg: Mapping[str, Any], given: str | N
                 return cap
             except (json.JSONDecodeError, KeyError) as exc:
                 raise UserError(f"cannot read engine capacity {p}: {type(exc).__name__}") from None
+    if (platform == "cpu" and profile is not None and "batch_size" in profile
+            and (profile["batch_size"] == 1).all()):
+        sm = StepModel.from_profile(profile)
+        log.warning("no measured engine for %s on %s: simulating with a step model estimated from the batch-1 "
+                    "profile (no batching gain); `rtlm-schedule mode=real` measures one", lm, platform)
+        return {"capacity_rps": math.nan, "step_model": sm.to_dict(), "n_requests": 4 * int(ecfg["max_seqs"]),
+                "source_file": "estimated from the batch-1 profile"}
     raise UserError(f"no measured engine for {lm} on {platform} with these engine settings: run "
                     f"`rtlm-schedule mode=real lm={lm} platform={platform}` once (it measures capacity) or pass "
                     "scheduler.capacity=<json>")
@@ -262,7 +271,7 @@ def run_continuous(cfg: Mapping[str, Any], run_dir: Path, profile: pd.DataFrame,
         cap = measure_capacity(factory, pool, sched, seed, lm_spec["name"], platform["name"], progress)
         factory.step_model = StepModel.from_dict(cap["step_model"])
     else:
-        cap = sim_capacity(lm_spec["name"], platform["name"], ecfg, sched.get("capacity"))
+        cap = sim_capacity(lm_spec["name"], platform["name"], ecfg, sched.get("capacity"), profile)
         factory = EngineFactory("sim", ecfg, step_model=StepModel.from_dict(cap["step_model"]))
         if sched.get("sim_capacity", "simulated") == "simulated":
             # the simulator's own capacity for the same saturation run (what rho means on its clock)

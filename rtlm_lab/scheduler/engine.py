@@ -149,6 +149,21 @@ class StepModel:
         return cls(a=float(a), b=float(b), c=float(c), source=source,
                    meta={"n_steps": int(len(steps)), "rmse_s": float(np.sqrt(np.mean(resid**2)))})
 
+    @classmethod
+    def from_profile(cls, profile: pd.DataFrame, b_rel: float = 1.0) -> "StepModel":
+        """A batch-1 profile's estimate (no engine measured): the decoding step is the median ms/token, the
+        prompt cost the fitted TTFT slope per prompt token; batching gain cannot be read from batch 1, so each
+        extra row costs ``b_rel`` x a batch-1 step (1.0: none, the conservative choice for a CPU)."""
+        multi = profile[profile["n_output_tokens"] > 1]
+        if not len(multi) or "ms_per_token" not in profile:
+            raise UserError("the profile has no multi-token replies to estimate a step time from")
+        s1 = float(np.median(multi["ms_per_token"])) / 1000.0
+        n_in, ttft = profile["n_input_tokens"].to_numpy(float), profile["ttft_s"].to_numpy(float)
+        c = float(max(np.polyfit(n_in, ttft, 1)[0], 0.0)) if np.ptp(n_in) > 0 else 0.0
+        b = s1 * float(b_rel)
+        return cls(a=max(s1 - b - c, 1e-6), b=b, c=c, source="batch-1 profile (no engine measured)",
+                   meta={"n": int(len(profile)), "b_rel": float(b_rel)})
+
     def to_dict(self) -> dict[str, Any]:
         return {"a": self.a, "b": self.b, "c": self.c, "source": self.source, "meta": self.meta}
 

@@ -31,7 +31,11 @@ def check_config(cfg: DictConfig) -> None:
     n = cfg.data.get("n_prompts")
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n <= 0):
         raise UserError(f"data.n_prompts must be a positive integer or null, got {n!r}")
-    if cfg.data.get("split") not in SPLITS:
+    if cfg.data.get("name") == "prompts":  # your own file: read it now (one clear line for a bad file)
+        from rtlm_lab.data.prompts import read_prompt_file
+
+        read_prompt_file(cfg.data.get("path"))
+    elif cfg.data.get("split") not in SPLITS:
         raise UserError(f"unknown data split {cfg.data.get('split')!r}; choose one of {', '.join(SPLITS)}")
     b = cfg.profile.get("batch_size")
     if isinstance(b, bool) or not isinstance(b, int) or b < 1:
