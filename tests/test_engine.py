@@ -177,3 +177,63 @@ def test_real_engine_tokens_equal_generate_and_requests_join_midway(kind, tiny_c
             assert got[k].first_token_s <= got[k].finish_s
         assert facts["steps"]["cpu0"]["n_seqs"].max() <= 3
         backend.close()
+
+
+def test_two_real_engines_share_the_load_and_keep_tokens(tiny_causal_dir):
+    """Two replicas (engines) of a tiny LM on the CPU: JSQ placement uses both, every request is served once
+    with its batch-1 greedy tokens; RT-LM's predicted-completion placement does too."""
+    from rtlm_lab.lm import load_lm
+    from rtlm_lab.scheduler.engine import SlotBackend
+
+    spec = tiny_spec(tiny_causal_dir, stop_strings=["e"], max_new_tokens=12)
+    lms = [load_lm(spec), load_lm(spec)]
+    texts = [f"request {i} about the weather today" for i in range(10)]
+    ref = {f"q{i}": lms[0].generate([t])[0] for i, t in enumerate(texts)}
+    model = StepModel(a=0.01)
+    for policy in ("fcfs", "rtlm"):
+        rs = [Request(request_id=f"q{i}", text=t, context="", arrival_s=0.0, n_input_tokens=5,
+                      true_tokens=ref[f"q{i}"].n_output_tokens, pred={"pred_rtlm": 6.0, "uncertainty": 0.1})
+              for i, t in enumerate(texts)]
+        pol = make_policy(policy)
+        engines = [Engine(f"e{k}", SlotBackend(lm, 2, 256), pol, 2, 256, step_model=model) for k, lm in enumerate(lms)]
+        clock = WallClock()
+        jobs, _ = serve(rs, pol, engines, clock, PredictorServer(rs, (), clock))
+        got = {j.rid: j for j in jobs}
+        assert sorted(got) == sorted(ref)
+        assert {j.worker for j in jobs} == {"e0", "e1"}, policy
+        for k, g in ref.items():
+            assert got[k].output_ids == list(g.output_ids), (policy, k)
+
+
+def test_cpu_offload_worker_is_an_engine_every_policy_can_use(tiny_causal_dir):
+    """A CPU offload worker (its own process and model copy) beside the main engine: with a main engine that
+    is slow per step, RT-LM's predicted-completion placement sends work to it, FCFS's shortest expected delay
+    too once the main queue is long; every request is served once with its batch-1 token count."""
+    from rtlm_lab.lm import load_lm
+    from rtlm_lab.scheduler.engine import ProcessBackend, SlotBackend
+
+    spec = tiny_spec(tiny_causal_dir, stop_strings=["e"], max_new_tokens=12)
+    lm = load_lm(spec)
+    texts = [f"offload me {i} please" for i in range(8)]
+    ref = {f"q{i}": lm.generate([t])[0].n_output_tokens for i, t in enumerate(texts)}
+    main_model, cpu_model = StepModel(a=0.5), StepModel(a=0.05)  # the placement estimates: the worker looks fast
+    off = ProcessBackend(spec, threads=1)
+    try:
+        for policy in ("rtlm", "fcfs"):
+            rs = [Request(request_id=f"q{i}", text=t, context="", arrival_s=0.0, n_input_tokens=5,
+                          true_tokens=ref[f"q{i}"], pred={"pred_rtlm": 6.0, "uncertainty": 0.0})
+                  for i, t in enumerate(texts)]
+            pol = make_policy(policy)
+            main = Engine("main", SlotBackend(lm, 1, 256), pol, 1, 256, step_model=main_model)
+            cpu = Engine("cpu0", off, pol, 1, 1 << 30, kind="offload", step_model=cpu_model)
+            main.capacity_rps, cpu.capacity_rps = 1.0, 1.0  # equal: JSQ alternates
+            clock = WallClock()
+            jobs, facts = serve(rs, pol, [main, cpu], clock, PredictorServer(rs, (), clock))
+            got = {j.rid: j for j in jobs}
+            assert sorted(got) == sorted(ref)
+            assert any(j.worker == "cpu0" for j in jobs), policy
+            for k, n in ref.items():
+                j = got[k]
+                assert j.generated == n and j.admit_s <= j.first_token_s <= j.finish_s, (policy, k)
+    finally:
+        off.close()

@@ -35,8 +35,8 @@ import numpy as np
 import pandas as pd
 
 from rtlm_lab.errors import UserError
-from rtlm_lab.scheduler.engine import (Engine, HFBackend, Job, PredCost, PredictorServer, SimBackend, StepModel,
-                                       VirtualClock, WallClock, serve)
+from rtlm_lab.scheduler.engine import (Engine, HFBackend, Job, PredCost, PredictorServer, ProcessBackend, SimBackend,
+                                       StepModel, VirtualClock, WallClock, serve)
 from rtlm_lab.scheduler.policies import Policy, Request, make_policy
 
 log = logging.getLogger("rtlm_lab.scheduler")
@@ -125,20 +125,31 @@ class EngineFactory:
     the device is the same; sim: the step model)."""
 
     def __init__(self, mode: str, ecfg: Mapping[str, Any], lm=None, step_model: StepModel | None = None,
-                 devices: list[str] | None = None):
-        self.mode, self.ecfg, self.lm, self.step_model = mode, dict(ecfg), lm, step_model
-        self.devices = devices or ["main"]
+                 devices: list[str] | None = None, n_offload: int = 0, offload_model: StepModel | None = None,
+                 lm_spec: Mapping[str, Any] | None = None, offload_threads: int = 4, mean_mix=(32.0, 64.0)):
+        """``lm``: one loaded LM, or ``{device: LM}`` (one replica per device); ``devices``: the engines;
+        ``n_offload``: CPU offload workers (processes with their own CPU copy, batch 1), for every policy."""
+        self.mode, self.ecfg, self.step_model = mode, dict(ecfg), step_model
+        self.devices = list(devices or ["main"])
+        self.lms = lm if isinstance(lm, dict) else {d: lm for d in self.devices}
+        self.n_offload, self.offload_model = int(n_offload), offload_model
+        self.lm_spec, self.offload_threads, self.mean_mix = lm_spec, int(offload_threads), mean_mix
 
     def build(self, policy: Policy, capacity_rps: float | None = None) -> list[Engine]:
+        """One engine per device (the same budgets each); ``capacity_rps``: the measured total, split evenly."""
         engines = []
+        n = len(self.devices)
         for k, dev in enumerate(self.devices):
-            if self.mode == "sim":
-                backend = SimBackend(self.step_model)
-            else:
-                backend = make_backend(self.lm, self.ecfg)
-            e = Engine(f"engine{k}" if len(self.devices) > 1 else "main", backend, policy, self.ecfg["max_seqs"],
+            backend = SimBackend(self.step_model) if self.mode == "sim" else make_backend(self.lms[dev], self.ecfg)
+            e = Engine(f"engine{k}:{dev}" if n > 1 else "main", backend, policy, self.ecfg["max_seqs"],
                        self.ecfg["max_batch_tokens"], step_model=self.step_model)
-            e.capacity_rps = capacity_rps or 1.0
+            e.capacity_rps = (capacity_rps / n) if capacity_rps else 1.0
+            engines.append(e)
+        for k in range(self.n_offload):
+            om = self.offload_model
+            backend = SimBackend(om) if self.mode == "sim" else ProcessBackend(self.lm_spec, self.offload_threads)
+            e = Engine(f"cpu{k}", backend, policy, 1, 1 << 30, kind="offload", step_model=om)
+            e.capacity_rps = 1.0 / max(om.isolated(*self.mean_mix), 1e-9)
             engines.append(e)
         return engines
 
@@ -205,6 +216,22 @@ def measure_capacity(factory: EngineFactory, pool: pd.DataFrame, sched: Mapping[
     return cap
 
 
+def offload_step_model(lm_spec: Mapping[str, Any], platform: Mapping[str, Any], pool: pd.DataFrame,
+                       sched: Mapping[str, Any]) -> StepModel:
+    """The CPU offload worker's step model: real batch-1 ``generate`` calls on a CPU copy with the workers'
+    threads, timed here (``a`` = a decoding step, ``c`` = prompt cost per token)."""
+    from rtlm_lab.lm.loader import load_lm
+    from rtlm_lab.scheduler.service import calibrate
+
+    threads = int(platform.get("offload_threads", 4))
+    cpu_lm = load_lm(lm_spec, {"name": "cpu", "device": "cpu", "dtype": "float32", "threads": threads})
+    texts = pool["text"].astype(str).tolist()[:16]
+    svc = calibrate(cpu_lm, texts, [1], max_new_tokens=int(sched.get("calibration_tokens", 32)), repeats=3)
+    del cpu_lm
+    return StepModel(a=float(svc.step_1), b=0.0, c=float(svc.ttft_b), source="calibration (cpu offload, batch 1)",
+                     meta={"ttft_a": svc.ttft_a, "threads": threads})
+
+
 def sim_capacity(lm: str, platform: str, ecfg: Mapping[str, Any], given: str | None,
                  profile: pd.DataFrame | None = None) -> dict[str, Any]:
     """The measured capacity file a simulation replays: ``given``, this machine's, else the committed one;
@@ -259,20 +286,36 @@ def run_continuous(cfg: Mapping[str, Any], run_dir: Path, profile: pd.DataFrame,
     ecfg = engine_config(platform)
     policy = make_policy(str(cfg["policy"]["name"]), cfg["policy"])
     pool = _pool(held)
-    lm = None
+    devices = [str(d) for d in (platform.get("devices") or [platform.get("device", "cpu")])]
+    if len(devices) > 1:  # replicas: capacity is measured (and cached) for the whole set
+        ecfg = {**ecfg, "n_engines": len(devices)}
+    n_off = int(platform.get("offload_workers", 0) or 0)
+    if n_off:  # CPU offload workers: part of the measured set, for every policy
+        ecfg = {**ecfg, "offload_workers": n_off, "offload_threads": int(platform.get("offload_threads", 4))}
+    mix = (float(pool["n_input_tokens"].mean()), float(pool["true_tokens"].mean()))
+    off_kw = {"n_offload": n_off, "lm_spec": lm_spec, "offload_threads": int(platform.get("offload_threads", 4)),
+              "mean_mix": mix}
     if mode == "real":
         from rtlm_lab.lm.loader import load_lm
         from rtlm_lab.lm.sanity import check_sanity
 
-        lm = load_lm(lm_spec, platform)
+        lms = {d: load_lm(lm_spec, {**platform, "device": d}) for d in devices}  # one replica per device
         if sched.get("sanity_check", True):
-            check_sanity(lm, platform["name"])
-        factory = EngineFactory("real", ecfg, lm=lm)
+            check_sanity(lms[devices[0]], platform["name"])
+        off_model = offload_step_model(lm_spec, platform, pool, sched) if n_off else None
+        factory = EngineFactory("real", ecfg, lm=lms, devices=devices, offload_model=off_model, **off_kw)
         cap = measure_capacity(factory, pool, sched, seed, lm_spec["name"], platform["name"], progress)
         factory.step_model = StepModel.from_dict(cap["step_model"])
+        if off_model is not None:
+            cap["offload_step_model"] = off_model.to_dict()
     else:
         cap = sim_capacity(lm_spec["name"], platform["name"], ecfg, sched.get("capacity"), profile)
-        factory = EngineFactory("sim", ecfg, step_model=StepModel.from_dict(cap["step_model"]))
+        off_model = StepModel.from_dict(cap["offload_step_model"]) if n_off and cap.get("offload_step_model") else None
+        if n_off and off_model is None:
+            raise UserError(f"the measured engine of {lm_spec['name']} on {platform['name']} has no offload-worker "
+                            "model: measure it with a real run (mode=real) of this platform config")
+        factory = EngineFactory("sim", ecfg, step_model=StepModel.from_dict(cap["step_model"]), devices=devices,
+                                offload_model=off_model, **off_kw)
         if sched.get("sim_capacity", "simulated") == "simulated":
             # the simulator's own capacity for the same saturation run (what rho means on its clock)
             sim_cap, _ = saturation(factory, pool, int(cap.get("n_requests", 4 * ecfg["max_seqs"])), seed)
@@ -284,7 +327,7 @@ def run_continuous(cfg: Mapping[str, Any], run_dir: Path, profile: pd.DataFrame,
     n = int(workload.get("n_requests", 100))
     kind = str(workload.get("kind", "poisson"))
     rho = float(workload.get("rho", 0.9))
-    rate = rho * float(cap["capacity_rps"]) * (len(factory.devices))
+    rate = rho * float(cap["capacity_rps"])  # the measured capacity of all the engines together
     chosen = choose_requests(pool, n, seed)
     params = {k: workload[k] for k in ("cv", "burst_factor", "burst_share", "mean_sojourn_requests") if k in workload}
     chosen.insert(3, "arrival_s", arrival_times(kind, rate, n, seed=seed, **params))
