@@ -112,6 +112,12 @@ def test_notebook_sim(tmp_path, monkeypatch):
     # every run is a plain run_experiment run dir, one per (policy, rho)
     assert len(m["runs"]) == 2 * len(policies)
     assert all((Path(d) / "metrics.json").is_file() for d in m["runs"].values())
+    # what rtlm-report reads of it: the oracle column is oracle_srpt's on the continuous engine
+    from rtlm_lab.report import cell_headline
+
+    head = cell_headline(tmp_path, {"03_scheduler": m})
+    assert head["scheduler_mode"] == "sim" and head["oracle_mean_rt_vs_fcfs"] == pytest.approx(ratio)
+    assert all(math.isfinite(head[k]) for k in ("rtlm_mean_rt_vs_fcfs", "rtlm_p99_rt_vs_fcfs", "sjf_proxy_mean_rt_vs_fcfs"))
 
 
 @needs_profile
