@@ -276,7 +276,8 @@ def headline_figure(cells: Sequence[Mapping], path: Path) -> Path | None:
     ax.set_title("Kendall tau, predicted vs true length (held out)", fontsize=9)
     ax.legend(fontsize=7)
     ax = axes[2]
-    pols = [("rtlm", "RT-LM", "#c44e52"), ("sjf_proxy", "SJF-proxy", "#55a868"), ("oracle", "oracle (SRPT / SJF)", "#8172b2")]
+    pols = [("rtlm", "RT-LM", "#c44e52"), ("sjf_proxy", "SJF-proxy", "#55a868"),
+            ("oracle", "oracle (SRPT / SJF)", "#8172b2")]
     w = 0.8 / len(pols)
     for i, (k, name, col) in enumerate(pols):
         ax.bar(x - 0.4 + w * (i + 0.5), vals(f"{k}_mean_rt_vs_fcfs"), w, label=name, color=col)

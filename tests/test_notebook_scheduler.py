@@ -68,7 +68,8 @@ def test_notebook_is_a_view():
     """Notebooks hold parameters, a call and displays: no logic (issue 17)."""
     nb = json.loads(NOTEBOOK.read_text())
     code = [c for c in nb["cells"] if c["cell_type"] == "code"]
-    lines = [ln for c in code[1:] for ln in "".join(c["source"]).splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    lines = [ln for c in code[1:] for ln in "".join(c["source"]).splitlines()
+             if ln.strip() and not ln.lstrip().startswith("#")]
     assert len(lines) <= 40, len(lines)
     assert not any(ln.lstrip().startswith(("def ", "class ", "for ")) for ln in lines)
     params = "".join(code[0]["source"])
@@ -117,7 +118,8 @@ def test_notebook_sim(tmp_path, monkeypatch):
 
     head = cell_headline(tmp_path, {"03_scheduler": m})
     assert head["scheduler_mode"] == "sim" and head["oracle_mean_rt_vs_fcfs"] == pytest.approx(ratio)
-    assert all(math.isfinite(head[k]) for k in ("rtlm_mean_rt_vs_fcfs", "rtlm_p99_rt_vs_fcfs", "sjf_proxy_mean_rt_vs_fcfs"))
+    assert all(math.isfinite(head[k])
+               for k in ("rtlm_mean_rt_vs_fcfs", "rtlm_p99_rt_vs_fcfs", "sjf_proxy_mean_rt_vs_fcfs"))
 
 
 @needs_profile

@@ -70,7 +70,8 @@ def compose_config(lm: str, platform: str, policy: str, workload: str, rho: floa
 def check_choices(lm: str, platform: str, workload: str, policies: Sequence[str], mode: str, engine: str) -> None:
     from rtlm_lab.tasks._cli import group_options
 
-    for group, choice in [("lm", lm), ("platform", platform), ("workload", workload), *(("policy", p) for p in policies)]:
+    choices = [("lm", lm), ("platform", platform), ("workload", workload), *(("policy", p) for p in policies)]
+    for group, choice in choices:
         if choice not in group_options(group):
             raise UserError(f"unknown {group} {choice!r}; choose one of: {', '.join(group_options(group))}")
     if mode not in MODES:
