@@ -12,6 +12,26 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def repo_root(start: str | Path | None = None) -> Path:
+    """The checkout a notebook runs in: walk up from ``start`` (default: the working directory; papermill runs
+    kernels in the notebook's folder unless ``--cwd`` is given) to the folder holding ``pyproject.toml`` and
+    ``rtlm_lab/``; outside any checkout, the package's own root (:data:`ROOT`)."""
+    p = Path(start or os.getcwd()).resolve()
+    for d in (p, *p.parents):
+        if (d / "pyproject.toml").is_file() and (d / "rtlm_lab").is_dir():
+            return d
+    return ROOT
+
+
+def resolve_path(path: str | Path | None, default: Path | None = None) -> Path | None:
+    """A notebook parameter as a path: empty / None gives ``default``; ``~`` expanded; relative paths are taken
+    from :func:`repo_root`."""
+    if path is None or not str(path).strip():
+        return default
+    p = Path(str(path)).expanduser()
+    return p if p.is_absolute() else repo_root() / p
+
+
 def data_dir() -> Path:
     """Root of built, git-ignored data (``data/``)."""
     return Path(os.environ.get("RTLM_DATA_DIR", ROOT / "data"))

@@ -52,29 +52,93 @@ def test_rtlm_batch_wait_ends_at_its_wake_time():
     assert out == [] and wake == pytest.approx(arrival + 0.05) and wake > arrival
 
 
+def _figures_ok(out_dir: Path, stems) -> None:
+    for stem in stems:
+        for ext in ("png", "svg"):
+            f = out_dir / f"{stem}.{ext}"
+            assert f.is_file() and f.stat().st_size > 1000, f
+
+
+def _ratio(m: dict, policy: str, tag: str, stat: str = "mean") -> tuple[float, float, float]:
+    r = next(r for r in m["normalized"][tag] if r["policy"] == policy)
+    return tuple(r[f"{stat}_rt_s_vs_{tag}{suf}"] for suf in ("", "_lo", "_hi"))
+
+
+def test_notebook_is_a_view():
+    """Notebooks hold parameters, a call and displays: no logic (issue 17)."""
+    nb = json.loads(NOTEBOOK.read_text())
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    lines = [ln for c in code[1:] for ln in "".join(c["source"]).splitlines()
+             if ln.strip() and not ln.lstrip().startswith("#")]
+    assert len(lines) <= 40, len(lines)
+    assert not any(ln.lstrip().startswith(("def ", "class ", "for ")) for ln in lines)
+    params = "".join(code[0]["source"])
+    assert 'engine = "auto"' in params and '"oracle_srpt"' in params
+
+
 @needs_profile
 def test_notebook_sim(tmp_path, monkeypatch):
+    """Sim mode on the continuous engine, replaying the committed Gemma cpu engine capacity."""
     monkeypatch.setenv("RTLM_OUTPUT_DIR", str(tmp_path / "outputs"))
-    policies = ["fcfs", "sjf_input", "sjf_proxy", "ltr", "oracle_sjf", "rtlm"]
-    m = _run(tmp_path, n_requests=16, rho=0.9, rhos=[0.5, 0.9], policies=policies,
-             overrides=["scheduler.overhead_samples=2"])
+    policies = ["fcfs", "sjf_input", "sjf_proxy", "ltr", "oracle_srpt", "rtlm"]
+    n = 16
+    m = _run(tmp_path, n_requests=n, rho=0.9, rhos=[0.5, 0.9], policies=policies, n_boot=200)
     out_dir = tmp_path / "nb03"
     assert m["mode"] == "sim" and m["lm"] == "gemma3_270m" and m["policies"] == policies
+    assert m["engine"] == "continuous" and m["oracle"] == "oracle_srpt"
+    assert m["capacity"]["source_file"].endswith(".json") and "reference" in m["capacity"]["source_file"]
     assert [r["policy"] for r in m["table"]] == policies
-    assert all(r["n_completed"] == 16 for r in m["table"])
-    fcfs = next(r for r in m["normalized"]["fcfs"] if r["policy"] == "fcfs")
-    assert fcfs["mean_rt_s_vs_fcfs"] == pytest.approx(1.0)
-    oracle = next(r for r in m["normalized"]["oracle"] if r["policy"] == "oracle_sjf")
-    assert oracle["mean_rt_s_vs_oracle"] == pytest.approx(1.0)
+    # every request accounted for: all completed, the warm-up share excluded from the measured ones only
+    for r in m["table"]:
+        assert r["n_completed"] == n and 0 < r["n_measured"] <= n
+    for d in m["runs"].values():
+        rec = pd.read_parquet(Path(d) / "requests.parquet")
+        assert len(rec) == n and rec["request_id"].is_unique and rec["finish_s"].notna().all()
+        assert (rec["response_s"] > 0).all() and (rec["actual_tokens"] >= 1).all()
+    # the same trace for every policy (paired ratios)
+    traces = {p: pd.read_parquet(Path(m["runs"][f"{p}@rho0.9"]) / "trace.parquet") for p in policies}
+    for p in policies[1:]:
+        assert traces[p][["request_id", "arrival_s"]].equals(traces["fcfs"][["request_id", "arrival_s"]])
+    # the oracle row exists; its ratio to FCFS is finite, with a CI around it; nobody beats it by much
+    ratio, lo, hi = _ratio(m, "oracle_srpt", "fcfs")
+    assert math.isfinite(ratio) and lo <= ratio <= hi and ratio <= 1.0 + 1e-9
+    rows = {r["policy"]: r for r in m["ratios"]}
+    assert set(rows) == set(policies) and all(math.isfinite(r["mean_rt_vs_oracle"]) for r in rows.values())
+    assert all(r["mean_rt_vs_oracle"] >= 0.9 for r in rows.values())
     assert len(m["sweep"]) == 2 * len(policies) and {r["rho"] for r in m["sweep"]} == {0.5, 0.9}
-    assert set(m["predictions"]) == {"sjf_proxy", "rtlm"} and m["predictions"]["rtlm"]["n"] == 16
-    assert sum(m["batch_size_hist"]["fcfs"].values()) == 16  # one request per batch
-    for stem in ("response_cdf", "rt_vs_rho", "p99_vs_rho", "batches_predictions"):
-        assert (out_dir / f"{stem}.png").is_file() and (out_dir / f"{stem}.svg").is_file()
+    assert set(m["predictions"]) == {"sjf_proxy", "rtlm"} and m["predictions"]["rtlm"]["n"] == n
+    assert sum(m["running_seqs_hist"]["fcfs"].values()) > 0  # engine steps by running rows
+    _figures_ok(out_dir, ("response_cdf", "rt_vs_rho", "p99_vs_rho", "batches_predictions"))
     assert m["provenance"]["profile_sha256"] and m["provenance"]["config"]["mode"] == "sim"
     # every run is a plain run_experiment run dir, one per (policy, rho)
     assert len(m["runs"]) == 2 * len(policies)
-    assert all((Path(d) / "requests.parquet").is_file() for d in m["runs"].values())
+    assert all((Path(d) / "metrics.json").is_file() for d in m["runs"].values())
+    # what rtlm-report reads of it: the oracle column is oracle_srpt's on the continuous engine
+    from rtlm_lab.report import cell_headline
+
+    head = cell_headline(tmp_path, {"03_scheduler": m})
+    assert head["scheduler_mode"] == "sim" and head["oracle_mean_rt_vs_fcfs"] == pytest.approx(ratio)
+    assert all(math.isfinite(head[k])
+               for k in ("rtlm_mean_rt_vs_fcfs", "rtlm_p99_rt_vs_fcfs", "sjf_proxy_mean_rt_vs_fcfs"))
+
+
+@needs_profile
+def test_study_static_engine_and_missing_capacity(tmp_path, monkeypatch):
+    """engine=static takes the static-batch path (no capacity file needed); sim on the continuous engine
+    without a measured engine for the LM x platform stops with one UserError line, before any fitting."""
+    from rtlm_lab.errors import UserError
+    from rtlm_lab.scheduler.study import run_study
+
+    monkeypatch.setenv("RTLM_OUTPUT_DIR", str(tmp_path / "outputs"))
+    s = run_study(lm="gemma3_270m", platform="cpu", policies=["fcfs", "oracle_sjf"], n_requests=8, rho=0.9,
+                  engine="static", out_dir=tmp_path / "static", overrides=["scheduler.overhead_samples=0"],
+                  n_boot=50, figures=False)
+    assert s.engine == "static" and s.oracle == "oracle_sjf" and s.summary["engine"] == "static"
+    assert all(sum(h.values()) >= 1 for h in s.summary["batch_size_hist"].values())
+    assert math.isfinite(s.normalized["fcfs"].loc["oracle_sjf", "mean_rt_s_vs_fcfs"])
+    with pytest.raises(UserError, match="no measured engine for gemma3_270m on cuda"):
+        run_study(lm="gemma3_270m", platform="cuda", policies=["fcfs"], n_requests=8, mode="sim",
+                  out_dir=tmp_path / "cuda", profile=str(REF_PROFILE))
 
 
 @needs_profile
@@ -84,15 +148,18 @@ def test_notebook_real_tiny_model(tmp_path, monkeypatch, tiny_causal_dir):
     pd.read_parquet(REF_PROFILE).head(40).to_parquet(profile, index=False)
     m = _run(tmp_path, mode="real", lm="dialogpt_ccc", lm_dir=str(tiny_causal_dir), profile=str(profile),
              lm_overrides={"max_input_tokens": 128, "max_new_tokens": 24, "stop_strings": ["e"]},
-             policies=["fcfs", "rtlm"], n_requests=6, rho=0.9,
-             overrides=["scheduler.calibration_repeats=1", "scheduler.calibration_tokens=8"])
-    assert m["mode"] == "real" and m["sweep"] is None
-    assert m["lm"] == f"dialogpt_ccc-{tiny_causal_dir.name}"  # its own name: its calibration stays apart
-    assert m["service_model"]["source"].startswith("calibration")
-    assert [r["n_completed"] for r in m["table"]] == [6, 6]
+             policies=["fcfs", "oracle_srpt", "rtlm"], n_requests=6, rho=0.9, n_boot=50,
+             overrides=["scheduler.capacity_requests=8"])
+    name = f"dialogpt_ccc-{tiny_causal_dir.name}"
+    assert m["mode"] == "real" and m["sweep"] is None and m["engine"] == "continuous"
+    assert m["lm"] == name  # its own name: its measured capacity stays apart
+    assert [r["n_completed"] for r in m["table"]] == [6, 6, 6]
     assert m["predictions"]["rtlm"]["n"] == 6
     rec = pd.read_parquet(Path(m["runs"]["rtlm@rho0.9"]) / "requests.parquet")
     assert len(rec) == 6 and (rec["actual_tokens"] <= 24).all() and rec["pred_tokens"].notna().all()
-    assert not math.isnan(m["table"][0]["mean_rt_s"])
-    cache = tmp_path / "outputs" / "schedule" / "service" / f"dialogpt_ccc-{tiny_causal_dir.name}__cpu.json"
-    assert cache.is_file()
+    assert all(math.isfinite(r["mean_rt_s"]) and r["mean_rt_s"] > 0 for r in m["table"])
+    ratio, lo, hi = _ratio(m, "oracle_srpt", "fcfs")
+    assert math.isfinite(ratio) and lo <= ratio <= hi
+    _figures_ok(tmp_path / "nb03", ("response_cdf", "batches_predictions"))
+    caps = list((tmp_path / "outputs" / "schedule" / "capacity").glob(f"{name}__cpu__*.json"))
+    assert len(caps) == 1  # measured once, replayed by every later policy

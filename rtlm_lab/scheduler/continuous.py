@@ -338,7 +338,10 @@ def run_continuous(cfg: Mapping[str, Any], run_dir: Path, profile: pd.DataFrame,
     reqs = to_requests(trace, keep_predictions=not online)
     needs = tuple(policy.needs)
     texts = trace["text"].astype(str).tolist()
-    cost = _pred_cost(predictors, texts, needs) if predictors is not None else PredCost()
+    # sim with scheduler.overhead_samples=0: predictions cost nothing on the simulated clock (as on the static
+    # path), so that a simulation does not depend on this machine's timing (deterministic runs, tests)
+    timed = predictors is not None and not (mode == "sim" and int(sched.get("overhead_samples", 20)) <= 0)
+    cost = _pred_cost(predictors, texts, needs) if timed else PredCost()
     engines = factory.build(policy, capacity_rps=float(cap["capacity_rps"]))
     clock = VirtualClock() if mode == "sim" else WallClock()
     if online and needs:
@@ -360,6 +363,7 @@ def run_continuous(cfg: Mapping[str, Any], run_dir: Path, profile: pd.DataFrame,
     m = run_metrics(records, steps, facts, cap, rho, rate, ecfg)
     m.update({"engine": "continuous", "engine_config": ecfg, "step_model": step_model.to_dict(),
               "capacity": cap, "prediction_cost": cost.to_dict() if not online else "measured online",
+              "prediction_cost_timed": bool(timed or online),
               "online_predictions": online, "n_engines": len(engines)})
     info = {"kind": kind, "rho": rho, "rate_rps": rate, "n_requests": n,
             "duration_s": float(trace["arrival_s"].max()), "heldout_pool": len(held), "repeats": bool(n > len(held))}

@@ -118,7 +118,14 @@ def cell_config(sweep: dict, lm: str, platform: str, cell_dir: Path) -> dict[str
         "profile": str(prof), "profile_sha256": sha256_file(prof) if prof.is_file() else None,
         "parameters": notebook_parameters(sweep, lm, platform, cell_dir, prof),
         "notebooks_sha256": {nb: sha256_file(ROOT / "notebooks" / f"{nb}.ipynb") for nb in NOTEBOOKS},
+        # the notebooks are views of these modules: a change there reruns the cell as a notebook change does
+        "studies_sha256": {str(p): sha256_file(ROOT / p) for p in STUDIES},
     }
+    if mode == "sim":  # on the continuous engine a simulation replays the measured engine capacity file
+        cap = _sim_capacity_file(lm, platform)
+        if cap is not None:
+            committed = cap.resolve().is_relative_to((ROOT / "outputs" / "reference").resolve())
+            cfg["engine_capacity"] = {"file": cap.name, "committed": committed, "sha256": sha256_file(cap)}
     if mode == "sim":  # a simulation's results follow its service models: a new calibration reruns the cell
         from rtlm_lab.scheduler.harness import sim_service_path
 
@@ -130,6 +137,28 @@ def cell_config(sweep: dict, lm: str, platform: str, cell_dir: Path) -> dict[str
                                            if p is not None
                                            else "fit to the batch-1 profile" if role == "main" else None)
     return cfg
+
+
+STUDIES = ("rtlm_lab/uncertainty/study.py", "rtlm_lab/regressor/study.py", "rtlm_lab/scheduler/study.py")
+
+
+def _sim_capacity_file(lm: str, platform: str) -> Path | None:
+    """The capacity file a continuous-engine simulation of this cell would replay (None: static path, or none)."""
+    try:
+        from omegaconf import OmegaConf
+
+        from rtlm_lab.scheduler.continuous import capacity_cache, engine_config, reference_capacity
+
+        lm_cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "lm" / f"{lm}.yaml"))
+        if str(lm_cfg.get("arch", "causal")) == "seq2seq":
+            return None
+        pf = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "platform" / f"{platform}.yaml"))
+        ecfg = engine_config(pf)
+        name = str(lm_cfg.get("name", lm))
+    except Exception:  # noqa: BLE001 - an unknown lm / platform fails in the cell itself, with its message
+        return None
+    return next((p for p in (capacity_cache(name, platform, ecfg), reference_capacity(name, platform, ecfg))
+                 if p.is_file()), None)
 
 
 def _portable(obj: Any, prefixes: list[tuple[str, str]]) -> Any:

@@ -12,7 +12,8 @@ from rtlm_lab.viz.uncertainty import _plt, save_figure
 
 # fixed colours so a policy looks the same in every figure
 COLORS = {"fcfs": "#7f7f7f", "sjf_input": "#bcbd22", "sjf_proxy": "#1f77b4", "ltr": "#17becf",
-          "oracle_sjf": "#2ca02c", "rtlm": "#d62728", "rtlm_no_uncertainty": "#ff9896", "rtlm_no_aging": "#e377c2",
+          "oracle_sjf": "#2ca02c", "oracle_srpt": "#006d2c", "rtlm": "#d62728", "rtlm_no_uncertainty": "#ff9896",
+          "rtlm_no_aging": "#e377c2",
           "rtlm_no_consolidation": "#9467bd", "rtlm_no_offload": "#8c564b", "rtlm_batch1": "#ff7f0e",
           "rtlm_wc": "#000000"}
 

@@ -1,0 +1,42 @@
+"""Notebook 01's study: how well each input-uncertainty score ranks output lengths, on one profile.
+
+:func:`run_study` finds the profile, runs :func:`~rtlm_lab.uncertainty.analysis.analyze` and writes
+``scores.parquet`` and ``metrics.json`` (what ``rtlm-report`` reads) into ``output_dir``; the notebook shows
+the tables and draws the figures.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from rtlm_lab.errors import UserError
+from rtlm_lab.paths import repo_root, resolve_path
+
+
+def run_study(lm: str, platform: str, profile: str | Path | None = "", n_bootstrap: int = 1000, seed: int = 0,
+              output_dir: str | Path = "outputs/notebooks/01") -> dict[str, Any]:
+    """:func:`analyze`'s result plus ``profile_path`` and ``out_dir``. ``profile`` empty: the largest profile of
+    ``lm`` / ``platform`` (:func:`~rtlm_lab.uncertainty.analysis.find_profile`)."""
+    from rtlm_lab.io import provenance, sha256_file, write_json_atomic, write_parquet_atomic
+    from rtlm_lab.uncertainty.analysis import analyze, find_profile, to_jsonable
+
+    os.environ.setdefault("RTLM_ROOT", str(repo_root()))
+    profile_path = resolve_path(profile) or find_profile(lm, platform)
+    if profile_path is None or not profile_path.is_file():
+        raise UserError(f"no profile for lm={lm} platform={platform} ({profile_path}); "
+                        f"run `rtlm-profile lm={lm} platform={platform}` first")
+    out_dir = resolve_path(output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = analyze(pd.read_parquet(profile_path), n_bootstrap=int(n_bootstrap), seed=int(seed))
+    metrics = to_jsonable(result)
+    metrics["provenance"] = provenance(
+        {"lm": lm, "platform": platform, "profile": str(profile_path), "n_bootstrap": int(n_bootstrap),
+         "seed": int(seed), "output_dir": str(out_dir), "notebook": "notebooks/01_uncertainty_latency.ipynb"},
+        profile=str(profile_path), profile_sha256=sha256_file(profile_path))
+    write_parquet_atomic(result["scores"], out_dir / "scores.parquet")
+    write_json_atomic(out_dir / "metrics.json", metrics)
+    return {**result, "profile_path": profile_path, "out_dir": out_dir}
