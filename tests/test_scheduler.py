@@ -662,3 +662,18 @@ def test_cli_overload_rho_above_one_is_served_and_accounted(tmp_path):
     from rtlm_lab.io import verify_run_manifest
 
     assert verify_run_manifest(metrics_path.parent) == []
+
+
+def test_cli_cuda_without_gpu_fails_before_any_fitting(tmp_path):
+    """`rtlm-schedule platform=cuda mode=real` on a machine without a GPU: one line, and nothing fitted or
+    written first (the GPU check comes before the predictors)."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible here")
+    res = _schedule_cli(["mode=real", "lm=dialogpt_ccc", "platform=cuda", "policy=fcfs"], tmp_path, timeout=300)
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip() and not ln.startswith("[")]
+    assert len(lines) == 1 and "needs a CUDA GPU" in lines[0], res.stderr[-2000:]
+    assert "predictors fitted" not in res.stdout + res.stderr
+    assert not list((tmp_path / "schedule").rglob("metrics.json")) if (tmp_path / "schedule").exists() else True

@@ -77,18 +77,13 @@ def sim_service(lm: str, platform: str, profile: pd.DataFrame, given: str | None
 
 
 def to_requests(trace: pd.DataFrame, service: ServiceModel, keep_predictions: bool) -> list[Request]:
-    reqs = []
-    for row in trace.itertuples(index=False):
-        pred = {}
-        if keep_predictions:
-            for c in ("pred_rtlm", "uncertainty", "pred_proxy", "ltr_score"):
-                v = getattr(row, c, None)
-                if v is not None and not (isinstance(v, float) and math.isnan(v)):
-                    pred[c] = float(v)
-        reqs.append(Request(request_id=str(row.request_id), text=str(row.text), context=str(row.context or ""),
-                            arrival_s=float(row.arrival_s), n_input_tokens=int(row.n_input_tokens),
-                            true_tokens=int(row.true_tokens), pred=pred,
-                            isolated_s=service.isolated(row.n_input_tokens, row.true_tokens)))
+    """The static path's requests: :func:`rtlm_lab.scheduler.continuous.to_requests` with the isolated
+    latency from the static service model."""
+    from rtlm_lab.scheduler.continuous import to_requests as base
+
+    reqs = base(trace, keep_predictions)
+    for r in reqs:
+        r.isolated_s = service.isolated(r.n_input_tokens, r.true_tokens)
     return reqs
 
 
@@ -169,6 +164,10 @@ def run_experiment(cfg: Mapping[str, Any], run_dir: Path, profile_path: Path, pr
         from rtlm_lab.scheduler.continuous import engine_config
 
         engine_config(platform)  # bad budgets fail before any fitting
+    if mode == "real":  # a missing GPU is a user error before anything is fitted
+        from rtlm_lab.lm.loader import resolve_device
+
+        resolve_device(platform)
     online = bool(sched.get("online_predictions", True))
     predictors, _train, held = load_or_fit(profile_path, profile, float(sched.get("heldout_frac", 0.4)), seed,
                                            cache_dir=data_dir() / "cache" / "scheduler",

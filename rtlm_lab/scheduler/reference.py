@@ -16,7 +16,6 @@ their calibrations under ``service/``; ``python -m rtlm_lab.scheduler.reference 
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import shutil
@@ -250,34 +249,6 @@ def build(grid: bool = True, n_sim: int = 200) -> dict:
         {"runs": [str(r.relative_to(root)) for r in runs], "grid": grid, "rhos": list(RHOS), "seeds": list(SEEDS),
          "n_sim": n_sim}))
     return {"runs": len(runs), "rows": len(df), "sim_error": err}
-
-
-def main(argv: list[str] | None = None) -> None:
-    from rtlm_lab.errors import user_errors
-
-    user_errors(_main)(argv)
-
-
-def _main(argv):
-    ap = argparse.ArgumentParser(prog="python -m rtlm_lab.scheduler.reference", description=__doc__.split("\n\n")[0])
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    a = sub.add_parser("add", help="copy real runs (dirs holding metrics.json) into outputs/reference/scheduler")
-    a.add_argument("roots", nargs="+", type=Path)
-    b = sub.add_parser("build", help="sim error, sim grid, summary.csv, figures")
-    b.add_argument("--no-grid", action="store_true")
-    b.add_argument("--n-sim", type=int, default=200)
-    sub.add_parser("markdown", help="print the README tables")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.cmd == "add":
-        print(f"added {len(add_runs(args.roots))} run(s)")
-    elif args.cmd == "markdown":
-        print(markdown())
-    else:
-        res = build(grid=not args.no_grid, n_sim=args.n_sim)
-        print(f"{res['runs']} real runs, {res['rows']} summary rows")
-        print(res["sim_error"].to_string(index=False))
-
 
 
 def markdown() -> str:
