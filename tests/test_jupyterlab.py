@@ -4,10 +4,6 @@ the project kernel that ``make lab`` registers (here in a temporary prefix, not 
 from __future__ import annotations
 
 import json
-import os
-import re
-import socket
-import subprocess
 import sys
 import time
 import urllib.request
@@ -17,76 +13,19 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-
-TOKEN = uuid.uuid4().hex
-MAKEFILE_INSTALL = re.compile(r"ipykernel install --user --name (\S+) --display-name \"([^\"]+)\"")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _api(base, path, method="GET", body=None, timeout=30):
-    req = urllib.request.Request(f"{base}{path}", method=method, data=None if body is None else json.dumps(body).encode(),
-                                 headers={"Authorization": f"token {TOKEN}", "Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        raw = r.read()
-        return r.status, (json.loads(raw) if raw and "json" in r.headers.get("Content-Type", "") else raw)
+from lab_server import TOKEN, api as _api, install_kernel, lab
 
 
 @pytest.fixture(scope="module")
 def kernel_prefix(tmp_path_factory) -> tuple[Path, str, str]:
     """``make lab``'s kernel registration, into a temporary prefix instead of ``--user``."""
-    name, display = MAKEFILE_INSTALL.search((ROOT / "Makefile").read_text()).groups()
-    prefix = tmp_path_factory.mktemp("jupyter_prefix")
-    subprocess.run([sys.executable, "-m", "ipykernel", "install", "--prefix", str(prefix), "--name", name,
-                    "--display-name", display], check=True, capture_output=True, timeout=120)
-    return prefix / "share" / "jupyter", name, display
+    return install_kernel(tmp_path_factory.mktemp("jupyter_prefix"))
 
 
 @pytest.fixture(scope="module")
 def lab_server(tmp_path_factory, kernel_prefix):
-    jdir = tmp_path_factory.mktemp("jupyter_home")
-    port = _free_port()
-    env = {**os.environ, "JUPYTER_CONFIG_DIR": str(jdir / "config"), "JUPYTER_DATA_DIR": str(jdir / "data"),
-           "JUPYTER_RUNTIME_DIR": str(jdir / "runtime"), "JUPYTER_PATH": str(kernel_prefix[0]),
-           "JUPYTERLAB_SETTINGS_DIR": str(jdir / "lab-settings"), "JUPYTERLAB_WORKSPACES_DIR": str(jdir / "ws")}
-    log = open(jdir / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
-         "--ServerApp.port_retries=0", f"--IdentityProvider.token={TOKEN}", f"--ServerApp.root_dir={ROOT / 'notebooks'}",
-         "--ServerApp.open_browser=False", "--LabApp.news_url=", "--LabApp.check_for_updates_class="
-         "jupyterlab.NeverCheckForUpdate", "--LabApp.extension_manager=readonly",
-         *(["--allow-root"] if os.geteuid() == 0 else [])],
-        cwd=ROOT / "notebooks", env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if _api(base, "/api/status", timeout=2)[0] == 200:
-                    break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("jupyter lab did not start:\n" + (jdir / "server.log").read_text()[-3000:])
-            time.sleep(0.3)
-        yield base, proc
-    finally:
-        if proc.poll() is None:
-            try:
-                _api(base, "/api/shutdown", method="POST", body={}, timeout=5)
-                proc.wait(20)
-            except Exception:  # noqa: BLE001 - fall back to a signal
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(10)
-        log.close()
+    with lab(tmp_path_factory.mktemp("jupyter_home"), kernel_prefix[0]) as server:
+        yield server
 
 
 def test_lab_lists_the_notebooks_and_needs_the_token(lab_server):
