@@ -341,7 +341,11 @@ def run_continuous(cfg: Mapping[str, Any], run_dir: Path, profile: pd.DataFrame,
     # sim with scheduler.overhead_samples=0: predictions cost nothing on the simulated clock (as on the static
     # path), so that a simulation does not depend on this machine's timing (deterministic runs, tests)
     timed = predictors is not None and not (mode == "sim" and int(sched.get("overhead_samples", 20)) <= 0)
-    cost = _pred_cost(predictors, texts, needs) if timed else PredCost()
+    if online and needs:  # measured live by the predictor thread: only load its models before the clock
+        predictors.predict_batch(texts[:2], needs)
+        cost = PredCost()
+    else:
+        cost = _pred_cost(predictors, texts, needs) if timed else PredCost()
     engines = factory.build(policy, capacity_rps=float(cap["capacity_rps"]))
     clock = VirtualClock() if mode == "sim" else WallClock()
     if online and needs:

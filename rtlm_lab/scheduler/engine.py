@@ -99,7 +99,6 @@ class Job:
     preemptions: int = 0
     steps_paused: int = 0
     stop_reason: str = ""
-    last_step: int = -1
     token_s: list[float] = field(default_factory=list)   # when each generated token came out
     finish_override_s: float | None = None               # a worker's own reading of the finish (offload)
     output_ids: list[int] = field(default_factory=list)  # real engine: the generated token ids
@@ -810,7 +809,6 @@ class Engine:
                     j.first_token_s = t_end
                 j.generated += new
                 j.token_s.extend([t_end] * new)
-            j.last_step = self.n_steps
             if fin:
                 j.finish_s = getattr(j, "finish_override_s", None) or t_end
                 j.stop_reason = self.backend.stop_reason(j)
