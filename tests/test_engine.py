@@ -237,3 +237,68 @@ def test_cpu_offload_worker_is_an_engine_every_policy_can_use(tiny_causal_dir):
                 assert j.generated == n and j.admit_s <= j.first_token_s <= j.finish_s, (policy, k)
     finally:
         off.close()
+
+
+def test_lmstate_policy_reads_the_engines_own_prefill_and_refines_while_decoding(tiny_causal_dir, ccc_sample):
+    """The LM-state policy on the real slot engine: its prefill prediction equals the offline probe's on the
+    same prompts (the engine's forward gives the same states as a separate pass), each refinement equals the
+    offline refinement after teacher-forcing the same tokens, prefill comes first, and every request still gets
+    batch-1 ``generate``'s tokens under preemption."""
+    import numpy as np
+    import pandas as pd
+
+    from rtlm_lab.lm import load_lm
+    from rtlm_lab.scheduler.engine import SlotBackend
+    from rtlm_lab.scheduler.lmprobe import fit_state_probe
+
+    lm = load_lm(tiny_spec(tiny_causal_dir, stop_strings=["e"], max_new_tokens=16))
+    train_texts = ccc_sample[:80]
+    gens = [lm.generate([t])[0] for t in train_texts]
+    train = pd.DataFrame({"request_id": [f"c{i // 2}-{i}" for i in range(len(gens))], "text": train_texts,
+                          "context": "", "n_output_tokens": [g.n_output_tokens for g in gens],
+                          "output_ids": [list(g.output_ids) for g in gens]})
+    probe = fit_state_probe(lm, train, refine_ks=(2, 4), refine_every=2, probe="ridge")
+    assert probe.refine_every == 2 and probe.meta["probe"] == "ridge"
+
+    texts = ccc_sample[200:209]
+    ref = {f"q{i}": lm.generate([t])[0] for i, t in enumerate(texts)}
+    rs = [Request(request_id=f"q{i}", text=t, context="", arrival_s=0.003 * i, n_input_tokens=5,
+                  true_tokens=ref[f"q{i}"].n_output_tokens) for i, t in enumerate(texts)]
+    pol = make_policy("lmstate", {"refine_every": 2})
+    pol.token_s = 0.01
+    backend = SlotBackend(lm, max_seqs=3, max_batch_tokens=512)
+    backend.probe = probe
+    eng = Engine("cpu0", backend, pol, 3, 512)
+    clock = WallClock()
+    jobs, facts = serve(rs, pol, [eng], clock, PredictorServer(rs, (), clock))
+    got = {j.rid: j for j in jobs}
+    assert sorted(got) == sorted(ref)
+    offline = probe.prefill.predict_texts(lm, texts)
+    for i, (k, g) in enumerate(ref.items()):
+        j = got[k]
+        assert j.output_ids == list(g.output_ids), k
+        assert j.req.pred["pred_lmstate"] == pytest.approx(max(1.0, offline[i]), rel=1e-4, abs=1e-4), k
+        # a refinement at every 2nd generated token while it decoded, each equal to the offline one
+        assert [t for t, _ in j.refines] == list(range(2, g.n_output_tokens, 2)), k
+        for t, rem in j.refines:
+            want = probe.refine.refine_texts(lm, [texts[i]], [list(g.output_ids)[:t]])[0]
+            assert rem == pytest.approx(max(0.0, want), rel=1e-4, abs=1e-3), (k, t)
+    assert backend.probe_s > 0
+    backend.close()
+
+
+def test_lmstate_prefills_first_and_orders_by_predicted_remaining():
+    """The LM-state key: an unpredicted job ranks first (its prefill gives the prediction); then shortest
+    predicted remaining, with aging."""
+    from rtlm_lab.scheduler.engine import Job
+
+    pol = make_policy("lmstate", {"aging": 0.5})
+    pol.token_s = 0.1
+    r = reqs([("a", 0.0, 5), ("b", 0.0, 5), ("c", 9.0, 5)])
+    a, b, c = (Job(req=x) for x in r)
+    a.rem_pred, a.rem_at, a.generated = 10.0, 0, 4      # 6 predicted left
+    b.rem_pred, b.rem_at, b.generated = 3.0, 2, 2       # 3 left
+    assert pol.key(c, 10.0) == -math.inf
+    assert pol.key(b, 10.0) < pol.key(a, 10.0)
+    assert pol.key(a, 10.0) == pytest.approx(6 * 0.1 - 0.5 * 10.0)
+    assert pol.preemptive

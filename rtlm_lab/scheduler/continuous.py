@@ -273,9 +273,23 @@ def _pred_cost(predictors, texts: list[str], needs) -> PredCost:
     return PredCost(a=max(0.0, t[1] - b), b=b)
 
 
+def attach_state_probe(engines, probe) -> None:
+    """Give the LM-state policy's probe to every GPU/CPU slot engine (offload workers serve unpredicted)."""
+    from rtlm_lab.scheduler.engine import SlotBackend
+
+    mains = [e for e in engines if e.kind == "main"]
+    if any(not isinstance(e.backend, SlotBackend) for e in mains):
+        raise UserError("the lmstate policy reads the prefill states of the slot engine: use "
+                        "platform.engine.backend=slots")
+    for e in mains:
+        e.backend.probe = probe
+
+
 def run_continuous(cfg: Mapping[str, Any], run_dir: Path, profile: pd.DataFrame, predictors, held: pd.DataFrame,
-                   progress: bool = True) -> tuple[pd.DataFrame, dict[str, Any], pd.DataFrame]:
-    """Serve the workload on the continuous engine; returns (records, metrics, trace)."""
+                   progress: bool = True, state_probe=None) -> tuple[pd.DataFrame, dict[str, Any], pd.DataFrame]:
+    """Serve the workload on the continuous engine; returns (records, metrics, trace). ``state_probe``: a
+    fitted :class:`~rtlm_lab.scheduler.lmprobe.StateProbe` for the lmstate policy (else loaded/fitted from the
+    LM's committed train profile)."""
     from rtlm_lab.scheduler.workload import arrival_times, check_workload, choose_requests
 
     mode = str(cfg["mode"])
@@ -286,6 +300,9 @@ def run_continuous(cfg: Mapping[str, Any], run_dir: Path, profile: pd.DataFrame,
     ecfg = engine_config(platform)
     policy = make_policy(str(cfg["policy"]["name"]), cfg["policy"])
     pool = _pool(held)
+    uses_state = bool(getattr(policy, "uses_lm_state", False))
+    if uses_state and mode != "real":
+        raise UserError(f"policy {policy.name} reads the served LM's own prefill states: it runs in mode=real only")
     devices = [str(d) for d in (platform.get("devices") or [platform.get("device", "cpu")])]
     if len(devices) > 1:  # replicas: capacity is measured (and cached) for the whole set
         ecfg = {**ecfg, "n_engines": len(devices)}
@@ -346,7 +363,18 @@ def run_continuous(cfg: Mapping[str, Any], run_dir: Path, profile: pd.DataFrame,
         cost = PredCost()
     else:
         cost = _pred_cost(predictors, texts, needs) if timed else PredCost()
+    probe_meta = None
+    if uses_state:  # fitted before the clock (training, as the regressor's fit); its predictions are on it
+        if state_probe is None:
+            from rtlm_lab.scheduler.lmprobe import load_state_probe
+
+            state_probe = load_state_probe(lms[devices[0]], platform["name"], policy.probe_params)
+        if policy.refine_every != state_probe.refine_every:
+            state_probe = _with_refine_every(state_probe, policy.refine_every)
+        probe_meta = dict(state_probe.meta)
     engines = factory.build(policy, capacity_rps=float(cap["capacity_rps"]))
+    if uses_state:
+        attach_state_probe(engines, state_probe)
     clock = VirtualClock() if mode == "sim" else WallClock()
     if online and needs:
         predict = lambda batch: predictors.predict_batch([r.text for r in batch], needs)  # noqa: E731
@@ -368,11 +396,22 @@ def run_continuous(cfg: Mapping[str, Any], run_dir: Path, profile: pd.DataFrame,
     m.update({"engine": "continuous", "engine_config": ecfg, "step_model": step_model.to_dict(),
               "capacity": cap, "prediction_cost": cost.to_dict() if not online else "measured online",
               "prediction_cost_timed": bool(timed or online),
-              "online_predictions": online, "n_engines": len(engines)})
+              "online_predictions": online or uses_state, "n_engines": len(engines)})
+    if probe_meta is not None:
+        m["lm_state_probe"] = {**probe_meta, "refine_every": policy.refine_every}
     info = {"kind": kind, "rho": rho, "rate_rps": rate, "n_requests": n,
             "duration_s": float(trace["arrival_s"].max()), "heldout_pool": len(held), "repeats": bool(n > len(held))}
     m["workload"] = info
     return records, m, trace
+
+
+def _with_refine_every(probe, every: int):
+    """The same fitted probe with another refinement period (0: prefill only)."""
+    import copy
+
+    p = copy.copy(probe)
+    p.refine_every = int(every) if p.refine is not None else 0
+    return p
 
 
 RECORDS = ("request_id", "arrival_s", "ready_s", "admit_s", "first_token_s", "finish_s", "response_s", "ttft_s",
@@ -416,6 +455,7 @@ def run_metrics(records: pd.DataFrame, steps: pd.DataFrame, facts: Mapping[str, 
     realized_rate = (len(arr) - 1) / (arr[-1] - arr[0]) if len(arr) > 1 and arr[-1] > arr[0] else math.nan
     busy = dict(facts["busy_s"])
     pred_busy = float(facts["predictor_batches"]["dt_s"].sum()) if len(facts["predictor_batches"]) else 0.0
+    pred_busy += float(sum((facts.get("probe_s") or {}).values()))  # the LM-state probe, inside engine steps
     q = lambda a, p: float(np.percentile(a, p)) if len(a) else math.nan  # noqa: E731
     return {
         "n_requests": int(len(records)), "n_completed": int(records["finish_s"].notna().sum()),

@@ -102,6 +102,9 @@ class Job:
     token_s: list[float] = field(default_factory=list)   # when each generated token came out
     finish_override_s: float | None = None               # a worker's own reading of the finish (offload)
     output_ids: list[int] = field(default_factory=list)  # real engine: the generated token ids
+    rem_pred: float = math.nan         # LM-state policy: predicted tokens still to come after `rem_at` tokens
+    rem_at: int = 0
+    refines: list[tuple[int, float]] = field(default_factory=list)  # LM-state policy: (tokens so far, predicted rest)
 
     @property
     def rid(self) -> str:
@@ -110,6 +113,10 @@ class Job:
     @property
     def pred_tokens(self) -> float:
         return float(self.req.pred.get("pred_tokens", math.nan))
+
+    def predicted_remaining(self) -> float:
+        """The LM-state prediction of the tokens still to come (nan before the prefill predicted it)."""
+        return self.rem_pred - (self.generated - self.rem_at)
 
 
 # ---------------------------------------------------------------------------------------------- step model
@@ -418,6 +425,11 @@ class SlotBackend:
         self.parked: dict[str, tuple] = {}    # paused rows: (per-layer (k, v) of its real tokens, last token)
         self.gen: dict[str, list[int]] = {}
         self.finished_ids: dict[str, list[int]] = {}
+        # the LM-state policy's probe (rtlm_lab.scheduler.lmprobe.StateProbe), attached by the harness: it reads
+        # the hidden states of the prefill (and, every `refine_every` tokens, of the decoding step) this
+        # engine runs anyway; its time is inside the step (on the clock) and summed in `probe_s`
+        self.probe = None
+        self.probe_s = 0.0
 
     # -------------------------------------------------------------- cache helpers
     def _new_cache(self):
@@ -488,6 +500,7 @@ class SlotBackend:
         """Kernels for prefill and decode at a few batch sizes, before the clock (no state left behind)."""
         with self.torch.inference_mode():
             self._warmup()
+        self.probe_s = 0.0
 
     def _warmup(self) -> None:
         ids = self.lm.encode(["Hello there, how are you?"], None, self.max_new)["input_ids"][0].tolist()
@@ -526,9 +539,17 @@ class SlotBackend:
             mask[i, L - len(x):] = 1
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = self._new_cache()
+        probe = self.probe is not None and not jobs[0].rid.startswith("__w")
         out = self.model(input_ids=inp, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                         use_cache=True, logits_to_keep=1)
+                         use_cache=True, logits_to_keep=1, output_hidden_states=probe)
         nxt = out.logits[:, -1].argmax(-1)
+        if probe:
+            t0 = time.perf_counter()
+            pred = self.probe.predict_prefill(out.hidden_states, mask, out.logits[:, -1])
+            for j, p in zip(jobs, pred):
+                j.req.pred["pred_lmstate"] = float(p)
+                j.rem_pred, j.rem_at = float(p), 0
+            self.probe_s += time.perf_counter() - t0
         self._merge(self._kv(cache), mask, nxt, jobs)
         return nxt, jobs
 
@@ -537,10 +558,26 @@ class SlotBackend:
         T = self.mask.shape[1]
         pos = self.mask.sum(-1, keepdim=True)
         self.mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], 1))], dim=1)
+        # LM-state refinement: rows that have generated a multiple of `refine_every` tokens read this step's
+        # state (the token fed now is their t-th: the state after teacher-forcing t reply tokens)
+        refine = []
+        if self.probe is not None and self.probe.refine_every > 0:
+            every = self.probe.refine_every
+            refine = [i for i, j in enumerate(self.rows)
+                      if len(self.gen.get(j.rid, ())) % every == 0 and len(self.gen.get(j.rid, ())) > 0]
         out = self.model(input_ids=self.last[:, None], attention_mask=self.mask, position_ids=pos,
                          past_key_values=self.cache, use_cache=True,
-                         cache_position=torch.tensor([T], device=self.dev))
+                         cache_position=torch.tensor([T], device=self.dev), output_hidden_states=bool(refine))
         self.last = out.logits[:, -1].argmax(-1)
+        if refine:
+            t0 = time.perf_counter()
+            rows = [self.rows[i] for i in refine]
+            toks = [list(self.gen[j.rid]) for j in rows]
+            rem = self.probe.predict_refine(out.hidden_states, refine, self.mask, out.logits[:, -1], toks)
+            for j, t, r in zip(rows, toks, rem):
+                j.rem_pred, j.rem_at = float(r), len(t)
+                j.refines.append((len(t), float(r)))
+            self.probe_s += time.perf_counter() - t0
         return self.last
 
     def step(self, engine: "Engine", now: float, clock) -> tuple[float, list[tuple[Job, int, bool]], int]:
@@ -1017,4 +1054,5 @@ def serve(requests: Sequence[Any], policy, engines: Sequence[Engine], clock, pre
         bar.close()
     steps = {e.id: pd.DataFrame(e.steps, columns=["t_s", "dt_s", "n_seqs", "n_tokens"]) for e in engines}
     return done, {"steps": steps, "predictor_batches": pd.DataFrame(
-        predictor.batches, columns=["t_s", "dt_s", "n"]), "busy_s": {e.id: e.busy_s for e in engines}}
+        predictor.batches, columns=["t_s", "dt_s", "n"]), "busy_s": {e.id: e.busy_s for e in engines},
+        "probe_s": {e.id: float(getattr(e.backend, "probe_s", 0.0)) for e in engines}}

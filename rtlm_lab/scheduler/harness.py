@@ -160,6 +160,9 @@ def run_experiment(cfg: Mapping[str, Any], run_dir: Path, profile_path: Path, pr
 
     check_workload(workload)
     engine = resolve_engine(sched.get("engine", "auto"), lm_spec)
+    if getattr(policy, "uses_lm_state", False) and (engine != "continuous" or mode != "real"):
+        raise UserError(f"policy {policy.name} reads the served LM's prefill states on the continuous slot engine: "
+                        "it needs mode=real and a decoder-only LM (scheduler.engine=continuous)")
     if engine == "continuous":
         from rtlm_lab.scheduler.continuous import engine_config
 

@@ -18,7 +18,8 @@ Register a new policy in :data:`POLICIES` (or pass an instance to the simulator 
 Built in: ``fcfs``, ``sjf_input`` (prompt tokens), ``sjf_proxy`` (MiniLM proxy prediction), ``ltr`` (MiniLM
 ranking score), ``oracle_sjf`` (the true output length: the lower bound of what ordering alone can do) and
 ``rtlm`` with its ablations ``rtlm_no_uncertainty``, ``rtlm_no_aging``, ``rtlm_no_consolidation``,
-``rtlm_no_offload``, ``rtlm_batch1``.
+``rtlm_no_offload``, ``rtlm_batch1``; our extension ``lmstate`` (the served LM's own prefill-state length
+prediction, refined while decoding; preemptive, with aging) and its ablation ``lmstate_no_refine``.
 """
 
 from __future__ import annotations
@@ -313,6 +314,49 @@ class RTLM(Policy):
         return None
 
 
+class LMStatePolicy(Policy):
+    """Our extension (issue 15): the served LM predicts its own reply length, and the engine runs shortest
+    predicted remaining work first, preemptively, with aging.
+
+    * **prefill first**: a request whose prompt has not been prefilled ranks ahead of everything (as
+      transformers' ``PrefillFirstScheduler`` does); its prefill, which the engine runs anyway, gives the
+      prediction (:class:`~rtlm_lab.scheduler.lmprobe.StateProbe`: a probe of the prompt's hidden states) before
+      its decode order is chosen;
+    * **refinement**: every ``refine_every`` generated tokens the decoding step's state (plus the repetition
+      features of the tokens so far) re-predicts the remaining tokens;
+    * key = predicted remaining tokens x the step time - ``aging`` x seconds since arrival (aging as RT-LM's);
+      preemptive (a pause keeps the KV cache, as for ``oracle_srpt``).
+
+    The probe's cost is inside the engine's steps (on the clock). Real slot engine only (``mode=real``,
+    ``platform.engine.backend=slots``): the prediction is read from that engine's forward passes.
+    """
+
+    name = "lmstate"
+    preemptive = True
+    uses_lm_state = True
+    pred_column = "pred_lmstate"
+
+    def __init__(self, aging: float = 0.02, refine_every: int = 8, refine_ks=(8, 16), train_profile=None,
+                 probe: str = "auto", train_n=None, name: str | None = None, max_batch: int = 1, **params: Any):
+        super().__init__(max_batch=max_batch, **params)
+        if name:
+            self.name = name
+        if float(aging) < 0 or int(refine_every) < 0:
+            raise UserError("policy.aging and policy.refine_every must be >= 0")
+        self.aging, self.refine_every = float(aging), int(refine_every)
+        self.probe_params = {"refine_every": int(refine_every), "refine_ks": list(refine_ks or []),
+                             "train_profile": train_profile, "probe": probe, "train_n": train_n}
+
+    def describe(self):
+        return {**super().describe(), "aging": self.aging, **self.probe_params}
+
+    def key(self, job, now):
+        rem = job.predicted_remaining()
+        if not math.isfinite(rem):
+            return -math.inf  # prefill first: its prefill gives the prediction
+        return max(1.0, rem) * self.token_s - self.aging * max(0.0, now - job.req.arrival_s)
+
+
 BASELINES = {"fcfs": FCFS, "sjf_input": SJFInput, "sjf_proxy": SJFProxy, "ltr": LTR, "oracle_sjf": OracleSJF,
              "oracle_srpt": OracleSRPT}
 ABLATIONS = {
@@ -324,7 +368,8 @@ ABLATIONS = {
     "rtlm_batch1": {"max_batch": 1},
     "rtlm_wc": {"work_conserving": True},  # extension: work-conserving consolidation (see RTLM)
 }
-POLICIES = tuple(BASELINES) + tuple(ABLATIONS)
+EXTENSIONS = {"lmstate": {}, "lmstate_no_refine": {"refine_every": 0}}
+POLICIES = tuple(BASELINES) + tuple(ABLATIONS) + tuple(EXTENSIONS)
 
 
 def make_policy(name: str, params: Mapping[str, Any] | None = None) -> Policy:
@@ -336,4 +381,8 @@ def make_policy(name: str, params: Mapping[str, Any] | None = None) -> Policy:
         return BASELINES[name](**params)
     if name in ABLATIONS:
         return RTLM(name=name, **{**params, **ABLATIONS[name]})
+    if name in EXTENSIONS:
+        for k in ("uncertainty_weight", "consolidation", "length_window", "batch_wait_s", "offload"):
+            params.pop(k, None)
+        return LMStatePolicy(name=name, **{**params, **EXTENSIONS[name]})
     raise UserError(f"unknown policy {name!r}; choose one of: {', '.join(POLICIES)}")

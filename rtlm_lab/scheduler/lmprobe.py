@@ -1,0 +1,196 @@
+"""The LM-state policy's length predictor, read from the engine's own forward passes (issue 15).
+
+:class:`StateProbe` wraps two :class:`~rtlm_lab.regressor.lmstate.LMStatePredictor` s fitted on a *train-split*
+profile of the served LM:
+
+* ``prefill``: output tokens from the state at the end of the prompt (``last`` and ``mean`` of the chosen
+  layers, next-token entropy, end-of-turn probability, prompt tokens), as ``rtlm-train-regressor
+  regressor.use_prefill=true`` evaluates it;
+* ``refine``: remaining tokens after ``t`` generated tokens, for ``t`` = every ``refine_every``-th step, from the
+  decoding step's state (``last`` of the layers and the scalars: a decoding step has no prompt-wide mean) plus
+  the repetition features of the tokens so far and the gated loop override (a verbatim repeat of the last
+  n-gram means "runs to the cap" where the training loops did).
+
+The slot engine (:class:`~rtlm_lab.scheduler.engine.SlotBackend`) asks the model for its hidden states in the
+prefill and in the refinement steps only (``output_hidden_states``: no second pass) and calls
+:meth:`StateProbe.predict_prefill` / :meth:`StateProbe.predict_refine`; their time is inside the engine step,
+on the clock, and reported as the prediction cost.
+
+:func:`fit_state_probe` fits one from a profile with texts (``text``, ``context``, ``n_output_tokens``,
+``output_ids``: the reply's first token ids, which the refinement probes teacher-force); :func:`load_state_probe`
+is the harness's entry: the committed train profile of the LM, fitted once and cached (joblib) under
+``outputs/schedule/probes/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from rtlm_lab.errors import UserError
+
+log = logging.getLogger("rtlm_lab.scheduler")
+
+PROBE_VERSION = 1
+
+
+class StateProbe:
+    """Prefill and refinement predictors over the served LM's hidden states (see the module doc)."""
+
+    def __init__(self, prefill, refine, refine_every: int, eot_ids: Sequence[int], meta: Mapping[str, Any]):
+        self.prefill, self.refine = prefill, refine
+        self.refine_every = int(refine_every) if refine is not None else 0
+        self.layers = tuple(prefill.layers_)
+        self.eot_ids = list(eot_ids)
+        self.meta = dict(meta)
+
+    # ------------------------------------------------------------------ features from the engine's tensors
+    def _states(self, hidden, idx, pos, mask, logits, with_mean: bool):
+        """:class:`LMStates` of rows ``idx`` at position ``pos`` (``-1``: the token just fed)."""
+        import torch
+
+        from rtlm_lab.regressor.lmstate import LMStates, _uncertainty
+
+        ix = torch.as_tensor(idx, device=logits.device)
+        last = {l: hidden[l][ix, pos].float().cpu().numpy() for l in self.layers}
+        mean = {}
+        m = mask.index_select(0, ix)
+        if with_mean:
+            mm = m[:, -hidden[0].shape[1]:].unsqueeze(-1).to(hidden[0].dtype)
+            mean = {l: ((hidden[l][ix] * mm).sum(1) / mm.sum(1).clamp_min(1)).float().cpu().numpy()
+                    for l in self.layers}
+        ent, eos = _uncertainty(logits.index_select(0, ix), self.eot_ids)
+        n_tok = m.sum(1).float().cpu().numpy()
+        return LMStates(last, mean, ent.astype(np.float32), eos.astype(np.float32), n_tok.astype(np.float32),
+                        self.layers)
+
+    def predict_prefill(self, hidden, mask, logits) -> np.ndarray:
+        """Predicted output tokens for every row of a (left-padded) prefill batch."""
+        st = self._states(hidden, list(range(mask.shape[0])), -1, mask, logits, with_mean=True)
+        return np.maximum(self.prefill.predict_from_states(st), 1.0)
+
+    def predict_refine(self, hidden, rows: Sequence[int], mask, logits, tokens: Sequence[Sequence[int]]
+                       ) -> np.ndarray:
+        """Predicted tokens still to come for decoding rows ``rows`` (batch indices), each with the reply
+        tokens generated so far (``tokens``; rows may be at different steps)."""
+        out = np.zeros(len(rows))
+        by_t: dict[int, list[int]] = {}
+        for k, t in enumerate(tokens):
+            by_t.setdefault(len(t), []).append(k)
+        for t, ks in by_t.items():
+            st = self._states(hidden, [rows[k] for k in ks], -1, mask, logits, with_mean=False)
+            out[ks] = self.refine.refine_predict(st, [tokens[k] for k in ks], use_loop="gated")
+        return np.maximum(out, 0.0)
+
+
+def _reply_prefix(df: pd.DataFrame, k: int) -> list[list[int]]:
+    if "output_ids" not in df.columns:
+        raise UserError("the LM-state probe's refinement needs the train profile's output_ids "
+                        "(rtlm-profile ... profile.output_ids=32)")
+    return [[int(t) for t in list(v)[:k]] for v in df["output_ids"]]
+
+
+def fit_state_probe(lm, train: pd.DataFrame, refine_ks: Sequence[int] = (8, 16), refine_every: int = 8,
+                    layers: Sequence[Any] | None = None, probe: str = "auto", seed: int = 0,
+                    batch_size: int = 32, cache_sha: str | None = None) -> StateProbe:
+    """Fit the prefill and refinement predictors on ``train`` (rows with ``text``, ``n_output_tokens`` and,
+    for refinement, ``output_ids``), reading the states with the LM itself (cached by ``cache_sha``)."""
+    from rtlm_lab.regressor import lmstate as LS
+
+    layers = tuple(layers or LS.DEFAULT_LAYERS)
+    y = train["n_output_tokens"].to_numpy(float)
+    from rtlm_lab.regressor.evaluate import conversation_ids
+
+    groups = np.asarray(conversation_ids(train))
+    name = lm.name
+
+    def states(step: int, prefix=None):
+        if cache_sha:
+            return LS.cached_states(lm, train, cache_sha, name, layers, step=step, prefix_ids=prefix,
+                                    batch_size=batch_size)
+        ctx = train["context"].fillna("").astype(str).tolist() if "context" in train else None
+        return LS.extract_states(lm, train["text"].fillna("").astype(str).tolist(), ctx, layers=layers,
+                                 batch_size=batch_size, prefix_ids=prefix)
+
+    t0 = time.perf_counter()
+    cap = int(lm.spec.get("max_new_tokens", int(y.max())))
+    S0 = states(0)
+    pre = LS.LMStatePredictor(probe=probe, seed=seed).fit(S0, y, groups=groups, max_new_tokens=cap)
+    ref = None
+    ks = sorted({int(k) for k in refine_ks or []})
+    if ks and int(refine_every) > 0:
+        ref = LS.LMStatePredictor(probe=pre.probe_, which=("last", "scalar"), seed=seed).fit(
+            S0, y, groups=groups, max_new_tokens=cap)
+        longest = _reply_prefix(train, ks[-1])
+        for k in ks:
+            prefix = [p[:k] for p in longest]
+            ref.fit_refine(k, states(k, prefix), y, tokens=prefix)
+    meta = {"n_train": int(len(train)), "probe": pre.probe_, "val_kendall_tau": pre.val_scores_,
+            "refine_ks": ks, "refine_every": int(refine_every), "layers": list(pre.layers_),
+            "fit_s": round(time.perf_counter() - t0, 2), "lm": name, "version": PROBE_VERSION}
+    log.info("LM-state probe for %s: %s on %d train requests (val tau %s), refinement at %s", name, pre.probe_,
+             len(train), {k: round(v, 3) for k, v in pre.val_scores_.items()}, ks)
+    from rtlm_lab.regressor.lmstate import end_of_turn_ids
+
+    return StateProbe(pre, ref, refine_every, end_of_turn_ids(lm), meta)
+
+
+def train_profile_path(lm_name: str, platform: str, given: str | None = None) -> Path:
+    """``given``, else the committed train profile of this LM on this platform, else on the other one (greedy
+    lengths do not depend on the platform: profiles/agreement.csv)."""
+    from rtlm_lab.paths import reference_dir
+
+    if given:
+        p = Path(str(given)).expanduser()
+        if not p.is_file():
+            raise UserError(f"policy.train_profile {p} does not exist")
+        return p
+    base = reference_dir() / "profiles" / "train"
+    for plat in (platform, "cuda", "cpu"):
+        p = base / f"{lm_name}__{plat}.parquet"
+        if p.is_file():
+            return p
+    raise UserError(f"no train profile for {lm_name} under {base}: make one with `rtlm-profile "
+                    f"experiment=lmstate_train lm={lm_name}` or pass policy.train_profile=<parquet>")
+
+
+def load_state_probe(lm, platform: str, params: Mapping[str, Any]) -> StateProbe:
+    """The harness's probe: fitted on the train profile once, cached under ``outputs/schedule/probes/``."""
+    import joblib
+
+    from rtlm_lab.io import atomic_path, sha256_file
+    from rtlm_lab.paths import outputs_dir
+    from rtlm_lab.regressor.lmstate import with_texts
+
+    path = train_profile_path(lm.name, platform, params.get("train_profile"))
+    sha = sha256_file(path)
+    kw = {"refine_ks": tuple(int(k) for k in (params.get("refine_ks") or (8, 16))),
+          "refine_every": int(params.get("refine_every", 8)), "probe": str(params.get("probe", "auto")),
+          "seed": int(params.get("probe_seed", 0))}
+    n_max = params.get("train_n")
+    key = hashlib.sha256(f"{lm.name}|{sha}|{sorted(kw.items())}|{n_max}|{PROBE_VERSION}".encode()).hexdigest()[:12]
+    cache = outputs_dir() / "schedule" / "probes" / f"{lm.name}__{key}.joblib"
+    if cache.is_file():
+        try:
+            probe = joblib.load(cache)
+            if isinstance(probe, StateProbe):
+                log.info("LM-state probe: %s", cache)
+                return probe
+        except Exception as exc:  # noqa: BLE001 - a torn/foreign cache is refitted
+            log.warning("probe cache %s unreadable (%s); fitting again", cache, type(exc).__name__)
+    train = pd.read_parquet(path)
+    if n_max:
+        train = train.iloc[: int(n_max)]
+    train = with_texts(train, split="train")
+    probe = fit_state_probe(lm, train, cache_sha=sha, **kw)
+    probe.meta.update({"train_profile": str(path), "train_profile_sha256": sha})
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(cache) as tmp:
+        joblib.dump(probe, tmp)
+    return probe
