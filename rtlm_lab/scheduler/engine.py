@@ -430,6 +430,7 @@ class SlotBackend:
         # engine runs anyway; its time is inside the step (on the clock) and summed in `probe_s`
         self.probe = None
         self.probe_s = 0.0
+        self._pending: list[tuple] = []       # device-side probe results, read when the step synchronises
 
     # -------------------------------------------------------------- cache helpers
     def _new_cache(self):
@@ -545,10 +546,14 @@ class SlotBackend:
         nxt = out.logits[:, -1].argmax(-1)
         if probe:
             t0 = time.perf_counter()
-            pred = self.probe.predict_prefill(out.hidden_states, mask, out.logits[:, -1])
-            for j, p in zip(jobs, pred):
-                j.req.pred["pred_lmstate"] = float(p)
-                j.rem_pred, j.rem_at = float(p), 0
+            if self.probe.on_device():
+                self._pending.append(("prefill", list(jobs), self.probe.prefill_on_device(
+                    out.hidden_states, mask, out.logits[:, -1])))
+            else:
+                pred = self.probe.predict_prefill(out.hidden_states, mask, out.logits[:, -1])
+                for j, p in zip(jobs, pred):
+                    j.req.pred["pred_lmstate"] = float(p)
+                    j.rem_pred, j.rem_at = float(p), 0
             self.probe_s += time.perf_counter() - t0
         self._merge(self._kv(cache), mask, nxt, jobs)
         return nxt, jobs
@@ -573,10 +578,16 @@ class SlotBackend:
             t0 = time.perf_counter()
             rows = [self.rows[i] for i in refine]
             toks = [list(self.gen[j.rid]) for j in rows]
-            rem = self.probe.predict_refine(out.hidden_states, refine, self.mask, out.logits[:, -1], toks)
-            for j, t, r in zip(rows, toks, rem):
-                j.rem_pred, j.rem_at = float(r), len(t)
-                j.refines.append((len(t), float(r)))
+            if self.probe.on_device():
+                for ks, pred, cap_left, loop in self.probe.refine_on_device(
+                        out.hidden_states, refine, self.mask, out.logits[:, -1], toks):
+                    self._pending.append(("refine", [rows[k] for k in ks], pred, [len(toks[k]) for k in ks],
+                                          cap_left, loop))
+            else:
+                rem = self.probe.predict_refine(out.hidden_states, refine, self.mask, out.logits[:, -1], toks)
+                for j, t, r in zip(rows, toks, rem):
+                    j.rem_pred, j.rem_at = float(r), len(t)
+                    j.refines.append((len(t), float(r)))
             self.probe_s += time.perf_counter() - t0
         return self.last
 
@@ -648,7 +659,26 @@ class SlotBackend:
         if fin_rows:
             self._keep([i for i in range(len(self.rows)) if i not in set(fin_rows)])
         self.lm._sync()
+        if self._pending:
+            self._resolve_probe()
         return time.perf_counter() - t0, events, n_tok
+
+    def _resolve_probe(self) -> None:
+        """Read the device-side probe results of this step (the step has synchronised: no stall)."""
+        t0 = time.perf_counter()
+        for item in self._pending:
+            if item[0] == "prefill":
+                for j, p in zip(item[1], item[2].tolist()):
+                    j.req.pred["pred_lmstate"] = float(p)
+                    j.rem_pred, j.rem_at = float(p), 0
+            else:
+                _, jobs, pred, ts, cap_left, loop = item
+                for j, p, t, lp in zip(jobs, pred.tolist(), ts, loop):
+                    r = float(cap_left) if lp else float(p)
+                    j.rem_pred, j.rem_at = r, t
+                    j.refines.append((t, r))
+        self._pending.clear()
+        self.probe_s += time.perf_counter() - t0
 
     def stop_reason(self, job: Job) -> str:
         toks = self.gen.pop(job.rid, [])

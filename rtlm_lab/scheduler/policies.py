@@ -337,7 +337,7 @@ class LMStatePolicy(Policy):
     pred_column = "pred_lmstate"
 
     def __init__(self, aging: float = 0.02, refine_every: int = 8, refine_ks=(8, 16), train_profile=None,
-                 probe: str = "auto", train_n=None, name: str | None = None, max_batch: int = 1, **params: Any):
+                 probe: str = "ridge", train_n=None, name: str | None = None, max_batch: int = 1, **params: Any):
         super().__init__(max_batch=max_batch, **params)
         if name:
             self.name = name
