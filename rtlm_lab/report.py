@@ -318,7 +318,7 @@ CELL_FIGURES = ((NB01, ("spearman", "output_by_uncertainty", "latency_fit")), (N
 def copy_cells(cells: Sequence[dict], sweep_dir: Path, out_dir: Path) -> None:
     """Copy each done cell's ``metrics.json`` files and headline figures (not the executed notebooks, not the
     scheduler's per-request files) to ``out_dir/<lm>/<platform>/``, plus the sweep's ``manifest.json``: a
-    small copy of a sweep's results to commit (``outputs/reference/report/``), laid out as a sweep dir, so
+    small copy of a sweep's results (to keep or commit), laid out as a sweep dir, so
     that ``rtlm-report`` rebuilds the same tables from it. Cells' ``dir`` then point at the copies."""
     from rtlm_lab.io import copy_file_atomic
 

@@ -205,25 +205,64 @@ def test_cli_errors_and_help(tmp_path):
     assert res.returncode == 2 and "no sweep dir 'nope'" in res.stderr
 
 
-REPORT = ROOT / "outputs" / "reference" / "report"
+def _fake_cell(d: Path, spearman: float, tau: float, rtlm_vs_fcfs: float) -> None:
+    """The three notebooks' ``metrics.json`` of one finished cell (only the keys the report reads), plus a
+    notebook, a figure and a per-request file: what ``copy=true`` must and must not carry."""
+    m1 = {"n": 40, "spearman_table": [
+        {"type": "total", "spearman": spearman, "ci_low": spearman - 0.1, "ci_high": spearman + 0.1,
+         "partial_spearman": spearman / 2, "p_value": 0.01},
+        {"type": "aleatoric", "spearman": spearman / 3, "ci_low": -0.2, "ci_high": 0.4}]}
+    m2 = {"split": {"n_test": 16}, "methods": [
+        {"method": "rtlm_ridge", "kendall_tau": tau, "tau_ci_low": tau - 0.1, "tau_ci_high": tau + 0.1, "mae": 9.0},
+        {"method": "proxy_minilm", "kendall_tau": tau - 0.05}, {"method": "input_length", "kendall_tau": 0.01},
+        {"method": "oracle", "kendall_tau": 1.0}]}
+    table = [{"policy": p, "mean_rt_s": v, "p50_rt_s": v / 2, "p99_rt_s": 3 * v, "n_completed": 12}
+             for p, v in (("fcfs", 2.0), ("rtlm", 2.0 * rtlm_vs_fcfs), ("oracle_srpt", 1.0))]
+    norm = [{"policy": r["policy"], "mean_rt_s_vs_fcfs": r["mean_rt_s"] / 2.0, "p99_rt_s_vs_fcfs": r["mean_rt_s"] / 2.0}
+            for r in table]
+    m3 = {"mode": "sim", "engine": "continuous", "workload": "poisson", "rho": 0.9, "n_requests": 12,
+          "table": table, "normalized": {"fcfs": norm}}
+    for nb, m in (("01_uncertainty_latency", m1), ("02_length_regressor", m2), ("03_scheduler", m3)):
+        (d / nb).mkdir(parents=True)
+        (d / nb / "metrics.json").write_text(json.dumps(m))
+        (d / f"{nb}.ipynb").write_text("{}")
+    (d / "03_scheduler" / "response_cdf.png").write_bytes(b"\x89PNG fake")
+    (d / "03_scheduler" / "requests.parquet").write_bytes(b"not copied")
 
 
-@pytest.mark.skipif(not (REPORT / "manifest.json").is_file(), reason="no committed reference report")
-def test_committed_reference_report_rebuilds_from_its_metrics(tmp_path):
-    """outputs/reference/report holds the reference sweep's metrics laid out as a sweep dir: rebuilding the
-    report from them gives the committed tables; it covers 5 LMs x 2 platforms, cuda cells served for real on
-    a GPU machine (their notebooks' provenance), cpu cells simulated."""
+def test_report_copy_is_a_sweep_dir_that_rebuilds_the_same_tables(tmp_path):
+    """``rtlm-report copy=true`` writes a small copy of a sweep's results (metrics.json and headline figures
+    of the done cells, the manifest; no notebooks, no per-request files) laid out as a sweep dir: a report
+    rebuilt from that copy has the same tables, and the numbers are the cells' own."""
     from rtlm_lab.report import build_report, report_tables
 
-    rep = build_report(REPORT, tmp_path, figures=False)
-    assert report_tables(rep["md"].read_text()) == report_tables((REPORT / "report.md").read_text())
-    cells = {(c["lm"], c["platform"]): c for c in rep["cells"]}
-    lms = ["gemma3_270m", "smollm2_135m", "dialogpt_ccc", "blenderbot_ccc", "godel_ccc"]
-    assert set(cells) == {(lm, pf) for lm in lms for pf in ("cpu", "cuda")}
-    for (lm, pf), c in cells.items():
-        assert c["status"] == "done"
-        m3 = c["metrics"]["03_scheduler"]
-        assert m3["mode"] == ("real" if pf == "cuda" else "sim")
-        machine = m3["provenance"]["machine"]
-        assert ("gpu" in machine) == (pf == "cuda"), (lm, pf, machine)
-        assert all(r["n_completed"] == m3["n_requests"] for r in m3["table"])  # no request lost
+    sweep = tmp_path / "sweeps" / "fake"
+    _fake_cell(sweep / "gemma3_270m" / "cpu", 0.31, 0.42, 0.5)
+    _fake_cell(sweep / "dialogpt_ccc" / "cpu", 0.12, 0.25, 1.5)
+    manifest = {"name": "fake", "lms": ["gemma3_270m", "dialogpt_ccc", "smollm2_135m"], "platforms": ["cpu"],
+                "cells": {"gemma3_270m/cpu": {"lm": "gemma3_270m", "platform": "cpu", "status": "done",
+                                              "dir": "gemma3_270m/cpu"},
+                          "dialogpt_ccc/cpu": {"lm": "dialogpt_ccc", "platform": "cpu", "status": "done",
+                                               "dir": "dialogpt_ccc/cpu"},
+                          "smollm2_135m/cpu": {"lm": "smollm2_135m", "platform": "cpu", "status": "failed",
+                                               "error": "no profile here"}}}
+    (sweep / "manifest.json").write_text(json.dumps(manifest))
+
+    out = tmp_path / "ref"
+    rep = build_report(sweep, out, figures=False, copy=True)
+    for lm in ("gemma3_270m", "dialogpt_ccc"):
+        cell = out / lm / "cpu"
+        assert (cell / "03_scheduler" / "metrics.json").is_file() and (cell / "03_scheduler" / "response_cdf.png").is_file()
+        assert not (cell / "03_scheduler" / "requests.parquet").exists() and not list(cell.glob("*.ipynb"))
+    assert not (out / "smollm2_135m").exists() and (out / "manifest.json").is_file()
+    again = build_report(out, tmp_path / "again", figures=False)
+    tables = report_tables(rep["md"].read_text())
+    assert len(tables) > 5 and report_tables(again["md"].read_text()) == tables
+    head = {(r["lm"], r["platform"]): r for r in again["headline"]}
+    assert head[("gemma3_270m", "cpu")]["tau RT-LM"] == 0.42
+    assert head[("gemma3_270m", "cpu")]["best baseline"] == "proxy_minilm"
+    assert head[("dialogpt_ccc", "cpu")]["RT-LM mean RT / FCFS"] == 1.5
+    assert head[("dialogpt_ccc", "cpu")]["oracle mean / FCFS"] == 0.5
+    assert head[("smollm2_135m", "cpu")]["status"] == "failed"
+    md = " ".join(again["md"].read_text().split())
+    assert "no profile here" in md and "| gemma3_270m | cpu | done | 40 |" in md

@@ -50,24 +50,6 @@ def reference(cfg: DictConfig):
         summary = build_reference(expand(t.runs) or default_sources(), t.out)
         print(summary.to_string(index=False, float_format=lambda v: f"{v:+.3f}"))
         return summary
-    if t.name == "scheduler_static":
-        from rtlm_lab.errors import UserError
-        from rtlm_lab.scheduler import reference as R
-
-        if t.cmd == "add":
-            n = len(R.add_runs([Path(r) for r in expand(t.runs)]))
-            print(f"added {n} run(s)")
-            return n
-        if t.cmd == "markdown":
-            text = R.markdown()
-            print(text)
-            return text
-        if t.cmd != "build":
-            raise UserError(f"target.cmd must be add, build or markdown (got {t.cmd!r})")
-        res = R.build(grid=bool(t.grid), n_sim=int(t.n_sim))
-        print(f"{res['runs']} real runs, {res['rows']} summary rows")
-        print(res["sim_error"].to_string(index=False))
-        return res
     if t.name == "train_profile":
         from rtlm_lab.errors import UserError
         from rtlm_lab.regressor.lmstate import slim

@@ -3,7 +3,7 @@
 Examples::
 
     rtlm-report                                   # outputs/sweeps/demo
-    rtlm-report sweep=reference out=outputs/reference/report copy=true   # the committed reference report
+    rtlm-report sweep=reference out=/tmp/ref_report copy=true           # a self-contained copy (metrics + figures)
 """
 
 from __future__ import annotations
