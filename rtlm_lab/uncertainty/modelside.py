@@ -183,10 +183,15 @@ def profile_states(profile_df: pd.DataFrame, profile_path: str | Path, lm_name: 
 
 def _default_loader(lm_name: str, platform_name: str):
     def load():
+        from omegaconf import OmegaConf
+
         from rtlm_lab.lm import load_lm
         from rtlm_lab.lm.loader import lm_config
+        from rtlm_lab.paths import ROOT
 
-        plat = {"name": platform_name, "device": platform_name, "dtype": "float32"}
+        conf = ROOT / "conf" / "platform" / f"{platform_name}.yaml"
+        plat = (OmegaConf.to_container(OmegaConf.load(conf), resolve=True) if conf.is_file()
+                else {"name": platform_name, "device": platform_name, "dtype": "float32"})
         return load_lm(lm_config(lm_name), plat)
 
     return load
@@ -272,6 +277,10 @@ def build_reference(lms: Sequence[str] = REFERENCE_LMS, platform: str = "cpu", o
     tables, sources = [], []
     for lm in lms:
         prof = reference_dir() / "profiles" / f"{lm}__{platform}.parquet"
+        from rtlm_lab.regressor.lmstate import cache_path
+
+        cached = cache_path(f"{lm}__{platform}", sha256_file(prof), STATE_LAYERS, 0)
+        was_cached = cached.is_file()
         t0 = time.perf_counter()
         res = model_vs_input(prof, lm=lm, platform=platform, n_bootstrap=n_bootstrap, seed=seed,
                              batch_size=batch_size)
@@ -279,7 +288,9 @@ def build_reference(lms: Sequence[str] = REFERENCE_LMS, platform: str = "cpu", o
         sources.append({"lm": lm, "platform": platform, "profile": str(prof.relative_to(reference_dir().parent.parent)),
                         "profile_sha256": sha256_file(prof), "n": res["n"],
                         "n_conversations": int(res["table"]["n_groups"].iloc[0]),
-                        "seconds": round(time.perf_counter() - t0, 1)})
+                        "seconds": round(time.perf_counter() - t0, 1), "states_cache": cached.name,
+                        "states_from": "cache (data/cache/lmstate, written by an earlier prefill pass)"
+                        if was_cached else "computed now (extract_states)"})
         print(f"{lm}: {res['n']} requests in {sources[-1]['seconds']} s", flush=True)
     table = pd.concat(tables, ignore_index=True)
     out_dir.mkdir(parents=True, exist_ok=True)
