@@ -59,7 +59,8 @@ def reference(cfg: DictConfig):
         from rtlm_lab.uncertainty.modelside import build_reference as build_mvi, to_markdown
 
         table = build_mvi(list(t.lms), str(t.platform), t.out, n_bootstrap=int(t.n_bootstrap), seed=int(t.seed),
-                          batch_size=int(t.batch_size), command=" ".join(["rtlm-reference", *sys.argv[1:]]))
+                          batch_size=int(t.batch_size), verify_states=bool(t.get("verify_states", False)),
+                          command=" ".join(["rtlm-reference", *sys.argv[1:]]))
         print(to_markdown(table))
         return table
     if t.name == "scheduler_static":

@@ -265,9 +265,11 @@ def to_markdown(table: pd.DataFrame) -> str:
 
 def build_reference(lms: Sequence[str] = REFERENCE_LMS, platform: str = "cpu", out_dir: str | Path | None = None,
                     n_bootstrap: int = 1000, seed: int = 0, batch_size: int = 16,
-                    command: str | None = None) -> pd.DataFrame:
+                    command: str | None = None, verify_states: bool = False) -> pd.DataFrame:
     """Write ``model_vs_input.csv`` / ``.md`` / ``.provenance.json`` and the heatmap into ``out_dir``
-    (default ``outputs/reference/uncertainty``) for each LM's committed ``<lm>__<platform>`` profile."""
+    (default ``outputs/reference/uncertainty``) for each LM's committed ``<lm>__<platform>`` profile.
+    ``verify_states``: where the states came from the cache, load the LM, recompute them
+    (:func:`~rtlm_lab.regressor.lmstate.extract_states`) and record the largest differences in the provenance."""
     import time
 
     from rtlm_lab.io import provenance, sha256_file, write_json_atomic, write_text_atomic
@@ -291,6 +293,20 @@ def build_reference(lms: Sequence[str] = REFERENCE_LMS, platform: str = "cpu", o
                         "seconds": round(time.perf_counter() - t0, 1), "states_cache": cached.name,
                         "states_from": "cache (data/cache/lmstate, written by an earlier prefill pass)"
                         if was_cached else "computed now (extract_states)"})
+        if verify_states and was_cached:
+            from rtlm_lab.regressor.lmstate import extract_states
+
+            df = pd.read_parquet(prof)
+            t1 = time.perf_counter()
+            st = extract_states(_default_loader(lm, platform)(), df["text"].fillna("").astype(str).tolist(),
+                                df["context"].fillna("").astype(str).tolist() if "context" in df else None,
+                                layers=STATE_LAYERS, batch_size=batch_size)
+            fr = res["frame"]
+            sources[-1]["recomputed"] = {
+                "seconds": round(time.perf_counter() - t1, 1),
+                "max_abs_diff_prefill_entropy": float(np.max(np.abs(st.entropy - fr["prefill_entropy"]))),
+                "max_abs_diff_log_eos_prob": float(np.max(np.abs(
+                    np.log(np.clip(st.eos_prob.astype(float), 1e-12, 1.0)) - fr["log_eos_prob"])))}
         print(f"{lm}: {res['n']} requests in {sources[-1]['seconds']} s", flush=True)
     table = pd.concat(tables, ignore_index=True)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -310,7 +326,8 @@ def build_reference(lms: Sequence[str] = REFERENCE_LMS, platform: str = "cpu", o
     plot_model_vs_input(table, out_dir)
     write_json_atomic(out_dir / "model_vs_input.provenance.json",
                       provenance({"lms": list(lms), "platform": platform, "n_bootstrap": int(n_bootstrap),
-                                  "seed": int(seed), "batch_size": int(batch_size), "layers": list(STATE_LAYERS)},
+                                  "seed": int(seed), "batch_size": int(batch_size), "layers": list(STATE_LAYERS),
+                                  "verify_states": bool(verify_states)},
                                  command=command or "rtlm-reference target=model_vs_input", sources=sources,
                                  files=["model_vs_input.csv", "model_vs_input.md", "model_vs_input.png",
                                         "model_vs_input.svg"]))
