@@ -136,3 +136,36 @@ def test_committed_reference_table():
     assert prov["git_commit"] and prov["command"].startswith("rtlm-reference") and len(prov["sources"]) == 5
     mixed = M.with_reference(t[t["lm"] == "gemma3_270m"].assign(spearman=0.0))
     assert len(mixed) == len(t) and (mixed.loc[mixed["lm"] == "gemma3_270m", "spearman"] == 0).all()
+
+
+def test_run_study_model_side_reproduces_the_reference(tmp_path, monkeypatch):
+    """The real dialogpt_ccc (committed, small): fresh prefill states on this CPU (empty cache) give the
+    committed reference rows."""
+    from rtlm_lab.uncertainty.study import run_study
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for sub in ("raw", "processed"):
+        (data / sub).symlink_to(Path(os.environ.get("RTLM_DATA_DIR", ROOT / "data")) / sub)
+    monkeypatch.setenv("RTLM_DATA_DIR", str(data))
+    res = run_study("dialogpt_ccc", "cpu", PROFILE, n_bootstrap=1000, output_dir=tmp_path / "nb", model_side=True)
+    mvi = res["model_vs_input"]
+    assert set(mvi["lm"]) == set(M.REFERENCE_LMS)
+    ref = M.reference_table()
+    num = ["spearman", "ci_low", "ci_high", "partial_spearman", "partial_ci_low", "partial_ci_high"]
+    got = mvi[mvi["lm"] == "dialogpt_ccc"][num].to_numpy(float)
+    want = ref[ref["lm"] == "dialogpt_ccc"][num].to_numpy(float)
+    np.testing.assert_allclose(got, want, atol=1e-3)  # the csv keeps 4 decimals
+    assert (tmp_path / "nb" / "model_vs_input.csv").is_file()
+    assert json.loads((tmp_path / "nb" / "metrics.json").read_text())["provenance"]["config"]["model_side"]
+
+
+def test_notebook_01_is_a_view():
+    import nbformat
+
+    nb = nbformat.read(ROOT / "notebooks" / "01_uncertainty_latency.ipynb", as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    lines = [ln for c in code[1:] for ln in c.source.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    assert len(lines) <= 40, len(lines)
+    assert not any(ln.lstrip().startswith(("def ", "class ", "for ")) for ln in lines)
+    assert "model_side" in code[0].source and any("plot_model_vs_input" in c.source for c in code)
