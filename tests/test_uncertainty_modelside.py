@@ -123,6 +123,8 @@ def test_cli_model_side_flag(tiny_causal_dir, small_profile, tmp_path):
     assert (run / "model_vs_input.png").is_file() and (run / "model_vs_input.svg").is_file()
     assert len(json.loads((run / "metrics.json").read_text())["model_vs_input"]) == len(M.MEASURES)
     assert "prefill_entropy" in res.stdout
+    files = json.loads((run / "manifest.json").read_text())["files"]
+    assert {"model_vs_input.csv", "model_vs_input.png", "model_vs_input.svg"} <= set(files)
     helped = subprocess.run([sys.executable, "-m", "rtlm_lab.tasks.uncertainty", "--help"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=120)
     assert "model_side" in helped.stdout
