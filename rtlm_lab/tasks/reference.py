@@ -2,6 +2,8 @@
 
 * ``target=profiles``: :func:`rtlm_lab.profiling.reference.rebuild` (copy run dirs in, ``summary.csv``);
 * ``target=uncertainty``: :func:`rtlm_lab.uncertainty.reference.build_reference`;
+* ``target=model_vs_input``: :func:`rtlm_lab.uncertainty.modelside.build_reference` (input-side scores vs the
+  LM's prefill entropy / end-of-turn probability, partial Spearman | input length, for each reference LM);
 * ``target=regressor``: :func:`rtlm_lab.regressor.reference.build_reference`;
 * ``target=scheduler``: :func:`rtlm_lab.scheduler.analysis.add_runs` then
   :func:`~rtlm_lab.scheduler.analysis.build` (the continuous-engine results table with CIs).
@@ -10,6 +12,7 @@ Examples::
 
     rtlm-reference target=profiles target.runs=[outputs/profile/*/cuda/test-n500-s0]
     rtlm-reference target=uncertainty
+    rtlm-reference target=model_vs_input target.lms=[dialogpt_ccc,smollm2_135m]
     rtlm-reference target=regressor target.profiles=[gemma3_270m__cuda] target.kinds=[ridge]
     rtlm-reference target=scheduler 'target.runs=[outputs/schedule/dialogpt_ccc/cpu/real/*/*/*]' target.group=cpu__dialogpt
 """
@@ -50,6 +53,16 @@ def reference(cfg: DictConfig):
         summary = build_reference(expand(t.runs) or default_sources(), t.out)
         print(summary.to_string(index=False, float_format=lambda v: f"{v:+.3f}"))
         return summary
+    if t.name == "model_vs_input":
+        import sys
+
+        from rtlm_lab.uncertainty.modelside import build_reference as build_mvi, to_markdown
+
+        table = build_mvi(list(t.lms), str(t.platform), t.out, n_bootstrap=int(t.n_bootstrap), seed=int(t.seed),
+                          batch_size=int(t.batch_size), verify_states=bool(t.get("verify_states", False)),
+                          command=" ".join(["rtlm-reference", *sys.argv[1:]]))
+        print(to_markdown(table))
+        return table
     if t.name == "train_profile":
         from rtlm_lab.errors import UserError
         from rtlm_lab.regressor.lmstate import slim

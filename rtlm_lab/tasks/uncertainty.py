@@ -10,6 +10,11 @@ Reads a profile written by ``rtlm-profile`` (``profile=<parquet>``, or by defaul
   versions, the profile's path and sha256);
 * ``scores.parquet``: one row per request, the six scores + total joined with tokens and latencies;
 * ``spearman``, ``output_by_uncertainty``, ``latency_fit`` and ``spearman_heatmap`` as PNG + SVG.
+* with ``model_side=true`` (:mod:`rtlm_lab.uncertainty.modelside`): ``model_vs_input.csv`` and the
+  ``model_vs_input`` heatmap (PNG + SVG): the six input-side scores against the served LM's prefill entropy
+  and log P(end of turn), Spearman and partial Spearman | log input tokens with output length
+  (conversation-bootstrap CIs); also ``metrics.json["model_vs_input"]``. The LM's prefill states are cached
+  under ``data/cache/lmstate/`` (the LM loads on a cache miss);
 * ``manifest.json`` (last): sha256 and size of each of these files.
 
 Examples::
@@ -17,6 +22,7 @@ Examples::
     rtlm-uncertainty lm=smollm2_135m platform=cpu
     rtlm-uncertainty lm=gemma3_270m data.n_prompts=6
     rtlm-uncertainty profile=outputs/profile/gemma3_270m/cpu/test-n6-s0/profile.parquet n_bootstrap=200
+    rtlm-uncertainty lm=dialogpt_ccc profile=outputs/reference/profiles/dialogpt_ccc__cpu.parquet model_side=true
     rtlm-uncertainty data=prompts data.path=my_prompts.jsonl lm=custom lm.local_dir=DIR   # your prompts' profile
 """
 
@@ -69,6 +75,23 @@ def uncertainty(cfg: DictConfig) -> dict:
     metrics = to_jsonable(result)
     metrics["provenance"] = provenance(cfg, profile=str(path), profile_sha256=sha256_file(path),
                                        run_dir=str(run_dir))
+    mvi = None
+    if cfg.get("model_side", False):
+        from omegaconf import OmegaConf
+
+        from rtlm_lab.io import write_text_atomic
+        from rtlm_lab.lm import load_lm
+        from rtlm_lab.uncertainty.modelside import model_vs_input
+
+        def loader():
+            return load_lm(OmegaConf.to_container(cfg.lm, resolve=True),
+                           OmegaConf.to_container(cfg.platform, resolve=True))
+
+        mvi = model_vs_input(path, lm=cfg.lm.name, platform=cfg.platform.name, loader=loader,
+                             n_bootstrap=int(cfg.n_bootstrap), seed=int(cfg.seed),
+                             batch_size=int(cfg.get("model_side_batch_size", 16)), scores=scores)["table"]
+        metrics["model_vs_input"] = to_jsonable({"t": mvi})["t"]
+        write_text_atomic(run_dir / "model_vs_input.csv", mvi.to_csv(index=False, float_format="%.4f"))
     write_parquet_atomic(scores, run_dir / "scores.parquet")
     write_json_atomic(run_dir / "metrics.json", metrics)
     if cfg.get("figures", True):
@@ -78,10 +101,19 @@ def uncertainty(cfg: DictConfig) -> dict:
         plot_output_by_uncertainty(scores, run_dir, title=title)
         plot_latency_fit(scores, result["latency_model"], run_dir, title=f"latency vs output tokens: {title}")
         plot_spearman_heatmap(table, run_dir)
+        if mvi is not None:
+            from rtlm_lab.viz.uncertainty import plot_model_vs_input
+
+            plot_model_vs_input(mvi, run_dir)
     write_run_manifest(run_dir, {"task": "uncertainty"})
     print(f"{result['lm']} on {result['platform']}: {result['n']} requests, "
           f"{result['n_bootstrap']} bootstrap resamples", flush=True)
     print(format_table(result["spearman_table"]), flush=True)
+    if mvi is not None:
+        from rtlm_lab.uncertainty.modelside import to_markdown
+
+        print("model-side vs input-side: partial Spearman | log input tokens [95% CI] (rho)", flush=True)
+        print(to_markdown(mvi), flush=True)
     print(f"metrics: {run_dir / 'metrics.json'}", flush=True)
     return metrics
 

@@ -9,6 +9,8 @@
   ``e2e = TTFT + k x tokens`` line per platform.
 * :func:`plot_spearman_heatmap`: type x LM (x platform) heatmap of rho from a tidy Spearman table
   (several ``metrics.json`` concatenated; a one-column map for a single run).
+* :func:`plot_model_vs_input`: measure x LM heatmap of the partial rho (| input length) of the input-side
+  scores and of the LM's own prefill entropy / end-of-turn probability (:mod:`rtlm_lab.uncertainty.modelside`).
 """
 
 from __future__ import annotations
@@ -220,4 +222,51 @@ def plot_spearman_heatmap(table: pd.DataFrame, out_dir: str | Path | None = None
     ax.set_xlabel("")
     ax.set_ylabel("")
     ax.set_title(title or "Spearman ρ of uncertainty with output tokens\n(* = 95% CI excludes 0)", fontsize=10)
+    return _finish(fig, out_dir, stem)
+
+
+def plot_model_vs_input(table: pd.DataFrame, out_dir: str | Path | None = None, title: str = "",
+                        stem: str = "model_vs_input"):
+    """Measure x LM heatmap of the partial Spearman (| log input tokens) of input-side scores and model-side
+    prefill measures with output tokens (:func:`rtlm_lab.uncertainty.modelside.model_input_table`); the
+    ``log_input_tokens`` row shows its plain rho. ``*`` = the cluster-bootstrap 95% CI excludes 0."""
+    import seaborn as sns
+
+    from rtlm_lab.uncertainty.modelside import BASELINE as BASE
+    from rtlm_lab.uncertainty.modelside import MEASURES
+
+    plt = _plt()
+    t = table.copy()
+    t["column"] = _column_label(t)
+    base = t["measure"] == BASE
+    t["value"] = np.where(base, t["spearman"], t["partial_spearman"])
+    t["lo"] = np.where(base, t["ci_low"], t["partial_ci_low"])
+    t["hi"] = np.where(base, t["ci_high"], t["partial_ci_high"])
+    rows = [m for m in MEASURES if m in set(t["measure"])]
+    cols = list(dict.fromkeys(t["column"]))
+
+    def grid(v):
+        g = t.pivot_table(index="measure", columns="column", values=v, aggfunc="first", dropna=False)
+        return g.reindex(index=rows, columns=cols).astype(float)
+
+    val, lo, hi = grid("value"), grid("lo"), grid("hi")
+    annot = val.map(lambda v: "n/a" if not np.isfinite(v) else f"{v:+.2f}")
+    sig = ((lo > 0) | (hi < 0)).fillna(False)
+    annot = annot.where(~sig, annot + "*")
+    finite = val.to_numpy()[np.isfinite(val.to_numpy())]
+    lim = max(0.3, float(np.ceil(np.abs(finite).max() * 10) / 10)) if finite.size else 1.0
+    fig, ax = plt.subplots(figsize=(max(4.8, 2.8 + 1.3 * len(cols)), 0.5 * len(rows) + 1.8))
+    sns.heatmap(val.fillna(0.0), mask=~np.isfinite(val.to_numpy()), annot=annot.to_numpy(), fmt="",
+                cmap="RdBu_r", vmin=-lim, vmax=lim, center=0, linewidths=0.5, ax=ax,
+                cbar_kws={"label": "partial ρ with output tokens | log input tokens"})
+    labels = {"prefill_entropy": "LM: prefill entropy", "log_eos_prob": "LM: log P(end of turn)",
+              BASE: "log input tokens (ρ)"}
+    ax.set_yticklabels([labels.get(m, m) for m in rows], rotation=0)
+    n_input = sum(1 for m in rows if m not in labels)
+    if 0 < n_input < len(rows):
+        ax.axhline(n_input, color="k", lw=1.5)
+    ax.set_xlabel("")
+    ax.set_ylabel("")
+    ax.set_title(title or "Input-side vs model-side uncertainty: partial ρ with output tokens\n"
+                          "controlling for input length (* = conversation-bootstrap 95% CI excludes 0)", fontsize=10)
     return _finish(fig, out_dir, stem)
