@@ -278,8 +278,12 @@ def test_lmstate_policy_reads_the_engines_own_prefill_and_refines_while_decoding
         j = got[k]
         assert j.output_ids == list(g.output_ids), k
         assert j.req.pred["pred_lmstate"] == pytest.approx(max(1.0, offline[i]), rel=1e-4, abs=1e-4), k
-        # a refinement at every 2nd generated token while it decoded, each equal to the offline one
-        assert [t for t, _ in j.refines] == list(range(2, g.n_output_tokens, 2)), k
+        # refinements (every 2nd engine step, once 2 tokens are out) at increasing steps, each equal to the
+        # offline one after teacher-forcing the same tokens
+        ts = [t for t, _ in j.refines]
+        assert ts == sorted(set(ts)) and all(2 <= t < g.n_output_tokens for t in ts), k
+        if g.n_output_tokens >= 6:
+            assert ts, k
         for t, rem in j.refines:
             want = probe.refine.refine_texts(lm, [texts[i]], [list(g.output_ids)[:t]])[0]
             assert rem == pytest.approx(max(0.0, want), rel=1e-4, abs=1e-3), (k, t)
