@@ -352,8 +352,18 @@ def run_continuous(cfg: Mapping[str, Any], run_dir: Path, profile: pd.DataFrame,
     trace = chosen
 
     online = mode == "real" and predictors is not None
-    reqs = to_requests(trace, keep_predictions=not online)
     needs = tuple(policy.needs)
+    # scheduler.online_update: finished requests recalibrate the predictor, which predicts at prediction time
+    # (sim too: not the precomputed columns); a copy, so the caller's predictors stay as fitted
+    online_update = bool(sched.get("online_update", False))
+    if online_update and predictors is None:
+        raise UserError("scheduler.online_update=true needs the fitted predictors (scheduler.online_predictions=true)")
+    if online_update:
+        import copy
+
+        predictors = copy.deepcopy(predictors)
+    live_sim = online_update and mode == "sim" and bool(needs)
+    reqs = to_requests(trace, keep_predictions=not (online or live_sim))
     texts = trace["text"].astype(str).tolist()
     # sim with scheduler.overhead_samples=0: predictions cost nothing on the simulated clock (as on the static
     # path), so that a simulation does not depend on this machine's timing (deterministic runs, tests)
@@ -379,11 +389,19 @@ def run_continuous(cfg: Mapping[str, Any], run_dir: Path, profile: pd.DataFrame,
     if online and needs:
         predict = lambda batch: predictors.predict_batch([r.text for r in batch], needs)  # noqa: E731
         server = PredictorServer(reqs, needs, clock, predict=predict)
+    elif live_sim:  # the modelled cost on the virtual clock, the (recalibrating) predictor at each batch's start
+        predict = lambda batch: predictors.predict_batch([r.text for r in batch], needs)  # noqa: E731
+        server = PredictorServer(reqs, needs, clock, predict=predict, cost=cost)
     else:
         server = PredictorServer(reqs, needs, clock, cost=cost)
+    n_updates = [0]
+
+    def on_finish(done_jobs) -> None:
+        n_updates[0] += predictors.update([j.req.text for j in done_jobs], [j.generated for j in done_jobs])
+
     try:
         jobs, facts = serve(reqs, policy, engines, clock, server, progress=progress,
-                            desc=f"{policy.name} ({mode})")
+                            desc=f"{policy.name} ({mode})", on_finish=on_finish if online_update else None)
     finally:
         _close(engines)
     records = job_records(jobs, policy, float(sched.get("slo_k", 5.0)), float(sched.get("warmup_frac", 0.1)))
@@ -396,7 +414,8 @@ def run_continuous(cfg: Mapping[str, Any], run_dir: Path, profile: pd.DataFrame,
     m.update({"engine": "continuous", "engine_config": ecfg, "step_model": step_model.to_dict(),
               "capacity": cap, "prediction_cost": cost.to_dict() if not online else "measured online",
               "prediction_cost_timed": bool(timed or online),
-              "online_predictions": online or uses_state, "n_engines": len(engines)})
+              "online_predictions": online or uses_state, "n_engines": len(engines),
+              "online_update": online_update, "n_online_updates": int(n_updates[0])})
     if probe_meta is not None:
         m["lm_state_probe"] = {**probe_meta, "refine_every": policy.refine_every}
     info = {"kind": kind, "rho": rho, "rate_rps": rate, "n_requests": n,

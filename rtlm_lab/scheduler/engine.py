@@ -929,7 +929,9 @@ class PredictorServer:
 
     Real mode (``predict`` given, wall clock): a thread takes arrivals at their trace times, predicts them
     (``predict(requests) -> list[dict]``, timed), and marks them ready; sim mode: the same queue with the
-    measured :class:`PredCost`. Policies that need no prediction make every request ready at arrival.
+    measured :class:`PredCost` (with ``predict`` given, it is called on each modelled batch at the batch's start,
+    e.g. a predictor recalibrated at run time; the cost stays the modelled one). Policies that need no
+    prediction make every request ready at arrival.
     """
 
     def __init__(self, requests: Sequence[Any], needs: Sequence[str], clock, predict: Callable | None = None,
@@ -1015,6 +1017,9 @@ class PredictorServer:
                            and len(batch) < self.max_batch):
                         batch.append(self.reqs[self.i])
                         self.i += 1
+                    if self.predict is not None:  # sim with a live predictor: it predicts at the batch's start
+                        for r, p in zip(batch, self.predict(batch)):
+                            r.pred.update(p)
                     dt = self.cost.batch_s(len(batch))
                     self.free_at = start + dt
                     self.batches.append((start, dt, len(batch)))
@@ -1039,11 +1044,16 @@ class PredictorServer:
 
 # ---------------------------------------------------------------------------------------------- the loop
 def serve(requests: Sequence[Any], policy, engines: Sequence[Engine], clock, predictor: PredictorServer,
-          progress: bool = False, desc: str = "") -> tuple[list[Job], dict[str, Any]]:
+          progress: bool = False, desc: str = "", on_finish: Callable[[list], None] | None = None
+          ) -> tuple[list[Job], dict[str, Any]]:
     """Serve every request once; returns the finished jobs and run facts (steps per engine, predictor batches).
 
     Same code for real and simulated runs: only the clock, the backends and the predictor differ. Every
     engine is warmed up (graphs captured, kernels loaded) *before* the clock starts.
+
+    ``on_finish(jobs)``: called with the jobs finished by the engine steps, each job once, before the next
+    predictions are taken (run-time recalibration). On a virtual clock a step's jobs finish at the step's end,
+    so they are handed over once the clock has reached their ``finish_s`` (no prediction sees the future).
     """
     from tqdm.auto import tqdm
 
@@ -1055,9 +1065,22 @@ def serve(requests: Sequence[Any], policy, engines: Sequence[Engine], clock, pre
     bar = tqdm(total=n, desc=desc or f"{policy.name}", unit="req", disable=not progress, mininterval=1.0)
     clock.start()
     predictor.start()
+    finished: list[Job] = []  # on_finish: finished, not yet handed over
+
+    def hand_over(now: float, final: bool = False) -> None:
+        nonlocal finished
+        if on_finish is None or not finished:
+            return
+        due = [j for j in finished if final or not clock.virtual or j.finish_s <= now]
+        if due:
+            gone = {id(j) for j in due}
+            finished = [j for j in finished if id(j) not in gone]
+            on_finish(due)
+
     try:
         while len(done) < n:
             now = clock.now()
+            hand_over(now)
             for t_ready, r in predictor.take_ready(now):
                 job = Job(req=r, ready_s=float(t_ready))
                 eid = policy.place(job, engines, now)
@@ -1071,6 +1094,7 @@ def serve(requests: Sequence[Any], policy, engines: Sequence[Engine], clock, pre
                     fin = e.step(now, clock)
                     stepped = True
                     done.extend(fin)
+                    finished.extend(fin)
                     bar.update(len(fin))
             if clock.virtual:
                 t_next = min([predictor.next_event()] + [e.free_at for e in engines if e.has_work()])
@@ -1081,6 +1105,7 @@ def serve(requests: Sequence[Any], policy, engines: Sequence[Engine], clock, pre
                 clock.sleep_until(t_next)
             elif not stepped:
                 clock.sleep_until(clock.now() + 0.001)
+        hand_over(clock.now(), final=True)
     finally:
         predictor.stop()
         bar.close()

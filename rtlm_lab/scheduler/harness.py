@@ -171,10 +171,17 @@ def run_experiment(cfg: Mapping[str, Any], run_dir: Path, profile_path: Path, pr
         from rtlm_lab.lm.loader import resolve_device
 
         resolve_device(platform)
+    if sched.get("online_update", False) and engine != "continuous":
+        raise UserError("scheduler.online_update=true is for the continuous engine (scheduler.engine=continuous)")
     online = bool(sched.get("online_predictions", True))
-    predictors, _train, held = load_or_fit(profile_path, profile, float(sched.get("heldout_frac", 0.4)), seed,
-                                           cache_dir=data_dir() / "cache" / "scheduler",
-                                           need_model=online or mode == "sim")
+    pred_profile = sched.get("predictor_profile")
+    if pred_profile:  # drift: predictors fitted on another profile (another LM) serve this profile's requests
+        predictors, held = _foreign_predictors(Path(str(pred_profile)).expanduser().resolve(), profile,
+                                               float(sched.get("heldout_frac", 0.4)), seed)
+    else:
+        predictors, _train, held = load_or_fit(profile_path, profile, float(sched.get("heldout_frac", 0.4)), seed,
+                                               cache_dir=data_dir() / "cache" / "scheduler",
+                                               need_model=online or mode == "sim")
     run_dir.mkdir(parents=True, exist_ok=True)
     n_offload = int(platform.get("offload_workers", 0))  # static path: the same workers for every policy
     extra: dict[str, Any] = {}
@@ -226,6 +233,26 @@ def run_experiment(cfg: Mapping[str, Any], run_dir: Path, profile_path: Path, pr
     write_json_atomic(run_dir / "metrics.json", out)
     write_run_manifest(run_dir, {"task": "schedule"})
     return out
+
+
+def _foreign_predictors(path: Path, profile: pd.DataFrame, heldout_frac: float, seed: int):
+    """``scheduler.predictor_profile``: the predictors fitted on ``path``'s training conversations (cached as
+    usual) and this profile's held-out pool, predicted by them (what a predictor fitted on another LM says)."""
+    from rtlm_lab.paths import data_dir
+    from rtlm_lab.scheduler.predictions import load_or_fit, split_pool
+
+    try:
+        other = pd.read_parquet(path)
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"cannot read scheduler.predictor_profile {path}: {type(exc).__name__}") from None
+    predictors, _train, _ = load_or_fit(path, other, heldout_frac, seed, cache_dir=data_dir() / "cache" / "scheduler")
+    _, held = split_pool(profile, heldout_frac, seed)
+    held = held.copy()
+    held["request_id"] = held["request_id"].astype(str)
+    p = predictors.predict_many(held["text"].fillna("").tolist())
+    for c in p.columns:
+        held[c] = p[c].to_numpy()
+    return predictors, held
 
 
 def _prediction_cost(predictors, trace: pd.DataFrame, needs, n: int) -> float:

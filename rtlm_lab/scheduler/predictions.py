@@ -14,7 +14,8 @@ pred_proxy     ridge on the MiniLM embedding (the SSJF/S3 BERT-class        ``sj
 ltr_score      pairwise logistic ranking on MiniLM (vLLM-LTR style)         ``ltr``
 =============  ==========================================================  ===========================
 
-:class:`Predictors` serves one request at a time (``predict_one``, timed: that time is the policy's run-time
+:class:`Predictors` can be recalibrated at run time (``update(texts, lengths)``: the scheduler's
+``scheduler.online_update``) and serves one request at a time (``predict_one``, timed: that time is the policy's run-time
 overhead) or a batch (``predict_many``: the simulator; the same values for the RT-LM columns, the MiniLM columns
 differ by ~3e-6 relative between one text and a padded batch).
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -35,6 +37,8 @@ from rtlm_lab.errors import UserError
 log = logging.getLogger("rtlm_lab.scheduler")
 
 ALL_COLUMNS = ("pred_rtlm", "uncertainty", "pred_proxy", "ltr_score")
+# the real engine's predictor thread predicts while the serving loop updates (scheduler.online_update)
+_LOCK = threading.RLock()
 
 
 def split_pool(profile: pd.DataFrame, heldout_frac: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -108,7 +112,8 @@ class Predictors:
         out: dict[str, np.ndarray] = {}
         if cols & {"pred_rtlm", "uncertainty"}:
             X = self.rtlm_.featurize(texts)
-            out["pred_rtlm"] = self.rtlm_.predict_from_features(X)
+            with _LOCK:
+                out["pred_rtlm"] = self.rtlm_.predict_from_features(X)
             out["uncertainty"] = X[:, FEATURE_NAMES.index("total")]
         if cols & {"pred_proxy", "ltr_score"}:
             E = F.embed(texts).astype(float)
@@ -117,6 +122,25 @@ class Predictors:
             if "ltr_score" in cols:
                 out["ltr_score"] = self.ltr_.predict(texts, E=E)
         return [{k: float(v[i]) for k, v in out.items()} for i in range(len(texts))]
+
+    def update(self, texts: Sequence[str], lengths: Sequence[float]) -> int:
+        """Run-time recalibration with served requests' true generated lengths: forwarded to every fitted
+        regressor that has ``update`` (RT-LM's :class:`~rtlm_lab.regressor.LengthPredictor`; the MiniLM
+        baselines have none and stay as fitted). Returns the number of (text, length) pairs taken."""
+        texts = [str(t) for t in texts]
+        ys = [float(v) for v in lengths]
+        if len(texts) != len(ys):
+            raise UserError(f"update: {len(texts)} texts but {len(ys)} lengths")
+        if not texts:
+            return 0
+        took = False
+        for reg in (getattr(self, "rtlm_", None), getattr(self, "proxy_", None), getattr(self, "ltr_", None)):
+            if reg is not None and callable(getattr(reg, "update", None)):
+                X = reg.featurize(texts) if hasattr(reg, "featurize") else None
+                with _LOCK:
+                    reg.update(texts, ys, X=X) if X is not None else reg.update(texts, ys)
+                took = True
+        return len(texts) if took else 0
 
     def predict_one(self, text: str, columns: Sequence[str]) -> tuple[dict[str, float], float]:
         """Predictions for one arriving request (only ``columns``) and the seconds they took."""
