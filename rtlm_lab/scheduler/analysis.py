@@ -221,7 +221,7 @@ def build(root: Path | None = None, n_boot: int = 2000) -> pd.DataFrame:
 def format_headline(df: pd.DataFrame) -> str:
     """README's table: real runs only, one row per group, each policy's mean response time / FCFS [95% CI]."""
     real = df[df["mode"] == "real"]
-    pols = [p for p in ("sjf_input", "sjf_proxy", "ltr", "rtlm", "oracle_sjf", "oracle_srpt") if p in set(real["policy"])]
+    pols = [p for p in ("sjf_input", "sjf_proxy", "ltr", "rtlm", "lmstate", "oracle_sjf", "oracle_srpt") if p in set(real["policy"])]
     rows = []
     for key, g in real.groupby(["lm", "platform", "engine_key", "nominal_rho"], sort=True):
         by = g.set_index("policy")
