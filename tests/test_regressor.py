@@ -247,3 +247,30 @@ def test_notebook_is_clean():
     code = [c for c in nb["cells"] if c["cell_type"] == "code"]
     assert "parameters" in code[0]["metadata"].get("tags", [])
     assert all(not c.get("outputs") and c.get("execution_count") is None for c in code)
+
+
+def test_lmstate_rows_take_each_lms_largest_training_set(tmp_path):
+    """summary.csv's LM-state rows: one row set per LM, from its metrics file with the most training rows,
+    refinement rows named refine@k; a rebuild replaces earlier LM-state rows instead of adding to them."""
+    import json
+
+    import pandas as pd
+
+    from rtlm_lab.regressor.reference import with_lmstate_rows
+
+    def write(name, n_train, tau):
+        m = {"lm": "lmx", "platform": "cpu", "split": {"n_train": n_train, "n_test": 10},
+             "methods": [{"method": "lmstate_ridge", "kendall_tau": tau}],
+             "refine": [{"k": 8, "method": "refine+repfeat+gated_loop", "kendall_tau": tau + 0.1},
+                        {"k": 8, "method": "refine_probe", "kendall_tau": 0.0}]}
+        (tmp_path / name).write_text(json.dumps(m))
+
+    write("lmx__cpu__small.metrics.json", 300, 0.2)
+    write("lmx__cpu__big.metrics.json", 5000, 0.5)
+    base = pd.DataFrame([{"lm": "lmx", "platform": "cpu", "method": "input_length", "kendall_tau": 0.3}])
+    once = with_lmstate_rows(base, tmp_path)
+    twice = with_lmstate_rows(once, tmp_path)
+    new = twice[twice["platform"] == "cpu+cuda"].set_index("method")["kendall_tau"]
+    assert dict(new) == {"lmstate_ridge": 0.5, "refine@8:refine+repfeat+gated_loop": 0.6}
+    assert len(twice) == len(once) == 3
+    assert "train 5000" in twice.loc[twice["method"] == "lmstate_ridge", "data_set"].iloc[0]

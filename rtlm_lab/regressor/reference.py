@@ -109,6 +109,7 @@ def build_reference(profiles: list[str] = (), kinds: list[str] = ("ridge", "hgb"
                         f"`rtlm-reference target=profiles target.runs=[<run dir>]`")
     summary = build(present, list(kinds), n_bootstrap=n_bootstrap, seed=seed)
     out = Path(out) if out else reference_dir() / "regressor"
+    summary = with_lmstate_rows(summary, out / "lmstate")
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "summary.csv") as tmp:
         summary.to_csv(tmp, index=False, float_format="%.6g")
@@ -117,4 +118,60 @@ def build_reference(profiles: list[str] = (), kinds: list[str] = ("ridge", "hgb"
     print(summary.pivot_table(index="method", columns=["lm", "platform"], values="kendall_tau", sort=False)
           .round(3).to_string())
     print(f"wrote {out / 'summary.csv'}")
+    return summary
+
+
+LMSTATE_PREFIXES = ("lmstate_", "rtlm_ridge_prefill")
+
+
+def lmstate_rows(lmstate_dir: str | Path) -> pd.DataFrame:
+    """The LM-state comparison (``rtlm-train-regressor regressor.use_prefill=true``) of each LM, one row set per
+    LM's data set: for each LM the committed ``<lm>__<platform>__<tag>.metrics.json`` with the most training
+    rows; every method of its table (input length, MiniLM proxy/LTR, RT-LM's regressor, the probes, refinement
+    at step k as ``refine@k:<method>`` on the requests still decoding), with ``platform`` = ``cpu+cuda``
+    (greedy lengths are the same on both) and the training set named in ``data_set``."""
+    import json
+
+    best: dict[str, tuple[int, dict, Path]] = {}
+    for p in sorted(Path(lmstate_dir).glob("*.metrics.json")):
+        m = json.loads(p.read_text())
+        n = int(m.get("split", {}).get("n_train", 0))
+        if m.get("lm") and (m["lm"] not in best or n > best[m["lm"]][0]):
+            best[m["lm"]] = (n, m, p)
+    rows = []
+    for lm, (n, m, p) in sorted(best.items()):
+        sp = m.get("split", {})
+        ds = f"train {n} turns ({sp.get('n_train_conversations')} conv.), test {sp.get('n_test')} ({p.name})"
+        for r in m.get("methods", []):
+            rows.append({**r, "lm": lm, "platform": "cpu+cuda", "data_set": ds})
+        for r in m.get("refine", []) or []:
+            if r.get("method") in ("refine+repfeat+gated_loop", "prefill_minus_k", "oracle"):
+                rows.append({**{k: v for k, v in r.items() if k not in ("k", "method")},
+                             "method": f"refine@{int(r['k'])}:{r['method']}", "lm": lm, "platform": "cpu+cuda",
+                             "data_set": ds + f"; remaining length of the test requests still decoding at step {int(r['k'])}"})
+    return pd.DataFrame(rows)
+
+
+def with_lmstate_rows(summary: pd.DataFrame, lmstate_dir: str | Path) -> pd.DataFrame:
+    """``summary`` without earlier LM-state rows, plus :func:`lmstate_rows` (columns of ``summary`` first)."""
+    base = summary[summary.get("platform", pd.Series(dtype=str)) != "cpu+cuda"] if len(summary) else summary
+    extra = lmstate_rows(lmstate_dir)
+    if not len(extra):
+        return base
+    cols = list(base.columns) + [c for c in extra.columns if c not in base.columns]
+    return pd.concat([base, extra], ignore_index=True)[cols]
+
+
+def merge_lmstate(out: str | Path | None = None) -> pd.DataFrame:
+    """Refresh the LM-state rows of the committed ``summary.csv`` in place (no re-evaluation of the rest):
+    ``rtlm-reference target=regressor target.lmstate_only=true``."""
+    from rtlm_lab.io import atomic_path
+    from rtlm_lab.paths import reference_dir
+
+    out = Path(out) if out else reference_dir() / "regressor"
+    summary = with_lmstate_rows(pd.read_csv(out / "summary.csv"), out / "lmstate")
+    with atomic_path(out / "summary.csv") as tmp:
+        summary.to_csv(tmp, index=False, float_format="%.6g")
+    print(summary[summary["platform"] == "cpu+cuda"].pivot_table(index="method", columns="lm", values="kendall_tau",
+                                                                 sort=False).round(3).to_string())
     return summary

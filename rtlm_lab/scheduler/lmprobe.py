@@ -233,8 +233,8 @@ def fit_state_probe(lm, train: pd.DataFrame, refine_ks: Sequence[int] = (8, 16),
 
 
 def train_profile_path(lm_name: str, platform: str, given: str | None = None) -> Path:
-    """``given``, else the committed train profile of this LM on this platform, else on the other one (greedy
-    lengths do not depend on the platform: profiles/agreement.csv)."""
+    """``given``, else the LM's largest committed train profile (either platform's: greedy lengths do not
+    depend on the platform, profiles/agreement.csv)."""
     from rtlm_lab.paths import reference_dir
 
     if given:
@@ -242,11 +242,13 @@ def train_profile_path(lm_name: str, platform: str, given: str | None = None) ->
         if not p.is_file():
             raise UserError(f"policy.train_profile {p} does not exist")
         return p
+    import pyarrow.parquet as pq
+
     base = reference_dir() / "profiles" / "train"
-    for plat in (platform, "cuda", "cpu"):
-        p = base / f"{lm_name}__{plat}.parquet"
-        if p.is_file():
-            return p
+    found = [base / f"{lm_name}__{plat}.parquet" for plat in dict.fromkeys((platform, "cuda", "cpu"))]
+    found = [p for p in found if p.is_file()]
+    if found:  # the largest (greedy lengths are the same on both platforms); ties: this platform's
+        return max(found, key=lambda p: (pq.ParquetFile(p).metadata.num_rows, -found.index(p)))
     raise UserError(f"no train profile for {lm_name} under {base}: make one with `rtlm-profile "
                     f"experiment=lmstate_train lm={lm_name}` or pass policy.train_profile=<parquet>")
 

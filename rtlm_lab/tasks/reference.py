@@ -4,7 +4,8 @@
 * ``target=uncertainty``: :func:`rtlm_lab.uncertainty.reference.build_reference`;
 * ``target=model_vs_input``: :func:`rtlm_lab.uncertainty.modelside.build_reference` (input-side scores vs the
   LM's prefill entropy / end-of-turn probability, partial Spearman | input length, for each reference LM);
-* ``target=regressor``: :func:`rtlm_lab.regressor.reference.build_reference`;
+* ``target=regressor``: :func:`rtlm_lab.regressor.reference.build_reference` (``target.lmstate_only=true``:
+  only refresh the LM-state rows from ``outputs/reference/regressor/lmstate/``);
 * ``target=scheduler``: :func:`rtlm_lab.scheduler.analysis.add_runs` then
   :func:`~rtlm_lab.scheduler.analysis.build` (the continuous-engine results table with CIs).
 
@@ -82,8 +83,10 @@ def reference(cfg: DictConfig):
         df = build(n_boot=int(t.n_boot))
         print(format_summary(df))
         return df
-    from rtlm_lab.regressor.reference import build_reference
+    from rtlm_lab.regressor.reference import build_reference, merge_lmstate
 
+    if t.get("lmstate_only", False):
+        return merge_lmstate(t.out)
     return build_reference(list(t.profiles), list(t.kinds), n_bootstrap=int(t.n_bootstrap), seed=int(t.seed),
                            profiles_dir=t.profiles_dir, out=t.out)
 
