@@ -196,7 +196,6 @@ def plot_latency_fit(scores: pd.DataFrame, fits: Mapping[str, Mapping[str, Any]]
 def plot_spearman_heatmap(table: pd.DataFrame, out_dir: str | Path | None = None, title: str = "",
                           stem: str = "spearman_heatmap", value: str = "spearman"):
     """Type x LM heatmap of ``value`` (rho by default); ``*`` marks a CI that excludes 0."""
-    import seaborn as sns
 
     plt = _plt()
     t = table.copy()
@@ -205,19 +204,12 @@ def plot_spearman_heatmap(table: pd.DataFrame, out_dir: str | Path | None = None
     cols = list(dict.fromkeys(t["column"]))
     grid = t.pivot_table(index="type", columns="column", values=value, aggfunc="first", dropna=False)
     grid = grid.reindex(index=types, columns=cols).astype(float)
-    annot = grid.map(lambda v: "n/a" if not np.isfinite(v) else f"{v:+.2f}")
+    lo = hi = None
     if value == "spearman" and {"ci_low", "ci_high"} <= set(t.columns):
         lo = t.pivot_table(index="type", columns="column", values="ci_low", aggfunc="first", dropna=False)
         hi = t.pivot_table(index="type", columns="column", values="ci_high", aggfunc="first", dropna=False)
         lo, hi = lo.reindex(index=types, columns=cols), hi.reindex(index=types, columns=cols)
-        sig = ((lo > 0) | (hi < 0)).fillna(False)
-        annot = annot.where(~sig, annot + "*")
-    finite = grid.to_numpy()[np.isfinite(grid.to_numpy())]
-    lim = max(0.3, float(np.ceil(np.abs(finite).max() * 10) / 10)) if finite.size else 1.0
-    fig, ax = plt.subplots(figsize=(max(4.8, 2.6 + 1.3 * len(cols)), 0.5 * len(types) + 1.6))
-    sns.heatmap(grid.fillna(0.0), mask=~np.isfinite(grid.to_numpy()), annot=annot.to_numpy(), fmt="",
-                cmap="RdBu_r", vmin=-lim, vmax=lim, center=0, linewidths=0.5, ax=ax,
-                cbar_kws={"label": f"{value.replace('_', ' ')} with output tokens"})
+    fig, ax = _signed_heatmap(plt, grid, lo, hi, f"{value.replace('_', ' ')} with output tokens", 2.6, 1.6)
     ax.set_yticklabels([("input length" if ty == BASELINE else ty) for ty in types], rotation=0)
     ax.set_xlabel("")
     ax.set_ylabel("")
@@ -225,12 +217,29 @@ def plot_spearman_heatmap(table: pd.DataFrame, out_dir: str | Path | None = None
     return _finish(fig, out_dir, stem)
 
 
+def _signed_heatmap(plt, val: pd.DataFrame, lo: pd.DataFrame | None, hi: pd.DataFrame | None, label: str,
+                    base_w: float, base_h: float):
+    """A correlation heatmap centred on 0: values to two decimals, ``*`` where the CI (``lo``, ``hi``)
+    excludes 0, ``n/a`` cells masked; the colour range is symmetric and at least +-0.3."""
+    import seaborn as sns
+
+    annot = val.map(lambda v: "n/a" if not np.isfinite(v) else f"{v:+.2f}")
+    if lo is not None and hi is not None:
+        sig = ((lo > 0) | (hi < 0)).fillna(False)
+        annot = annot.where(~sig, annot + "*")
+    finite = val.to_numpy()[np.isfinite(val.to_numpy())]
+    lim = max(0.3, float(np.ceil(np.abs(finite).max() * 10) / 10)) if finite.size else 1.0
+    fig, ax = plt.subplots(figsize=(max(4.8, base_w + 1.3 * val.shape[1]), 0.5 * val.shape[0] + base_h))
+    sns.heatmap(val.fillna(0.0), mask=~np.isfinite(val.to_numpy()), annot=annot.to_numpy(), fmt="",
+                cmap="RdBu_r", vmin=-lim, vmax=lim, center=0, linewidths=0.5, ax=ax, cbar_kws={"label": label})
+    return fig, ax
+
+
 def plot_model_vs_input(table: pd.DataFrame, out_dir: str | Path | None = None, title: str = "",
                         stem: str = "model_vs_input"):
     """Measure x LM heatmap of the partial Spearman (| log input tokens) of input-side scores and model-side
     prefill measures with output tokens (:func:`rtlm_lab.uncertainty.modelside.model_input_table`); the
     ``log_input_tokens`` row shows its plain rho. ``*`` = the cluster-bootstrap 95% CI excludes 0."""
-    import seaborn as sns
 
     from rtlm_lab.uncertainty.modelside import BASELINE as BASE
     from rtlm_lab.uncertainty.modelside import MEASURES
@@ -250,15 +259,7 @@ def plot_model_vs_input(table: pd.DataFrame, out_dir: str | Path | None = None, 
         return g.reindex(index=rows, columns=cols).astype(float)
 
     val, lo, hi = grid("value"), grid("lo"), grid("hi")
-    annot = val.map(lambda v: "n/a" if not np.isfinite(v) else f"{v:+.2f}")
-    sig = ((lo > 0) | (hi < 0)).fillna(False)
-    annot = annot.where(~sig, annot + "*")
-    finite = val.to_numpy()[np.isfinite(val.to_numpy())]
-    lim = max(0.3, float(np.ceil(np.abs(finite).max() * 10) / 10)) if finite.size else 1.0
-    fig, ax = plt.subplots(figsize=(max(4.8, 2.8 + 1.3 * len(cols)), 0.5 * len(rows) + 1.8))
-    sns.heatmap(val.fillna(0.0), mask=~np.isfinite(val.to_numpy()), annot=annot.to_numpy(), fmt="",
-                cmap="RdBu_r", vmin=-lim, vmax=lim, center=0, linewidths=0.5, ax=ax,
-                cbar_kws={"label": "partial ρ with output tokens | log input tokens"})
+    fig, ax = _signed_heatmap(plt, val, lo, hi, "partial ρ with output tokens | log input tokens", 2.8, 1.8)
     labels = {"prefill_entropy": "LM: prefill entropy", "log_eos_prob": "LM: log P(end of turn)",
               BASE: "log input tokens (ρ)"}
     ax.set_yticklabels([labels.get(m, m) for m in rows], rotation=0)
