@@ -24,7 +24,7 @@ import pandas as pd
 
 from rtlm_lab.errors import UserError
 
-GROUP = ("lm", "platform", "engine_key", "nominal_rho")
+GROUP = ("group", "lm", "platform", "engine_key", "nominal_rho")  # group: the runs/<group>/ folder (one session)
 
 
 def load_run(run_dir: Path) -> tuple[dict, pd.DataFrame]:
@@ -86,7 +86,7 @@ def collect(run_dirs: Iterable[Path]) -> pd.DataFrame:
     for d in run_dirs:
         m, _ = load_run(d)
         util = m.get("worker_utilization") or {}
-        rows.append({"run_dir": str(d), "lm": m["lm"], "platform": m["platform"], "mode": m.get("mode", "real"),
+        rows.append({"run_dir": str(d), "group": Path(d).parent.name, "lm": m["lm"], "platform": m["platform"], "mode": m.get("mode", "real"),
                      "engine_key": _engine_key(m), "nominal_rho": float(m.get("nominal_rho", m.get("rho", math.nan))),
                      "policy": m["policy"]["name"] if isinstance(m["policy"], dict) else str(m["policy"]),
                      "seed": int(m.get("seed", 0)), "gpu": m.get("gpu", ""),
@@ -143,7 +143,8 @@ def format_summary(df: pd.DataFrame) -> str:
 
     rows = []
     for _, r in df.iterrows():
-        rows.append({"LM": r["lm"], "platform": r["platform"] + (f" ({r['gpu']})" if r.get("gpu") else ""),
+        rows.append({"group": r["group"], "LM": r["lm"],
+                     "platform": r["platform"] + (f" ({r['gpu']})" if r.get("gpu") else ""),
                      "mode": r["mode"], "engine": r["engine_key"], "rho": r["nominal_rho"],
                      "realized rho": round(r["realized_rho"], 2), "policy": r["policy"], "seeds": r["n_seeds"],
                      "mean RT s": round(r["mean_rt_s"], 3), "p99 RT s": round(r["p99_rt_s"], 3),
@@ -223,12 +224,12 @@ def format_headline(df: pd.DataFrame) -> str:
     real = df[df["mode"] == "real"]
     pols = [p for p in ("sjf_input", "sjf_proxy", "ltr", "rtlm", "lmstate", "oracle_sjf", "oracle_srpt") if p in set(real["policy"])]
     rows = []
-    for key, g in real.groupby(["lm", "platform", "engine_key", "nominal_rho"], sort=True):
+    for key, g in real.groupby(list(GROUP), sort=True):
         by = g.set_index("policy")
         f = by.loc["fcfs"] if "fcfs" in by.index else None
         gpu = (f["gpu"] if f is not None else "") or ""
-        row = {"LM": key[0], "platform": key[1] + (f" ({gpu.replace('NVIDIA ', '')})" if gpu else ""),
-               "engine": key[2], "rho (realized)": f"{key[3]} ({g['realized_rho'].mean():.2f})",
+        row = {"runs": key[0], "LM": key[1], "platform": key[2] + (f" ({gpu.replace('NVIDIA ', '')})" if gpu else ""),
+               "engine": key[3], "rho (realized)": f"{key[4]} ({g['realized_rho'].mean():.2f})",
                "seeds x requests": f"{int(g['n_seeds'].max())} x {int(g['n_requests'].max())}",
                "FCFS mean RT s": round(float(f["mean_rt_s"]), 3) if f is not None else math.nan}
         for p in pols:
