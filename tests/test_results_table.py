@@ -1,0 +1,49 @@
+"""The scheduler results table (rtlm_lab.scheduler.analysis): ratios pair runs of the same seed *within one
+group* (one session's runs), with CIs from the paired block bootstrap."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from rtlm_lab.scheduler.analysis import format_headline, ratio_ci, summarize
+
+
+def _run(root, group, policy, seed, rt):
+    d = root / group / f"{policy}__s{seed}"
+    d.mkdir(parents=True)
+    n = len(rt)
+    pd.DataFrame({"request_id": [f"r{i}" for i in range(n)], "arrival_s": np.arange(n, dtype=float),
+                  "response_s": rt, "warmup": False}).to_parquet(d / "requests.parquet")
+    m = {"lm": "lmx", "platform": "cpu", "mode": "real", "policy": {"name": policy}, "seed": seed,
+         "nominal_rho": 0.9, "engine_config": {"backend": "slots", "max_seqs": 8},
+         "mean_rt_s": float(np.mean(rt)), "p99_rt_s": float(np.percentile(rt, 99)), "n_requests": n}
+    (d / "metrics.json").write_text(json.dumps(m))
+    return d
+
+
+def test_ratios_pair_within_a_group_and_never_mix_sessions(tmp_path):
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.5, 1.5, 200)
+    dirs = [_run(tmp_path, "g1", "fcfs", 0, base), _run(tmp_path, "g1", "lmstate", 0, 2 * base),
+            # another session of the same LM x platform x rho, seed 0 again, where lmstate is 4x ITS fcfs
+            _run(tmp_path, "g2", "fcfs", 0, 10 * base), _run(tmp_path, "g2", "lmstate", 0, 40 * base)]
+    df = summarize(dirs, n_boot=200).set_index(["group", "policy"])
+    assert df.loc[("g1", "lmstate"), "mean_rt_vs_fcfs"] == pytest.approx(2.0)
+    assert df.loc[("g2", "lmstate"), "mean_rt_vs_fcfs"] == pytest.approx(4.0)
+    assert df.loc[("g1", "lmstate"), "mean_rt_vs_fcfs_lo"] == pytest.approx(2.0)  # an exact multiple: a zero-width CI
+    head = format_headline(df.reset_index())
+    assert "g1" in head and "g2" in head and "2.00 [2.00, 2.00]" in head and "4.00 [4.00, 4.00]" in head
+
+
+def test_ratio_ci_covers_a_noisy_ratio_and_needs_paired_runs():
+    rng = np.random.default_rng(1)
+    b = [rng.exponential(1.0, 300) for _ in range(3)]
+    a = [x * rng.uniform(1.2, 1.4, len(x)) for x in b]
+    r, lo, hi = ratio_ci(a, b, "mean", n_boot=400)
+    assert lo < r < hi and 1.2 < r < 1.4 and lo > 1.0
+    with pytest.raises(ValueError):
+        ratio_ci(a[:2], b, "mean")
