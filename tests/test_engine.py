@@ -239,7 +239,9 @@ def test_cpu_offload_worker_is_an_engine_every_policy_can_use(tiny_causal_dir):
         off.close()
 
 
-def test_lmstate_policy_reads_the_engines_own_prefill_and_refines_while_decoding(tiny_causal_dir, ccc_sample):
+@pytest.mark.parametrize("probe_name", ["ridge", "mlp"])  # the device path (a dot product) and the host path
+def test_lmstate_policy_reads_the_engines_own_prefill_and_refines_while_decoding(tiny_causal_dir, ccc_sample,
+                                                                                probe_name):
     """The LM-state policy on the real slot engine: its prefill prediction equals the offline probe's on the
     same prompts (the engine's forward gives the same states as a separate pass), each refinement equals the
     offline refinement after teacher-forcing the same tokens, prefill comes first, and every request still gets
@@ -257,8 +259,9 @@ def test_lmstate_policy_reads_the_engines_own_prefill_and_refines_while_decoding
     train = pd.DataFrame({"request_id": [f"c{i // 2}-{i}" for i in range(len(gens))], "text": train_texts,
                           "context": "", "n_output_tokens": [g.n_output_tokens for g in gens],
                           "output_ids": [list(g.output_ids) for g in gens]})
-    probe = fit_state_probe(lm, train, refine_ks=(2, 4), refine_every=2, probe="ridge")
-    assert probe.refine_every == 2 and probe.meta["probe"] == "ridge"
+    probe = fit_state_probe(lm, train, refine_ks=(2, 4), refine_every=2, probe=probe_name)
+    assert probe.refine_every == 2 and probe.meta["probe"] == probe_name
+    assert probe.on_device() == (probe_name == "ridge")
 
     texts = ccc_sample[200:209]
     ref = {f"q{i}": lm.generate([t])[0] for i, t in enumerate(texts)}

@@ -154,7 +154,7 @@ def lmstate_rows(lmstate_dir: str | Path) -> pd.DataFrame:
 
 def with_lmstate_rows(summary: pd.DataFrame, lmstate_dir: str | Path) -> pd.DataFrame:
     """``summary`` without earlier LM-state rows, plus :func:`lmstate_rows` (columns of ``summary`` first)."""
-    base = summary[summary.get("platform", pd.Series(dtype=str)) != "cpu+cuda"] if len(summary) else summary
+    base = summary[summary["platform"] != "cpu+cuda"] if "platform" in summary else summary
     extra = lmstate_rows(lmstate_dir)
     if not len(extra):
         return base

@@ -430,7 +430,8 @@ class SlotBackend:
         # engine runs anyway; its time is inside the step (on the clock) and summed in `probe_s`
         self.probe = None
         self.probe_s = 0.0
-        self._pending: list[tuple] = []       # device-side probe results, read when the step synchronises
+        self._pending: list[tuple] = []       # probe results of this step, read when the step synchronises
+        self._n_decode = 0                    # decoding steps run (refinement every `refine_every` of them)
 
     # -------------------------------------------------------------- cache helpers
     def _new_cache(self):
@@ -546,14 +547,8 @@ class SlotBackend:
         nxt = out.logits[:, -1].argmax(-1)
         if probe:
             t0 = time.perf_counter()
-            if self.probe.on_device():
-                self._pending.append(("prefill", list(jobs), self.probe.prefill_on_device(
-                    out.hidden_states, mask, out.logits[:, -1])))
-            else:
-                pred = self.probe.predict_prefill(out.hidden_states, mask, out.logits[:, -1])
-                for j, p in zip(jobs, pred):
-                    j.req.pred["pred_lmstate"] = float(p)
-                    j.rem_pred, j.rem_at = float(p), 0
+            self._pending.append(("prefill", list(jobs),
+                                  self.probe.prefill_predictions(out.hidden_states, mask, out.logits[:, -1])))
             self.probe_s += time.perf_counter() - t0
         self._merge(self._kv(cache), mask, nxt, jobs)
         return nxt, jobs
@@ -568,7 +563,7 @@ class SlotBackend:
         # the state after teacher-forcing t reply tokens). Per-row refinement at each row's own multiples of k
         # ran the probe in almost every step: its host-side launches cost 27% of engine time on the H200.
         refine = []
-        self._n_decode = getattr(self, "_n_decode", 0) + 1
+        self._n_decode += 1
         if self.probe is not None and self.probe.refine_every > 0 and self._n_decode % self.probe.refine_every == 0:
             every = self.probe.refine_every
             refine = [i for i, j in enumerate(self.rows) if len(self.gen.get(j.rid, ())) >= every]
@@ -580,16 +575,10 @@ class SlotBackend:
             t0 = time.perf_counter()
             rows = [self.rows[i] for i in refine]
             toks = [list(self.gen[j.rid]) for j in rows]
-            if self.probe.on_device():
-                for ks, pred, cap_left, loop in self.probe.refine_on_device(
-                        out.hidden_states, refine, self.mask, out.logits[:, -1], toks):
-                    self._pending.append(("refine", [rows[k] for k in ks], pred, [len(toks[k]) for k in ks],
-                                          cap_left, loop))
-            else:
-                rem = self.probe.predict_refine(out.hidden_states, refine, self.mask, out.logits[:, -1], toks)
-                for j, t, r in zip(rows, toks, rem):
-                    j.rem_pred, j.rem_at = float(r), len(t)
-                    j.refines.append((len(t), float(r)))
+            for ks, pred, cap_left, loop in self.probe.refine_predictions(
+                    out.hidden_states, refine, self.mask, out.logits[:, -1], toks):
+                self._pending.append(("refine", [rows[k] for k in ks], pred, [len(toks[k]) for k in ks],
+                                      cap_left, loop))
             self.probe_s += time.perf_counter() - t0
         return self.last
 
@@ -666,7 +655,8 @@ class SlotBackend:
         return time.perf_counter() - t0, events, n_tok
 
     def _resolve_probe(self) -> None:
-        """Read the device-side probe results of this step (the step has synchronised: no stall)."""
+        """Give this step's probe results to their jobs (the step has synchronised: reading a device tensor
+        does not stall)."""
         t0 = time.perf_counter()
         for item in self._pending:
             if item[0] == "prefill":

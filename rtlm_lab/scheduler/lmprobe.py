@@ -13,8 +13,8 @@ profile of the served LM:
 
 The slot engine (:class:`~rtlm_lab.scheduler.engine.SlotBackend`) asks the model for its hidden states in the
 prefill and in the refinement steps only (``output_hidden_states``: no second pass) and calls
-:meth:`StateProbe.predict_prefill` / :meth:`StateProbe.predict_refine`; their time is inside the engine step,
-on the clock, and reported as the prediction cost.
+:meth:`StateProbe.prefill_predictions` / :meth:`StateProbe.refine_predictions`; their time is inside the
+engine step, on the clock, and reported as the prediction cost.
 
 :func:`fit_state_probe` fits one from a profile with texts (``text``, ``context``, ``n_output_tokens``,
 ``output_ids``: the reply's first token ids, which the refinement probes teacher-force); :func:`load_state_probe`
@@ -56,15 +56,33 @@ class StateProbe:
     # synchronises anyway. The numpy path below copies the states to the host mid-step, which stalls the GPU
     # (measured on the H200: 37% of engine time with refinement, against <1% of the step's work).
     def on_device(self) -> bool:
-        from rtlm_lab.regressor.probes import RidgeProbe
+        """Whether every probe is a ridge (the device path); decided once (the engine asks every step)."""
+        if "_on_device" not in self.__dict__:
+            from rtlm_lab.regressor.probes import RidgeProbe
 
-        models = [self.prefill.model_]
-        if self.refine is not None:
-            models += list(self.refine.refiners_.values()) + list(getattr(self.refine, "refiners_tok_", {}).values())
-        return all(isinstance(m, RidgeProbe) for m in models)
+            models = [self.prefill.model_]
+            if self.refine is not None:
+                models += list(self.refine.refiners_.values()) + list(getattr(self.refine, "refiners_tok_", {}).values())
+            self._on_device = all(isinstance(m, RidgeProbe) for m in models)
+        return self._on_device
+
+    def prefill_predictions(self, hidden, mask, logits):
+        """Predicted output tokens of every prefill row: a device tensor (ridge) or a numpy array (host path);
+        the engine reads either with ``tolist()`` once the step has synchronised."""
+        if self.on_device():
+            return self.prefill_on_device(hidden, mask, logits)
+        return self.predict_prefill(hidden, mask, logits)
+
+    def refine_predictions(self, hidden, rows: Sequence[int], mask, logits, tokens: Sequence[Sequence[int]]):
+        """``[(positions in rows, predicted remaining, cap left, loop flags)]``: :meth:`refine_on_device`, or
+        the host path as one group (its cap and loop override already applied)."""
+        if self.on_device():
+            return self.refine_on_device(hidden, rows, mask, logits, tokens)
+        return [(list(range(len(rows))), self.predict_refine(hidden, rows, mask, logits, tokens), 0,
+                 [False] * len(rows))]
 
     def _w(self, model, dev):
-        """``(w, b)`` of a ridge probe as float32 tensors on ``dev`` (cached)."""
+        """``(w, b)`` of a ridge probe, ``w`` a float64 tensor on ``dev`` (cached)."""
         import torch
 
         cache = self.__dict__.setdefault("_wcache", {})
@@ -114,11 +132,8 @@ class StateProbe:
         from rtlm_lab.regressor.lmstate import detect_loop, token_features
 
         R, dev = self.refine, logits.device
-        by_t: dict[int, list[int]] = {}
-        for k, t in enumerate(tokens):
-            by_t.setdefault(len(t), []).append(k)
         out = []
-        for t, ks in by_t.items():
+        for t, ks in _by_step(tokens).items():
             ix = torch.tensor([rows[k] for k in ks], device=dev)
             toks = [list(tokens[k]) for k in ks]
             steps = [s for s in R.refiners_ if s <= t]
@@ -171,13 +186,18 @@ class StateProbe:
         """Predicted tokens still to come for decoding rows ``rows`` (batch indices), each with the reply
         tokens generated so far (``tokens``; rows may be at different steps)."""
         out = np.zeros(len(rows))
-        by_t: dict[int, list[int]] = {}
-        for k, t in enumerate(tokens):
-            by_t.setdefault(len(t), []).append(k)
-        for t, ks in by_t.items():
+        for ks in _by_step(tokens).values():
             st = self._states(hidden, [rows[k] for k in ks], -1, mask, logits, with_mean=False)
             out[ks] = self.refine.refine_predict(st, [tokens[k] for k in ks], use_loop="gated")
         return np.maximum(out, 0.0)
+
+
+def _by_step(tokens: Sequence[Sequence[int]]) -> dict[int, list[int]]:
+    """Positions of ``tokens`` grouped by how many tokens each has (one refinement probe per step)."""
+    out: dict[int, list[int]] = {}
+    for k, t in enumerate(tokens):
+        out.setdefault(len(t), []).append(k)
+    return out
 
 
 def _reply_prefix(df: pd.DataFrame, k: int) -> list[list[int]]:
