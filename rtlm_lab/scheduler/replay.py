@@ -210,7 +210,8 @@ def _expand(paths: Sequence[str]) -> list[Path]:
 
 def build(cfg: Mapping[str, Any], command: str = "") -> pd.DataFrame:
     """``target=sim_error``: fit the step model on ``cfg.calibration`` runs, replay every ``cfg.runs`` run with
-    the old (saturation-run) and the new model, write ``cfg.out`` (csv) and ``<out stem>.provenance.json``."""
+    the old (saturation-run) model, the new one without and with the admission terms, and write ``cfg.out``
+    (csv) and ``<out stem>.provenance.json`` beside it."""
     from rtlm_lab.io import atomic_path, provenance, write_json_atomic
     from rtlm_lab.paths import resolve_path
 
@@ -223,11 +224,16 @@ def build(cfg: Mapping[str, Any], command: str = "") -> pd.DataFrame:
     for p in [*cal, *val]:
         if not (p / "metrics.json").is_file():
             raise UserError(f"{p} is not a finished run (no metrics.json)")
-    new = fit_step_model(cal, admission=bool(cfg.get("admission", True)), target=str(cfg.get("fit_target", "period_s")))
+    target = str(cfg.get("fit_target", "period_s"))
+    if target not in ("period_s", "dt_s"):
+        raise UserError(f"target.fit_target must be period_s or dt_s (got {target!r})")
+    new = fit_step_model(cal, admission=True, target=target)
+    ablation = fit_step_model(cal, admission=False, target=target)
     log.info("step model (new): a %.3f ms, b %.4f ms/row, c %.5f ms/token, d %.3f ms/admitted, e %.3f ms/admitting "
              "step (rmse %.2f ms over %d steps)", 1e3 * new.a, 1e3 * new.b, 1e3 * new.c, 1e3 * new.d, 1e3 * new.e,
              1e3 * new.meta["rmse_s"], new.meta["n_steps"])
-    models: dict[str, StepModel | None] = {"old_saturation": None, "new_admission": new}
+    models: dict[str, StepModel | None] = {"old_saturation": None, "new_no_admission": ablation,
+                                           "new_admission": new}
     table = sim_error(val, models)
     out = resolve_path(cfg.get("out")) if cfg.get("out") else None
     if out is None:
@@ -239,10 +245,12 @@ def build(cfg: Mapping[str, Any], command: str = "") -> pd.DataFrame:
         table.round(4).to_csv(tmp, index=False)
     old_models = {json.dumps(json.loads((p / "metrics.json").read_text())["step_model"], sort_keys=True) for p in val}
     write_json_atomic(out.with_suffix(".provenance.json"), provenance(
-        dict(cfg), command=command, calibration_runs=[str(p) for p in cal], validation_runs=[str(p) for p in val],
-        models={"old_saturation": [json.loads(s) for s in old_models], "new_admission": new.to_dict()},
+        cfg, command=command, calibration_runs=[str(p) for p in cal], validation_runs=[str(p) for p in val],
+        models={"old_saturation": [json.loads(s) for s in old_models], "new_no_admission": ablation.to_dict(),
+                "new_admission": new.to_dict()},
         summary=summarize(table).round(4).to_dict(orient="records"),
         note="old_saturation: the step model each real run was served with (its saturation run, dt only); "
              "new_admission: fitted on the calibration runs only, with the admission terms d (per admitted "
-             "request) and e (per admitting step), to the step periods (dt + the loop's gap to the next step)"))
+             "request) and e (per admitting step), to fit_target (period_s: dt + the loop's gap to the next "
+             "step while busy); new_no_admission: the same fit without d and e (ablation)"))
     return table
