@@ -38,6 +38,10 @@ def test_fit_recovers_the_admission_terms():
     assert blind.d == blind.e == 0.0 and blind.meta["rmse_s"] > 20 * m.meta["rmse_s"]
     with pytest.raises(UserError):
         StepModel.fit(steps.drop(columns="n_admit"), admission=True)
+    # every step admitting (a saturation run's start): e cannot be told from a, and is not fitted
+    every = steps[steps["n_admit"] > 0]
+    m = StepModel.fit(every)
+    assert m.e == 0.0 and m.a == pytest.approx(TRUE.a + TRUE.e, rel=0.05) and m.d == pytest.approx(TRUE.d, rel=0.1)
 
 
 def test_step_model_files_without_admission_terms_read_as_zero():

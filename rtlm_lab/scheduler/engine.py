@@ -171,11 +171,15 @@ class StepModel:
             raise UserError("an admission term needs the steps' n_admit column (requests admitted per step)")
         if target not in steps.columns:
             raise UserError(f"steps have no {target!r} column to fit a step model to")
-        cols = [np.ones(len(steps)), steps["n_seqs"].to_numpy(float), steps["n_tokens"].to_numpy(float)]
+        cols = {"a": np.ones(len(steps)), "b": steps["n_seqs"].to_numpy(float), "c": steps["n_tokens"].to_numpy(float)}
         if admission:
             adm = steps["n_admit"].to_numpy(float)
-            cols += [adm, (adm > 0).astype(float)]
-        X = np.vstack(cols).T
+            # a term whose column does not vary (every step admits, or none does) cannot be told from `a`
+            if np.ptp(adm) > 0:
+                cols["d"] = adm
+            if np.ptp((adm > 0).astype(float)) > 0:
+                cols["e"] = (adm > 0).astype(float)
+        X = np.vstack(list(cols.values())).T
         y = steps[target].to_numpy(float)
         coef, *_ = np.linalg.lstsq(X, y, rcond=None)
         if (coef[1:] < 0).any() or coef[0] <= 0:  # ill-conditioned: non-negative fit
@@ -184,7 +188,7 @@ class StepModel:
             coef, _ = nnls(X, y)
             coef[0] = max(float(coef[0]), 1e-6)
         resid = y - X @ coef
-        terms = dict(zip("abcde", (float(v) for v in coef)))
+        terms = {k: float(v) for k, v in zip(cols, coef)}
         return cls(**terms, source=source,
                    meta={"n_steps": int(len(steps)), "rmse_s": float(np.sqrt(np.mean(resid**2))), "target": target,
                          "admission": bool(admission)})
