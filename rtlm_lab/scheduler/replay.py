@@ -208,6 +208,16 @@ def _expand(paths: Sequence[str]) -> list[Path]:
     return [p for p in out if p.is_dir() or not p.exists()]
 
 
+def _rel(p: Path) -> str:
+    """A path relative to the checkout where it lies inside it (provenance that reads the same anywhere)."""
+    from rtlm_lab.paths import repo_root
+
+    try:
+        return Path(p).resolve().relative_to(repo_root()).as_posix()
+    except ValueError:
+        return str(p)
+
+
 def build(cfg: Mapping[str, Any], command: str = "") -> pd.DataFrame:
     """``target=sim_error``: fit the step model on ``cfg.calibration`` runs, replay every ``cfg.runs`` run with
     the old (saturation-run) model, the new one without and with the admission terms, and write ``cfg.out``
@@ -245,7 +255,7 @@ def build(cfg: Mapping[str, Any], command: str = "") -> pd.DataFrame:
         table.round(4).to_csv(tmp, index=False)
     old_models = {json.dumps(json.loads((p / "metrics.json").read_text())["step_model"], sort_keys=True) for p in val}
     write_json_atomic(out.with_suffix(".provenance.json"), provenance(
-        cfg, command=command, calibration_runs=[str(p) for p in cal], validation_runs=[str(p) for p in val],
+        cfg, command=command, calibration_runs=[_rel(p) for p in cal], validation_runs=[_rel(p) for p in val],
         models={"old_saturation": [json.loads(s) for s in old_models], "new_no_admission": ablation.to_dict(),
                 "new_admission": new.to_dict()},
         summary=summarize(table).round(4).to_dict(orient="records"),
