@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -120,7 +119,7 @@ def same_trace(trace: pd.DataFrame, real: pd.DataFrame) -> bool:
     b = real[cols].sort_values(["arrival_s", "request_id"]).reset_index(drop=True)
     return bool((a["request_id"].astype(str) == b["request_id"].astype(str)).all()
                 and np.allclose(a["arrival_s"], b["arrival_s"], rtol=0, atol=1e-9)
-                and (a[["n_input_tokens", "true_tokens"]].to_numpy() == b[["n_input_tokens", "true_tokens"]].to_numpy()).all())
+                and (a[cols[2:]].to_numpy() == b[cols[2:]].to_numpy()).all())
 
 
 def replay(run_dir: str | Path, model: StepModel) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
@@ -230,7 +229,8 @@ def build(cfg: Mapping[str, Any], command: str = "") -> pd.DataFrame:
         raise UserError("target.runs names no run dirs to replay")
     overlap = {p.resolve() for p in cal} & {p.resolve() for p in val}
     if overlap:
-        raise UserError(f"{len(overlap)} run(s) are both calibration and validation runs, e.g. {sorted(overlap)[0].name}")
+        raise UserError(f"{len(overlap)} run(s) are both calibration and validation runs, e.g. "
+                        f"{sorted(overlap)[0].name}")
     for p in [*cal, *val]:
         if not (p / "metrics.json").is_file():
             raise UserError(f"{p} is not a finished run (no metrics.json)")
