@@ -120,41 +120,78 @@ class Job:
 
 
 # ---------------------------------------------------------------------------------------------- step model
+# one row per engine step in ``steps.parquet``: start, seconds, rows, tokens processed, requests admitted
+STEP_COLUMNS = ("t_s", "dt_s", "n_seqs", "n_tokens", "n_admit")
+
+
 @dataclass
 class StepModel:
-    """Seconds of one engine step: ``a + b x n_seqs + c x n_tokens`` (``n_tokens``: prompt tokens prefilled plus
-    one per decoding row). Fitted by least squares on the steps a real engine ran (:meth:`fit`)."""
+    """Seconds of one engine step: ``a + b x n_seqs + c x n_tokens + d x n_admit + e x [n_admit > 0]``.
+
+    ``n_seqs``: rows in the step (running plus admitted); ``n_tokens``: prompt tokens prefilled plus one per
+    decoding row; ``n_admit``: requests admitted (prefilled) in the step. The admission terms are what a step
+    does when requests join: on the slot engine a second forward (the admitted prompts' prefill) and a merge of
+    their KV into the running cache (``e``, once per admitting step), plus a per-request share (``d``). A
+    saturation run, everything queued at t=0, hardly separates them from ``a``; runs under arrivals do
+    (:func:`rtlm_lab.scheduler.replay.fit_step_model`). ``d = e = 0`` is the model without admissions.
+    Fitted by least squares on the steps a real engine ran (:meth:`fit`)."""
 
     a: float
     b: float = 0.0
     c: float = 0.0
+    d: float = 0.0
+    e: float = 0.0
     source: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
 
-    def step_s(self, n_seqs: int, n_tokens: int) -> float:
-        return max(1e-6, self.a + self.b * n_seqs + self.c * n_tokens)
+    def step_s(self, n_seqs: int, n_tokens: int, n_admit: int = 0) -> float:
+        return max(1e-6, self.a + self.b * n_seqs + self.c * n_tokens + self.d * n_admit
+                   + (self.e if n_admit > 0 else 0.0))
+
+    @property
+    def has_admission(self) -> bool:
+        return self.d != 0.0 or self.e != 0.0
 
     def isolated(self, n_input_tokens: float, tokens: float) -> float:
-        """One request alone: its prefill step, then ``tokens - 1`` decoding steps at batch 1."""
+        """One request alone: its prefill step (an admission), then ``tokens - 1`` decoding steps at batch 1."""
         t = max(1.0, float(tokens))
-        return self.step_s(1, int(n_input_tokens)) + (t - 1.0) * self.step_s(1, 1)
+        return self.step_s(1, int(n_input_tokens), 1) + (t - 1.0) * self.step_s(1, 1)
 
     @classmethod
-    def fit(cls, steps: pd.DataFrame, source: str = "steps") -> "StepModel":
+    def fit(cls, steps: pd.DataFrame, source: str = "steps", admission: bool | None = None,
+            target: str = "dt_s") -> "StepModel":
+        """Least squares of ``steps[target]`` on the terms; ``admission`` (default: when ``steps`` has an
+        ``n_admit`` column) adds ``d`` and ``e``. Negative terms (an ill-conditioned fit, e.g. one batch size
+        only) fall back to a non-negative fit."""
         if len(steps) < 3:
             raise UserError("need at least 3 engine steps to fit a step model")
-        X = np.vstack([np.ones(len(steps)), steps["n_seqs"].to_numpy(float), steps["n_tokens"].to_numpy(float)]).T
-        y = steps["dt_s"].to_numpy(float)
+        if admission is None:
+            admission = "n_admit" in steps.columns
+        if admission and "n_admit" not in steps.columns:
+            raise UserError("an admission term needs the steps' n_admit column (requests admitted per step)")
+        if target not in steps.columns:
+            raise UserError(f"steps have no {target!r} column to fit a step model to")
+        cols = {"a": np.ones(len(steps)), "b": steps["n_seqs"].to_numpy(float), "c": steps["n_tokens"].to_numpy(float)}
+        if admission:
+            adm = steps["n_admit"].to_numpy(float)
+            # a term whose column does not vary (every step admits, or none does) cannot be told from `a`
+            if np.ptp(adm) > 0:
+                cols["d"] = adm
+            if np.ptp((adm > 0).astype(float)) > 0:
+                cols["e"] = (adm > 0).astype(float)
+        X = np.vstack(list(cols.values())).T
+        y = steps[target].to_numpy(float)
         coef, *_ = np.linalg.lstsq(X, y, rcond=None)
-        a, b, c = (float(v) for v in coef)
-        if b < 0 or c < 0 or a <= 0:  # ill-conditioned (e.g. one batch size only): non-negative fit
+        if (coef[1:] < 0).any() or coef[0] <= 0:  # ill-conditioned: non-negative fit
             from scipy.optimize import nnls
 
-            (a, b, c), _ = nnls(X, y)
-            a = max(float(a), 1e-6)
-        resid = y - X @ np.array([a, b, c])
-        return cls(a=float(a), b=float(b), c=float(c), source=source,
-                   meta={"n_steps": int(len(steps)), "rmse_s": float(np.sqrt(np.mean(resid**2)))})
+            coef, _ = nnls(X, y)
+            coef[0] = max(float(coef[0]), 1e-6)
+        resid = y - X @ coef
+        terms = {k: float(v) for k, v in zip(cols, coef)}
+        return cls(**terms, source=source,
+                   meta={"n_steps": int(len(steps)), "rmse_s": float(np.sqrt(np.mean(resid**2))), "target": target,
+                         "admission": bool(admission)})
 
     @classmethod
     def from_profile(cls, profile: pd.DataFrame, b_rel: float = 1.0) -> "StepModel":
@@ -172,15 +209,18 @@ class StepModel:
                    meta={"n": int(len(profile)), "b_rel": float(b_rel)})
 
     def to_dict(self) -> dict[str, Any]:
-        return {"a": self.a, "b": self.b, "c": self.c, "source": self.source, "meta": self.meta}
+        return {"a": self.a, "b": self.b, "c": self.c, "d": self.d, "e": self.e, "source": self.source,
+                "meta": self.meta}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "StepModel":
+        """From :meth:`to_dict`; files without ``d``/``e`` (written before the admission term) read as 0."""
         try:
             return cls(a=float(d["a"]), b=float(d.get("b", 0.0)), c=float(d.get("c", 0.0)),
+                       d=float(d.get("d", 0.0) or 0.0), e=float(d.get("e", 0.0) or 0.0),
                        source=str(d.get("source", "")), meta=dict(d.get("meta") or {}))
         except (KeyError, TypeError, ValueError) as exc:
-            raise UserError(f"step model lacks or garbles {exc}; expected keys a, b, c") from None
+            raise UserError(f"step model lacks or garbles {exc}; expected keys a, b, c (d, e optional)") from None
 
 
 # ---------------------------------------------------------------------------------------------- planning
@@ -228,7 +268,8 @@ class SimBackend:
         plan = plan_step(candidates(engine.running, engine.waiting, engine.policy, now), engine.max_seqs,
                          engine.max_batch_tokens)
         n_tok = sum(t for _, t in plan)
-        dt = self.model.step_s(len(plan), n_tok)
+        n_admit = sum(1 for j, _ in plan if not j.running)  # joining in this step (a split prompt: its first)
+        dt = self.model.step_s(len(plan), n_tok, n_admit)
         events = []
         for j, t in plan:
             new = 0
@@ -831,7 +872,7 @@ class Engine:
         self.free_at = 0.0
         self.busy_s = 0.0
         self.n_steps = 0
-        self.steps: list[tuple] = []           # (t_start, dt, n_seqs, n_tokens)
+        self.steps: list[tuple] = []           # (t_start, dt, n_seqs, n_tokens, n_admit)
 
     @property
     def outstanding(self) -> int:
@@ -851,7 +892,8 @@ class Engine:
         if not events:
             return []
         t_end = now + dt if clock.virtual else clock.now()
-        self.steps.append((now, dt, len(events), n_tok))
+        n_admit = sum(1 for j, _, _ in events if math.isnan(j.admit_s))
+        self.steps.append((now, dt, len(events), n_tok, n_admit))
         self.n_steps += 1
         self.busy_s += dt
         self.free_at = t_end
@@ -887,7 +929,7 @@ class Engine:
             return now + self.outstanding
         pred = max(1.0, job.pred_tokens if math.isfinite(job.pred_tokens) else 64.0)
         load = min(self.max_seqs, self.outstanding + 1)
-        own = sm.step_s(load, load + int(job.req.n_input_tokens)) + (pred - 1) * sm.step_s(load, load)
+        own = sm.step_s(load, load + int(job.req.n_input_tokens), 1) + (pred - 1) * sm.step_s(load, load)
         ahead = max(0, self.outstanding + 1 - self.max_seqs)
         if ahead:
             rem = [max(1.0, (j.pred_tokens if math.isfinite(j.pred_tokens) else 64.0) - j.generated)
@@ -1099,7 +1141,7 @@ def serve(requests: Sequence[Any], policy, engines: Sequence[Engine], clock, pre
     finally:
         predictor.stop()
         bar.close()
-    steps = {e.id: pd.DataFrame(e.steps, columns=["t_s", "dt_s", "n_seqs", "n_tokens"]) for e in engines}
+    steps = {e.id: pd.DataFrame(e.steps, columns=list(STEP_COLUMNS)) for e in engines}
     return done, {"steps": steps, "predictor_batches": pd.DataFrame(
         predictor.batches, columns=["t_s", "dt_s", "n"]), "busy_s": {e.id: e.busy_s for e in engines},
         "probe_s": {e.id: float(getattr(e.backend, "probe_s", 0.0)) for e in engines}}

@@ -7,7 +7,9 @@
 * ``target=regressor``: :func:`rtlm_lab.regressor.reference.build_reference` (``target.lmstate_only=true``:
   only refresh the LM-state rows from ``outputs/reference/regressor/lmstate/``);
 * ``target=scheduler``: :func:`rtlm_lab.scheduler.analysis.add_runs` then
-  :func:`~rtlm_lab.scheduler.analysis.build` (the continuous-engine results table with CIs).
+  :func:`~rtlm_lab.scheduler.analysis.build` (the continuous-engine results table with CIs);
+* ``target=sim_error``: :func:`rtlm_lab.scheduler.replay.build` (the step model, with its admission term, fitted
+  on calibration runs; the validation runs' exact traces replayed in the simulator; ``sim_error_h200.csv``).
 
 Examples::
 
@@ -16,6 +18,7 @@ Examples::
     rtlm-reference target=model_vs_input target.lms=[dialogpt_ccc,smollm2_135m]
     rtlm-reference target=regressor target.profiles=[gemma3_270m__cuda] target.kinds=[ridge]
     rtlm-reference target=scheduler 'target.runs=[outputs/schedule/dialogpt_ccc/cpu/real/*/*/*]' target.group=cpu__dialogpt
+    rtlm-reference target=sim_error
 """
 
 from __future__ import annotations
@@ -83,6 +86,14 @@ def reference(cfg: DictConfig):
         df = build(n_boot=int(t.n_boot))
         print(format_summary(df))
         return df
+    if t.name == "sim_error":
+        import sys
+
+        from rtlm_lab.scheduler.replay import build as build_sim_error, summarize
+
+        table = build_sim_error(t, command=" ".join(["rtlm-reference", *sys.argv[1:]]))
+        print(summarize(table).to_string(index=False, float_format=lambda v: f"{v:+.3f}"))
+        return table
     from rtlm_lab.regressor.reference import build_reference, merge_lmstate
 
     if t.get("lmstate_only", False):

@@ -1,0 +1,266 @@
+"""The simulator against real runs: replay a real continuous-engine run's exact trace in the simulator, and
+fit the engine's step model, with its admission term, on *other* real runs (calibration runs).
+
+Why an admission term: the step model of a saturation run (every request queued at t=0) predicts a step
+from its rows and tokens; under arrivals a step that admits requests also runs their prefill forward and
+merges their KV into the running cache (:class:`~rtlm_lab.scheduler.engine.SlotBackend`), which the
+saturation run hardly separates from the fixed cost. :func:`fit_step_model` fits
+``a + b x n_seqs + c x n_tokens + d x n_admit + e x [n_admit > 0]`` to the steps of the calibration runs.
+
+The per-step record (:func:`step_log`):
+
+* ``n_admit``: the step's column where the run recorded it; in runs made before it was recorded, the
+  requests whose ``admit_s`` equals the step's start (the engine stamps admissions with it; checked: every
+  request is matched to one step, else :class:`~rtlm_lab.errors.UserError`);
+* ``period_s``: the time from the step's start to the next step's start when the engine still had work
+  (a row running on, or a request ready and waiting), else the step's own ``dt_s``. On the real engine the
+  loop's host-side work between steps (policy ordering, bookkeeping, hand-over) is ~10% of a step on the
+  H200; the simulator has no such gap, so the step model is fitted to the period (``target``).
+
+:func:`replay` rebuilds the requests from the run's ``trace.parquet`` (the same request ids, arrival times,
+prompt and output lengths: checked against the run's ``requests.parquet``), serves them with the run's
+policy and engine budgets on the simulator's virtual clock, and leaves out the same warm-up share.
+:func:`sim_error` tabulates mean and p99 response-time errors per run and model; :func:`build` writes the
+table and its provenance (``rtlm-reference target=sim_error``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from rtlm_lab.errors import UserError
+from rtlm_lab.scheduler.engine import StepModel
+
+log = logging.getLogger("rtlm_lab.scheduler")
+
+COLUMNS = ("model", "policy", "seed", "real_mean_s", "sim_mean_s", "mean_err", "real_p99_s", "sim_p99_s",
+           "p99_err", "real_running", "sim_running", "step_err", "same_trace", "run")
+
+
+def _read(run_dir: Path) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
+    from rtlm_lab.scheduler.analysis import load_run
+
+    m, req = load_run(run_dir)
+    try:
+        steps = pd.read_parquet(Path(run_dir) / "steps.parquet")
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{run_dir} has no readable steps.parquet ({type(exc).__name__}): a continuous-engine "
+                        "run is needed") from None
+    return m, req, steps
+
+
+def step_log(run_dir: str | Path) -> pd.DataFrame:
+    """The run's steps (``steps.parquet``, its main engine) with ``n_admit`` and ``period_s`` (module doc)."""
+    run_dir = Path(run_dir)
+    _, req, steps = _read(run_dir)
+    if "engine" in steps.columns and steps["engine"].nunique() > 1:
+        raise UserError(f"{run_dir}: {steps['engine'].nunique()} engines; the step log reads one-engine runs")
+    s = steps.sort_values("t_s").reset_index(drop=True)
+    t = s["t_s"].to_numpy(float)
+    if "n_admit" not in s.columns:
+        idx = np.searchsorted(t, req["admit_s"].to_numpy(float))
+        ok = (idx < len(t)) & np.isclose(t[np.minimum(idx, len(t) - 1)], req["admit_s"].to_numpy(float),
+                                         rtol=0.0, atol=1e-9)
+        if not ok.all():
+            raise UserError(f"{run_dir}: {int((~ok).sum())} request(s) admitted at no step start; cannot count "
+                            "admissions per step")
+        s["n_admit"] = np.bincount(idx, minlength=len(t))
+    t_end = t + s["dt_s"].to_numpy(float)
+    t_next = np.append(t[1:], np.inf)
+    adm, fin = req["admit_s"].to_numpy(float), req["finish_s"].to_numpy(float)
+    ready = req["ready_s"].to_numpy(float) if "ready_s" in req else req["arrival_s"].to_numpy(float)
+    busy = np.zeros(len(s), bool)
+    for lo in range(0, len(s), 256):  # chunks of steps x requests
+        sl = slice(lo, lo + 256)
+        running_on = (adm[None, :] <= t[sl, None]) & (fin[None, :] >= t_next[sl, None])
+        waiting = (ready[None, :] <= t_end[sl, None]) & (adm[None, :] >= t_next[sl, None])
+        busy[sl] = (running_on | waiting).any(1)
+    busy &= np.isfinite(t_next)
+    s["period_s"] = np.where(busy, t_next - t, s["dt_s"].to_numpy(float))
+    s["busy_after"] = busy
+    return s
+
+
+def fit_step_model(run_dirs: Sequence[str | Path], admission: bool = True, target: str = "period_s") -> StepModel:
+    """Fit the step model on the steps of ``run_dirs`` (calibration runs), pooled."""
+    if not run_dirs:
+        raise UserError("no calibration runs to fit a step model on (target.calibration)")
+    logs = [step_log(d) for d in run_dirs]
+    steps = pd.concat(logs, ignore_index=True)
+    src = (f"{'admission-aware ' if admission else ''}fit to the step {'periods' if target == 'period_s' else 'times'}"
+           f" of {len(run_dirs)} real run(s)")
+    m = StepModel.fit(steps, source=src, admission=admission, target=target)
+    m.meta["runs"] = [Path(d).name for d in run_dirs]
+    return m
+
+
+def _requests(trace: pd.DataFrame):
+    from rtlm_lab.scheduler.continuous import to_requests
+
+    tr = trace.copy()
+    for c in ("text", "context"):
+        if c not in tr.columns:
+            tr[c] = ""  # committed traces drop the texts; the simulator does not read them
+    return to_requests(tr, keep_predictions=True)
+
+
+def same_trace(trace: pd.DataFrame, real: pd.DataFrame) -> bool:
+    """Whether the trace holds exactly the real run's requests: ids, arrival times, prompt and output lengths."""
+    cols = ["request_id", "arrival_s", "n_input_tokens", "true_tokens"]
+    if len(trace) != len(real) or any(c not in trace or c not in real for c in cols):
+        return False
+    a = trace[cols].sort_values(["arrival_s", "request_id"]).reset_index(drop=True)
+    b = real[cols].sort_values(["arrival_s", "request_id"]).reset_index(drop=True)
+    return bool((a["request_id"].astype(str) == b["request_id"].astype(str)).all()
+                and np.allclose(a["arrival_s"], b["arrival_s"], rtol=0, atol=1e-9)
+                and (a[cols[2:]].to_numpy() == b[cols[2:]].to_numpy()).all())
+
+
+def replay(run_dir: str | Path, model: StepModel) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+    """Serve the real run's trace in the simulator with ``model``; returns (records, steps, facts) where
+    facts carry ``same_trace`` and the warm-up share used."""
+    from rtlm_lab.scheduler.continuous import EngineFactory, engine_config, job_records
+    from rtlm_lab.scheduler.engine import PredictorServer, VirtualClock, serve
+    from rtlm_lab.scheduler.policies import make_policy
+
+    run_dir = Path(run_dir)
+    m, real, _ = _read(run_dir)
+    try:
+        trace = pd.read_parquet(run_dir / "trace.parquet")
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{run_dir} has no readable trace.parquet ({type(exc).__name__})") from None
+    pol_cfg = m["policy"] if isinstance(m["policy"], dict) else {"name": str(m["policy"])}
+    policy = make_policy(str(pol_cfg["name"]), pol_cfg)
+    if getattr(policy, "uses_lm_state", False) or policy.needs:
+        raise UserError(f"{run_dir.name}: policy {policy.name} predicts online in the real run; the replay serves "
+                        "policies without a predictor (fcfs, sjf_input, oracle_*)")
+    ecfg = engine_config({"engine": m["engine_config"]})
+    if int(m.get("n_engines", 1)) != 1:
+        raise UserError(f"{run_dir.name}: {m.get('n_engines')} engines; the replay serves one-engine runs")
+    reqs = _requests(trace)
+    policy.token_s = model.step_s(max(1, ecfg["max_seqs"] // 2), max(1, ecfg["max_seqs"] // 2))
+    engines = EngineFactory("sim", ecfg, step_model=model).build(policy, capacity_rps=float(m["capacity_rps"]))
+    clock = VirtualClock()
+    jobs, facts = serve(reqs, policy, engines, clock, PredictorServer(reqs, (), clock))
+    n = max(1, int(m.get("n_requests", len(real))))
+    warmup_frac = int(m.get("n_warmup_excluded", 0)) / n
+    slo_k = float(m.get("slo_k", 5.0))
+    records = job_records(jobs, policy, slo_k, warmup_frac)
+    steps = pd.concat(facts["steps"].values(), ignore_index=True)
+    return records, steps, {"same_trace": same_trace(trace, real), "warmup_frac": warmup_frac}
+
+
+def _rt(records: pd.DataFrame) -> np.ndarray:
+    from rtlm_lab.scheduler.analysis import measured
+
+    return measured(records)["response_s"].to_numpy(float)
+
+
+def sim_error(run_dirs: Sequence[str | Path], models: Mapping[str, StepModel | None]) -> pd.DataFrame:
+    """One row per run x model (:data:`COLUMNS`): real vs simulated mean and p99 response time over the
+    measured requests, mean running rows, and ``step_err``: the model's step periods summed over the real
+    run's own steps vs the real sum (how far the model is off before any queueing). A model ``None``: the
+    step model the real run itself was served with (its saturation run's)."""
+    rows = []
+    for d in map(Path, run_dirs):
+        m, real, _ = _read(d)
+        sl = step_log(d)
+        for name, model in models.items():
+            sm = model if model is not None else StepModel.from_dict(m["step_model"])
+            rec, steps, facts = replay(d, sm)
+            r_rt, s_rt = _rt(real), _rt(rec)
+            pred = np.array([sm.step_s(a, b, c) for a, b, c in
+                             zip(sl["n_seqs"], sl["n_tokens"], sl["n_admit"])])
+            p99 = lambda x: float(np.percentile(x, 99))  # noqa: E731
+            rows.append({
+                "model": name, "policy": m["policy"]["name"] if isinstance(m["policy"], dict) else str(m["policy"]),
+                "seed": int(m.get("seed", 0)), "real_mean_s": float(r_rt.mean()), "sim_mean_s": float(s_rt.mean()),
+                "mean_err": float(s_rt.mean() / r_rt.mean() - 1.0), "real_p99_s": p99(r_rt), "sim_p99_s": p99(s_rt),
+                "p99_err": p99(s_rt) / p99(r_rt) - 1.0, "real_running": float(sl["n_seqs"].mean()),
+                "sim_running": float(steps["n_seqs"].mean()),
+                "step_err": float(pred.sum() / sl["period_s"].sum() - 1.0),
+                "same_trace": bool(facts["same_trace"]), "run": d.name})
+    return pd.DataFrame(rows, columns=list(COLUMNS))
+
+
+def summarize(table: pd.DataFrame) -> pd.DataFrame:
+    """Per model: the range and mean of |error| of the mean and p99 response time, and how many runs meet 15%."""
+    g = table.assign(abs_mean=table["mean_err"].abs(), abs_p99=table["p99_err"].abs()).groupby("model", sort=False)
+    return pd.DataFrame({"runs": g.size(), "mean_err_min": g["mean_err"].min(), "mean_err_max": g["mean_err"].max(),
+                         "mean_abs_mean_err": g["abs_mean"].mean(), "p99_err_min": g["p99_err"].min(),
+                         "p99_err_max": g["p99_err"].max(), "mean_abs_p99_err": g["abs_p99"].mean(),
+                         "runs_mean_within_15pct": g["abs_mean"].apply(lambda x: int((x <= 0.15).sum()))}
+                        ).reset_index()
+
+
+def _expand(paths: Sequence[str]) -> list[Path]:
+    from rtlm_lab.paths import resolve_path
+    from rtlm_lab.tasks.reference import expand
+
+    out = [Path(p) for p in expand([str(resolve_path(p)) for p in paths])]
+    return [p for p in out if p.is_dir() or not p.exists()]
+
+
+def _rel(p: Path) -> str:
+    """A path relative to the checkout where it lies inside it (provenance that reads the same anywhere)."""
+    from rtlm_lab.paths import repo_root
+
+    try:
+        return Path(p).resolve().relative_to(repo_root()).as_posix()
+    except ValueError:
+        return str(p)
+
+
+def build(cfg: Mapping[str, Any], command: str = "") -> pd.DataFrame:
+    """``target=sim_error``: fit the step model on ``cfg.calibration`` runs, replay every ``cfg.runs`` run with
+    the old (saturation-run) model, the new one without and with the admission terms, and write ``cfg.out``
+    (csv) and ``<out stem>.provenance.json`` beside it."""
+    from rtlm_lab.io import atomic_path, provenance, write_json_atomic
+    from rtlm_lab.paths import resolve_path
+
+    cal, val = _expand(cfg.get("calibration") or []), _expand(cfg.get("runs") or [])
+    if not val:
+        raise UserError("target.runs names no run dirs to replay")
+    overlap = {p.resolve() for p in cal} & {p.resolve() for p in val}
+    if overlap:
+        raise UserError(f"{len(overlap)} run(s) are both calibration and validation runs, e.g. "
+                        f"{sorted(overlap)[0].name}")
+    for p in [*cal, *val]:
+        if not (p / "metrics.json").is_file():
+            raise UserError(f"{p} is not a finished run (no metrics.json)")
+    target = str(cfg.get("fit_target", "period_s"))
+    if target not in ("period_s", "dt_s"):
+        raise UserError(f"target.fit_target must be period_s or dt_s (got {target!r})")
+    new = fit_step_model(cal, admission=True, target=target)
+    ablation = fit_step_model(cal, admission=False, target=target)
+    log.info("step model (new): a %.3f ms, b %.4f ms/row, c %.5f ms/token, d %.3f ms/admitted, e %.3f ms/admitting "
+             "step (rmse %.2f ms over %d steps)", 1e3 * new.a, 1e3 * new.b, 1e3 * new.c, 1e3 * new.d, 1e3 * new.e,
+             1e3 * new.meta["rmse_s"], new.meta["n_steps"])
+    models: dict[str, StepModel | None] = {"old_saturation": None, "new_no_admission": ablation,
+                                           "new_admission": new}
+    table = sim_error(val, models)
+    out = resolve_path(cfg.get("out")) if cfg.get("out") else None
+    if out is None:
+        from rtlm_lab.scheduler.analysis import reference_root
+
+        out = reference_root() / "sim_error_h200.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        table.round(4).to_csv(tmp, index=False)
+    old_models = {json.dumps(json.loads((p / "metrics.json").read_text())["step_model"], sort_keys=True) for p in val}
+    write_json_atomic(out.with_suffix(".provenance.json"), provenance(
+        cfg, command=command, calibration_runs=[_rel(p) for p in cal], validation_runs=[_rel(p) for p in val],
+        models={"old_saturation": [json.loads(s) for s in old_models], "new_no_admission": ablation.to_dict(),
+                "new_admission": new.to_dict()},
+        summary=summarize(table).round(4).to_dict(orient="records"),
+        note="old_saturation: the step model each real run was served with (its saturation run, dt only); "
+             "new_admission: fitted on the calibration runs only, with the admission terms d (per admitted "
+             "request) and e (per admitting step), to fit_target (period_s: dt + the loop's gap to the next "
+             "step while busy); new_no_admission: the same fit without d and e (ablation)"))
+    return table

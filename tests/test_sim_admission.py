@@ -1,0 +1,125 @@
+"""The step model's admission term and the replay of real runs (``rtlm_lab.scheduler.replay``), on a controlled
+clock and fake data: admissions that cost extra time are recovered by the fit, charged by the simulator, and
+a replay with the model that made a run reproduces it exactly, while the model without the term is faster."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from rtlm_lab.errors import UserError
+from rtlm_lab.scheduler.engine import Engine, PredictorServer, SimBackend, StepModel, VirtualClock, serve
+from rtlm_lab.scheduler.policies import Request, make_policy
+
+TRUE = StepModel(a=0.004, b=5e-5, c=2e-6, d=4e-4, e=0.005)   # an admitting step costs ~5 ms more
+NO_ADMIT = StepModel(a=TRUE.a, b=TRUE.b, c=TRUE.c)
+
+
+def synthetic_steps(n: int = 400, seed: int = 0, noise: float = 2e-5) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(1, 64, n)
+    adm = np.where(rng.random(n) < 0.6, rng.integers(1, 4, n), 0)
+    tok = rows - adm + adm * rng.integers(5, 60, n)
+    dt = (TRUE.a + TRUE.b * rows + TRUE.c * tok + TRUE.d * adm + TRUE.e * (adm > 0) + rng.normal(0, noise, n))
+    return pd.DataFrame({"t_s": np.cumsum(dt) - dt, "dt_s": dt, "n_seqs": rows, "n_tokens": tok, "n_admit": adm})
+
+
+def test_fit_recovers_the_admission_terms():
+    steps = synthetic_steps()
+    m = StepModel.fit(steps)
+    assert m.meta["admission"]
+    assert m.e == pytest.approx(TRUE.e, rel=0.02) and m.d == pytest.approx(TRUE.d, rel=0.1)
+    assert m.a == pytest.approx(TRUE.a, rel=0.05) and m.b == pytest.approx(TRUE.b, rel=0.05)
+    # without the term the fit cannot explain the admitting steps
+    blind = StepModel.fit(steps, admission=False)
+    assert blind.d == blind.e == 0.0 and blind.meta["rmse_s"] > 20 * m.meta["rmse_s"]
+    with pytest.raises(UserError):
+        StepModel.fit(steps.drop(columns="n_admit"), admission=True)
+    # every step admitting (a saturation run's start): e cannot be told from a, and is not fitted
+    every = steps[steps["n_admit"] > 0]
+    m = StepModel.fit(every)
+    assert m.e == 0.0 and m.a == pytest.approx(TRUE.a + TRUE.e, rel=0.05) and m.d == pytest.approx(TRUE.d, rel=0.1)
+
+
+def test_step_model_files_without_admission_terms_read_as_zero():
+    old = {"a": 0.0025, "b": 7.7e-05, "c": 3.7e-06, "source": "saturation run"}
+    m = StepModel.from_dict(old)
+    assert m.d == m.e == 0.0 and not m.has_admission
+    assert StepModel.from_dict(TRUE.to_dict()) == TRUE
+    assert TRUE.step_s(10, 10) == pytest.approx(NO_ADMIT.step_s(10, 10))
+    assert TRUE.step_s(10, 40, 2) == pytest.approx(NO_ADMIT.step_s(10, 40) + 2 * TRUE.d + TRUE.e)
+    assert TRUE.isolated(20, 3) == pytest.approx(TRUE.step_s(1, 20, 1) + 2 * TRUE.step_s(1, 1))
+
+
+def _serve(model: StepModel, spec, max_seqs: int = 4):
+    reqs = [Request(request_id=i, text="", context="", arrival_s=t, n_input_tokens=p, true_tokens=n)
+            for i, t, p, n in spec]
+    pol = make_policy("fcfs")
+    eng = Engine("main", SimBackend(model), pol, max_seqs=max_seqs, max_batch_tokens=4096, step_model=model)
+    clock = VirtualClock()
+    jobs, facts = serve(reqs, pol, [eng], clock, PredictorServer(reqs, (), clock))
+    return {j.rid: j for j in jobs}, facts["steps"]["main"]
+
+
+def test_the_simulator_charges_admissions_by_hand():
+    unit = StepModel(a=1.0, e=0.5)  # 1 s a step, +0.5 s when a request joins
+    jobs, steps = _serve(unit, [("a", 0.0, 1, 3), ("b", 1.2, 1, 2)])
+    # a joins at 0 (1.5 s); b, arrived at 1.2, joins the step at 1.5 (1.5 s); the last step at 3.0 admits none
+    assert steps["n_admit"].tolist() == [1, 1, 0]
+    assert jobs["a"].finish_s == pytest.approx(1.5 + 1.5 + 1.0)
+    assert jobs["b"].admit_s == pytest.approx(1.5) and jobs["b"].finish_s == pytest.approx(4.0)
+    plain, _ = _serve(StepModel(a=1.0), [("a", 0.0, 1, 3), ("b", 1.2, 1, 2)])
+    assert plain["a"].finish_s == pytest.approx(3.0)
+
+
+def _fake_run(tmp_path, model: StepModel, policy: str = "fcfs", n: int = 120, seed: int = 0, record_admit=True):
+    """A 'real' run made by the simulator with ``model`` (its steps have no gaps: period = dt)."""
+    from rtlm_lab.scheduler.continuous import job_records
+
+    rng = np.random.default_rng(seed)
+    arr = np.cumsum(rng.exponential(0.004, n))
+    spec = [(f"r{i:03d}", float(t), int(p), int(k)) for i, (t, p, k) in
+            enumerate(zip(arr, rng.integers(4, 40, n), rng.integers(1, 40, n)))]
+    jobs, steps = _serve(model, spec, max_seqs=8)
+    d = tmp_path / f"{policy}__s{seed}"
+    d.mkdir()
+    records = job_records(list(jobs.values()), make_policy(policy), 5.0, 0.1)
+    records.drop(columns=["token_times_s"]).to_parquet(d / "requests.parquet")
+    (steps if record_admit else steps.drop(columns="n_admit")).to_parquet(d / "steps.parquet")
+    pd.DataFrame({"request_id": [s[0] for s in spec], "arrival_s": [s[1] for s in spec],
+                  "n_input_tokens": [s[2] for s in spec], "true_tokens": [s[3] for s in spec]}
+                 ).to_parquet(d / "trace.parquet")
+    rt = records.loc[~records["warmup"], "response_s"]
+    (d / "metrics.json").write_text(json.dumps({
+        "policy": {"name": policy}, "seed": seed, "engine_config": {"max_seqs": 8, "max_batch_tokens": 4096},
+        "capacity_rps": 100.0, "n_requests": n, "n_warmup_excluded": int(records["warmup"].sum()),
+        "mean_rt_s": float(rt.mean()), "step_model": NO_ADMIT.to_dict(), "n_engines": 1}))
+    return d, steps
+
+
+def test_step_log_counts_admissions_from_the_requests(tmp_path):
+    from rtlm_lab.scheduler.replay import step_log
+
+    d, steps = _fake_run(tmp_path, TRUE, record_admit=False)
+    log = step_log(d)
+    assert log["n_admit"].tolist() == steps["n_admit"].tolist()
+    assert log["n_admit"].sum() == 120
+    busy = log["busy_after"].to_numpy()
+    assert np.allclose(log["period_s"][busy], log["dt_s"][busy])  # the simulator leaves no gap between steps
+
+
+def test_calibrated_replay_reproduces_the_run_and_the_blind_model_is_faster(tmp_path):
+    from rtlm_lab.scheduler.replay import fit_step_model, sim_error
+
+    cal = [_fake_run(tmp_path, TRUE, seed=s)[0] for s in (1, 2)]
+    val, _ = _fake_run(tmp_path, TRUE, seed=0)
+    new = fit_step_model(cal)
+    assert new.e == pytest.approx(TRUE.e, rel=0.05) and new.a == pytest.approx(TRUE.a, rel=0.1)
+    table = sim_error([val], {"old_saturation": None, "new_admission": new}).set_index("model")
+    assert table["same_trace"].all()
+    assert abs(table.loc["new_admission", "mean_err"]) < 0.05
+    assert table.loc["old_saturation", "mean_err"] < -0.2   # admissions ignored: far too fast
+    assert table.loc["old_saturation", "sim_mean_s"] < table.loc["new_admission", "sim_mean_s"]
