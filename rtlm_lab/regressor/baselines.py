@@ -106,3 +106,125 @@ def make_baselines(seed: int = 0) -> dict[str, object]:
 
 EMBEDDING_METHODS = ("proxy_minilm", "ltr_minilm")
 RANK_ONLY = ("ltr_minilm",)
+
+
+class FinetunedMiniLM:
+    """all-MiniLM-L6-v2 fine-tuned end to end on the training lengths: the strong proxy baseline.
+
+    SSJF (arXiv 2404.08509) fine-tunes BERT-base as a length regressor; vLLM-LTR (arXiv 2408.15792) fine-tunes
+    OPT-125M with a ranking loss. Both objectives on the same small encoder (the frozen-embedding
+    ``proxy_minilm`` / ``ltr_minilm`` read the same model without training it):
+
+    * ``objective="regression"``: MSE on the standardised ``log1p(length)``; predicts tokens;
+    * ``objective="rank"``: pairwise logistic loss over every pair of a batch with different lengths
+      (RankNet; vLLM-LTR trains a listwise loss over the same batches); it ranks, it does not predict tokens.
+
+    The model is transformers' ``AutoModelForSequenceClassification`` with one output on the MiniLM encoder
+    (BERT's pooler + a linear head, the standard fine-tuning head). The loop is ours (a dozen lines: AdamW with
+    warm-up and linear decay, seeded shuffles) because ``Trainer`` would add evaluation, logging and checkpoint
+    machinery this baseline does not use. ``device=None`` picks CUDA when available, else the CPU.
+    """
+
+    def __init__(self, objective: str = "regression", epochs: int = 3, batch_size: int = 32, lr: float = 5e-5,
+                 max_length: int = 64, seed: int = 0, device: str | None = None):
+        if objective not in ("regression", "rank"):
+            from rtlm_lab.errors import UserError
+
+            raise UserError(f"finetuned MiniLM objective must be regression or rank, not {objective!r}")
+        self.objective, self.epochs, self.batch_size, self.lr = objective, epochs, batch_size, lr
+        self.max_length, self.seed, self.device = max_length, seed, device
+
+    @property
+    def rank_only(self) -> bool:
+        return self.objective == "rank"
+
+    def _device(self):
+        import torch
+
+        return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    def _batch(self, texts):
+        enc = self.tokenizer_(F._as_texts(texts), padding=True, truncation=True, max_length=self.max_length,
+                              return_tensors="pt")
+        return {k: v.to(self.device_) for k, v in enc.items()}
+
+    def fit(self, texts, y, E=None):
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
+        from transformers.utils import logging as hf_logging
+
+        path = F.embedder_path()
+        torch.manual_seed(self.seed)
+        self.device_ = self._device()
+        self.tokenizer_ = AutoTokenizer.from_pretrained(path)
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # the new head's "newly initialized" report is expected here
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1).to(self.device_)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        texts = [t[:F.EMBED_MAX_CHARS] for t in F._as_texts(texts)]
+        t = np.log1p(np.asarray(y, float))
+        self.mu_, self.sd_ = float(t.mean()), float(t.std() or 1.0)
+        target = torch.tensor((t - self.mu_) / self.sd_, dtype=torch.float32, device=self.device_)
+        n, bs = len(texts), max(2, int(self.batch_size))
+        steps = max(1, self.epochs * -(-n // bs))
+        opt = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=0.01)
+        sched = get_linear_schedule_with_warmup(opt, int(0.06 * steps), steps)
+        rng = np.random.default_rng(self.seed)
+        self.losses_ = []
+        model.train()
+        for _ in range(int(self.epochs)):
+            order = rng.permutation(n)
+            for s in range(0, n, bs):
+                idx = order[s:s + bs]
+                out = model(**self._batch([texts[i] for i in idx])).logits.squeeze(-1)
+                if self.objective == "regression":
+                    loss = torch.nn.functional.mse_loss(out, target[idx])
+                else:  # RankNet over the batch's pairs with different lengths
+                    d = target[idx][:, None] - target[idx][None, :]
+                    mask = d > 0
+                    if not bool(mask.any()):
+                        continue
+                    loss = torch.nn.functional.softplus(-(out[:, None] - out[None, :])[mask]).mean()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                self.losses_.append(float(loss.detach()))
+        self.model_ = model.eval()
+        return self
+
+    def score_texts(self, texts) -> np.ndarray:
+        """The model's raw output (standardised log length for ``regression``, a rank score for ``rank``)."""
+        import torch
+
+        texts = [t[:F.EMBED_MAX_CHARS] for t in F._as_texts(texts)]
+        out = []
+        with torch.inference_mode():
+            for s in range(0, len(texts), 128):
+                out.append(self.model_(**self._batch(texts[s:s + 128])).logits.squeeze(-1).float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros(0)
+
+    def predict(self, texts, E=None):
+        s = self.score_texts(texts)
+        if self.objective == "rank":
+            return s
+        return np.clip(np.expm1(s * self.sd_ + self.mu_), 0, None)
+
+
+FINETUNED_METHODS = {"regression": "finetuned_minilm", "rank": "finetuned_minilm_rank"}
+
+
+def make_finetuned(cfg=None, seed: int = 0) -> dict[str, FinetunedMiniLM]:
+    """The fine-tuned MiniLM baselines named by ``cfg`` (``objectives``, ``epochs``, ``batch_size``, ``lr``,
+    ``max_length``, ``device``; ``enabled: false`` or ``None`` gives none)."""
+    cfg = dict(cfg or {})
+    if not cfg or not cfg.get("enabled", True):
+        return {}
+    kw = {k: cfg[k] for k in ("epochs", "batch_size", "lr", "max_length") if cfg.get(k) is not None}
+    dev = cfg.get("device")
+    kw["device"] = None if dev in (None, "auto") else str(dev)
+    objectives = cfg.get("objectives") or ["regression", "rank"]
+    return {FINETUNED_METHODS[o]: FinetunedMiniLM(objective=o, seed=seed, **kw) for o in objectives}

