@@ -197,7 +197,7 @@ def extract_states(lm, texts: Sequence[Any], contexts: Sequence[Any] | None = No
                 last_pos = dam.sum(1).to(dev) - 1
                 dec_h, enc_h = out.decoder_hidden_states, out.encoder_hidden_states
                 mean_mask = am
-                n_tok = (am.sum(1) + dam.sum(1) - 1).cpu().numpy()
+                n_tok = (am.sum(1).cpu() + dam.sum(1) - 1).numpy()  # am is on the LM's device, dam on the host
             else:
                 seqs = [r + p for r, p in zip(rows, pre)]
                 L = max(len(q) for q in seqs)
