@@ -223,3 +223,30 @@ def test_predictor_on_texts(causal):
     pred.fit_refine(2, LS.extract_states(causal, texts, prefix_ids=[[5, 6]] * len(texts)), y + 2)
     rem = pred.refine_texts(causal, texts[:3], [[5, 6]] * 3)
     assert rem.shape == (3,) and np.all((rem >= 0) & (rem <= 22))
+
+
+def test_notebook02_lmstate_view(tmp_path):
+    """Notebook 02's five-LM view: the LM-state rows of a summary, methods renamed in their fixed order, a CI in
+    every cell, "not run" where an LM lacks a method, the figure saved; None without LM-state rows."""
+    from rtlm_lab.regressor.reference import LMSTATE_VIEW, lmstate_view
+
+    rows = []
+    for lm, methods in {"a_lm": ["input_length", "lmstate_auto", "finetuned_minilm"],
+                        "b_lm": ["lmstate_auto", "input_length", "refine@8:refine+repfeat+gated_loop"]}.items():
+        for i, m in enumerate(methods):
+            rows.append({"lm": lm, "platform": "cpu+cuda", "method": m, "kendall_tau": 0.1 * (i + 1),
+                         "tau_ci_low": 0.05 * (i + 1), "tau_ci_high": 0.15 * (i + 1)})
+    rows.append({"lm": "a_lm", "platform": "cpu", "method": "input_length", "kendall_tau": 0.9,
+                 "tau_ci_low": 0.8, "tau_ci_high": 1.0})
+    csv = tmp_path / "summary.csv"
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    v = lmstate_view(csv, out_dir=tmp_path)
+    t = v["table"]
+    assert list(t.index) == ["input length", "fine-tuned MiniLM", "LM state, prefill", "LM state, refined k=8"]
+    assert list(t.columns) == ["a_lm", "b_lm"]
+    assert t.loc["input length", "a_lm"] == "0.10 [0.05, 0.15]"  # the cpu+cuda row, not the cpu one
+    assert t.loc["LM state, prefill", "b_lm"] == "0.10 [0.05, 0.15]"
+    assert t.loc["fine-tuned MiniLM", "b_lm"] == "not run"
+    assert (tmp_path / "lmstate_vs_baselines.png").is_file() and set(LMSTATE_VIEW) >= {"lmstate_auto"}
+    pd.DataFrame(rows[-1:]).to_csv(csv, index=False)
+    assert lmstate_view(csv) is None and lmstate_view(tmp_path / "missing.csv") is None

@@ -29,7 +29,8 @@ from rtlm_lab.regressor.recalibration import recovery_index, run_recalibration
 ROOT = Path(__file__).resolve().parent.parent
 REF = ROOT / "outputs" / "reference" / "profiles" / "gemma3_270m__cuda.parquet"
 NOTEBOOK = ROOT / "notebooks" / "02_length_regressor.ipynb"
-ALL_METHODS = ["rtlm_ridge", "constant", "input_length", "proxy_minilm", "ltr_minilm", "oracle"]
+ALL_METHODS = ["rtlm_ridge", "constant", "input_length", "proxy_minilm", "ltr_minilm", "finetuned_minilm",
+               "finetuned_minilm_rank", "oracle"]
 
 pytestmark = pytest.mark.skipif(not REF.is_file(), reason="no reference profile gemma3_270m__cuda")
 

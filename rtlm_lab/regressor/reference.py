@@ -175,3 +175,33 @@ def merge_lmstate(out: str | Path | None = None) -> pd.DataFrame:
     print(summary[summary["platform"] == "cpu+cuda"].pivot_table(index="method", columns="lm", values="kendall_tau",
                                                                  sort=False).round(3).to_string())
     return summary
+
+
+#: What notebook 02 compares on the served LM's states: baselines, the prefill probe, refinement while decoding.
+LMSTATE_VIEW = {"input_length": "input length", "rtlm_ridge": "RT-LM regressor", "proxy_minilm": "MiniLM proxy",
+                "finetuned_minilm": "fine-tuned MiniLM", "finetuned_minilm_rank": "fine-tuned MiniLM ranker",
+                "lmstate_auto": "LM state, prefill", "refine@8:refine+repfeat+gated_loop": "LM state, refined k=8",
+                "refine@16:refine+repfeat+gated_loop": "LM state, refined k=16"}
+
+
+def lmstate_view(summary_csv: str | Path | None = None, out_dir=None) -> dict | None:
+    """Notebook 02's view of the committed LM-state comparison (``platform=cpu+cuda`` rows of ``summary.csv``):
+    ``{"table": Kendall tau per LM x method, with its 95% CI, "figure": the bar chart}``; ``None`` when the
+    file or its LM-state rows are missing. Methods in :data:`LMSTATE_VIEW` order, renamed for reading."""
+    from rtlm_lab.paths import repo_root
+
+    path = Path(summary_csv) if summary_csv else repo_root() / "outputs" / "reference" / "regressor" / "summary.csv"
+    if not path.is_file():
+        return None
+    s = pd.read_csv(path)
+    s = s[(s["platform"] == "cpu+cuda") & s["method"].isin(list(LMSTATE_VIEW))]
+    if not len(s):
+        return None
+    s = s.assign(order=s["method"].map(list(LMSTATE_VIEW).index)).sort_values(["order", "lm"])
+    s = s.assign(method=s["method"].map(LMSTATE_VIEW), platform="")
+    fig = plot_summary(s, out_dir, stem="lmstate_vs_baselines")
+    cell = s.apply(lambda r: f"{r.kendall_tau:.2f} [{r.tau_ci_low:.2f}, {r.tau_ci_high:.2f}]", axis=1)
+    table = s.assign(tau=cell).pivot(index="method", columns="lm", values="tau").reindex(
+        [v for v in LMSTATE_VIEW.values() if v in set(s["method"])]).fillna("not run")
+    return {"table": table, "figure": fig}
+

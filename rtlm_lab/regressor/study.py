@@ -4,7 +4,8 @@
 :func:`~rtlm_lab.regressor.evaluate.compare`, the p90-quantile coverage on the same test split and (when
 ``recal_target`` names an LM whose profile exists) the cross-LM recalibration experiment, and writes
 ``metrics.json`` (what ``rtlm-report`` reads) and ``predictor.joblib`` into ``output_dir``; the notebook shows
-the tables and draws the figures.
+the tables and draws the figures, and the committed comparison of the served LM's states (prefill probe,
+refinement while decoding) with the baselines, fine-tuned MiniLM included, for all five LMs.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def run_study(lm: str, platform: str, regressor: str = "ridge", output_dir: str 
               profile: str | Path | None = "", n_bootstrap: int = 1000, seed: int = 0,
               recal_target: str | None = "", recal_target_profile: str | Path | None = "") -> dict[str, Any]:
     """``{"result": compare(...), "recal": ... or None, "recal_note": why it was skipped, "p90_coverage",
-    "profile_path", "out_dir", "reg_cfg", "profile_df"}``."""
+    "profile_path", "out_dir", "reg_cfg", "profile_df", "lmstate": the committed five-LM comparison of the
+    served LM's states with the baselines (:func:`~rtlm_lab.regressor.reference.lmstate_view`) or None}``."""
     import yaml
 
     from rtlm_lab.io import provenance, sha256_file, write_json_atomic
@@ -78,5 +80,8 @@ def run_study(lm: str, platform: str, regressor: str = "ridge", output_dir: str 
         profile=str(profile_path), profile_sha256=sha256_file(profile_path))
     write_json_atomic(out_dir / "metrics.json", metrics)
     result["predictor"].save(out_dir / "predictor.joblib")
+    from rtlm_lab.regressor.reference import lmstate_view
+
     return {"result": result, "recal": recal, "recal_note": note, "p90_coverage": coverage,
-            "profile_path": profile_path, "out_dir": out_dir, "reg_cfg": reg_cfg, "profile_df": profile_df}
+            "profile_path": profile_path, "out_dir": out_dir, "reg_cfg": reg_cfg, "profile_df": profile_df,
+            "lmstate": lmstate_view(out_dir=out_dir)}
