@@ -123,3 +123,65 @@ def test_calibrated_replay_reproduces_the_run_and_the_blind_model_is_faster(tmp_
     assert abs(table.loc["new_admission", "mean_err"]) < 0.05
     assert table.loc["old_saturation", "mean_err"] < -0.2   # admissions ignored: far too fast
     assert table.loc["old_saturation", "sim_mean_s"] < table.loc["new_admission", "sim_mean_s"]
+
+
+def _saturation_steps(tmp_path, model: StepModel, n: int = 80, gap: float = 0.0, name: str = "sat.steps.parquet"):
+    """A fake saturation run's steps parquet: every request queued at t=0 on an 8-slot engine (the first step
+    admits 8, later ones refill freed slots), served by the simulator with ``model``; ``gap`` seconds of host
+    work are put between consecutive steps, as the real loop has."""
+    rng = np.random.default_rng(7)
+    spec = [(f"q{i:03d}", 0.0, int(p), int(k)) for i, (p, k) in
+            enumerate(zip(rng.integers(4, 40, n), rng.integers(1, 30, n)))]
+    _, steps = _serve(model, spec, max_seqs=8)
+    steps = steps[["t_s", "dt_s", "n_seqs", "n_tokens", "n_admit"]].sort_values("t_s").reset_index(drop=True)
+    steps["t_s"] = steps["t_s"] + gap * np.arange(len(steps))
+    f = tmp_path / name
+    steps.to_parquet(f)
+    return f, steps
+
+
+def test_saturation_steps_calibrate_the_step_model(tmp_path):
+    from rtlm_lab.scheduler.replay import fit_step_model, saturation_step_log
+
+    f, steps = _saturation_steps(tmp_path, TRUE, gap=0.001)
+    log = saturation_step_log(f)
+    assert log["n_admit"].iloc[0] == 8 and log["n_admit"].iloc[1:].max() < 8 and (log["n_admit"] == 0).any()
+    # every request is ready at t=0: busy after every step but the last; the period holds the loop's gap
+    assert log["busy_after"].tolist() == [True] * (len(log) - 1) + [False]
+    assert np.allclose(log["period_s"].iloc[:-1], log["dt_s"].iloc[:-1] + 0.001)
+    assert log["period_s"].iloc[-1] == log["dt_s"].iloc[-1]
+    # the first step's 8 admissions and the refills after it identify d and e (noise-free: exactly)
+    m = fit_step_model([], target="dt_s", steps_files=[f])
+    for k in "abcde":
+        assert getattr(m, k) == pytest.approx(getattr(TRUE, k), rel=1e-3, abs=1e-9)
+    assert m.meta["saturation_steps"] == [f.name] and "1 saturation run" in m.source
+    per = fit_step_model([], target="period_s", steps_files=[f])
+    assert per.e == pytest.approx(TRUE.e, rel=0.05) and per.a > TRUE.a   # the gap lands in a
+    assert fit_step_model([], admission=False, steps_files=[f]).d == 0.0
+    with pytest.raises(UserError):
+        fit_step_model([], steps_files=[])
+    # what is not a saturation run's steps file
+    steps.drop(columns="n_admit").to_parquet(tmp_path / "no_admit.parquet")
+    steps.assign(n_admit=np.where(np.arange(len(steps)) == 0, 0, steps["n_admit"])).to_parquet(tmp_path / "late.parquet")
+    steps.assign(t_s=steps["t_s"] * 0.5).to_parquet(tmp_path / "overlap.parquet")
+    for bad in ("no_admit.parquet", "late.parquet", "overlap.parquet", "missing.parquet"):
+        with pytest.raises(UserError):
+            saturation_step_log(tmp_path / bad)
+
+
+def test_build_with_saturation_steps_as_calibration(tmp_path):
+    from rtlm_lab.scheduler.replay import build
+
+    f, _ = _saturation_steps(tmp_path, TRUE)
+    val, _ = _fake_run(tmp_path, TRUE, seed=0)
+    out = tmp_path / "sim_error_fake.csv"
+    cfg = {"name": "sim_error", "calibration": [], "calibration_steps": [str(tmp_path / "sat.*.parquet")],
+           "runs": [str(val)], "fit_target": "period_s", "out": str(out)}
+    table = build(cfg).set_index("model")
+    assert abs(table.loc["new_admission", "mean_err"]) < 0.02   # the saturation steps' model reproduces the run
+    assert table.loc["old_saturation", "mean_err"] < -0.2        # the run's own model has no admission term
+    prov = json.loads(out.with_suffix(".provenance.json").read_text())
+    assert prov["calibration_steps"] == [str(f)] and prov["calibration_runs"] == []
+    assert prov["models"]["new_admission"]["meta"]["saturation_steps"] == [f.name]
+    with pytest.raises(UserError):
+        build({**cfg, "calibration_steps": [str(tmp_path / "nothing.parquet")]})

@@ -87,16 +87,66 @@ def step_log(run_dir: str | Path) -> pd.DataFrame:
     return s
 
 
-def fit_step_model(run_dirs: Sequence[str | Path], admission: bool = True, target: str = "period_s") -> StepModel:
-    """Fit the step model on the steps of ``run_dirs`` (calibration runs), pooled."""
-    if not run_dirs:
-        raise UserError("no calibration runs to fit a step model on (target.calibration)")
-    logs = [step_log(d) for d in run_dirs]
+SATURATION_COLUMNS = ("t_s", "dt_s", "n_seqs", "n_tokens", "n_admit")
+
+
+def saturation_step_log(path: str | Path) -> pd.DataFrame:
+    """A saturation run's steps (the ``<lm>__<platform>__<commit>.steps.parquet`` a capacity measurement keeps
+    beside its json) in :func:`step_log`'s form, without its requests.
+
+    The file must carry ``t_s, dt_s, n_seqs, n_tokens, n_admit`` (the engine records ``n_admit`` per step; the
+    requests are not kept, so it cannot be rebuilt from ``admit_s`` here). Every request of a saturation run is
+    ready at t=0, so the engine has work until its last step: ``period_s`` is the time to the next step's start
+    for every step but the last (its own ``dt_s``), ``busy_after`` is true for all but the last.
+
+    What identifies the admission terms: the first step admits ``max_seqs`` requests at once (a large prefill),
+    the later ones refill the slots freed by finished requests (0 to a few a step) until the queue is empty,
+    then the batch drains without admissions. So ``n_admit`` and ``[n_admit > 0]`` do vary, and
+    :meth:`StepModel.fit` fits ``d`` and ``e``; but on a few dozen to a few hundred steps, with the admitting
+    steps mostly at full batch and one step of 64 admissions carrying most of the prompt tokens, they are
+    weakly identified (``d`` trades against ``c``, ``e`` against ``b`` and ``a``): read them as the saturation
+    run's estimate, not as a measurement of an admission under arrivals."""
+    path = Path(path)
+    try:
+        s = pd.read_parquet(path)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: no readable saturation steps parquet ({type(exc).__name__})") from None
+    missing = [c for c in SATURATION_COLUMNS if c not in s.columns]
+    if missing:
+        raise UserError(f"{path}: saturation steps lack {missing} (need {list(SATURATION_COLUMNS)}; n_admit is "
+                        "recorded by engines since the admission term)")
+    if "engine" in s.columns and s["engine"].nunique() > 1:
+        raise UserError(f"{path}: {s['engine'].nunique()} engines; the step log reads one-engine runs")
+    s = s.sort_values("t_s").reset_index(drop=True)
+    if len(s) < 3:
+        raise UserError(f"{path}: {len(s)} step(s); a saturation run has more")
+    t, dt = s["t_s"].to_numpy(float), s["dt_s"].to_numpy(float)
+    if (t[1:] < t[:-1] + dt[:-1] - 1e-6).any():
+        raise UserError(f"{path}: steps overlap (a step starts before the previous one ended)")
+    if int(s["n_admit"].iloc[0]) <= 0:
+        raise UserError(f"{path}: the first step admits nothing; not a saturation run (everything queued at t=0)")
+    s["period_s"] = np.append(t[1:] - t[:-1], dt[-1])
+    s["busy_after"] = np.arange(len(s)) < len(s) - 1
+    return s
+
+
+def fit_step_model(run_dirs: Sequence[str | Path], admission: bool = True, target: str = "period_s",
+                   steps_files: Sequence[str | Path] = ()) -> StepModel:
+    """Fit the step model on the steps of ``run_dirs`` (calibration runs, :func:`step_log`) and of
+    ``steps_files`` (saturation runs' steps, :func:`saturation_step_log`), pooled."""
+    if not run_dirs and not steps_files:
+        raise UserError("no calibration runs or saturation steps to fit a step model on (target.calibration, "
+                        "target.calibration_steps)")
+    logs = [step_log(d) for d in run_dirs] + [saturation_step_log(f) for f in steps_files]
     steps = pd.concat(logs, ignore_index=True)
+    what = " and ".join(x for x in (f"{len(run_dirs)} real run(s)" if run_dirs else "",
+                                    f"{len(steps_files)} saturation run(s)" if steps_files else "") if x)
     src = (f"{'admission-aware ' if admission else ''}fit to the step {'periods' if target == 'period_s' else 'times'}"
-           f" of {len(run_dirs)} real run(s)")
+           f" of {what}")
     m = StepModel.fit(steps, source=src, admission=admission, target=target)
     m.meta["runs"] = [Path(d).name for d in run_dirs]
+    if steps_files:
+        m.meta["saturation_steps"] = [Path(f).name for f in steps_files]
     return m
 
 
@@ -207,6 +257,17 @@ def _expand(paths: Sequence[str]) -> list[Path]:
     return [p for p in out if p.is_dir() or not p.exists()]
 
 
+def _expand_files(paths: Sequence[str]) -> list[Path]:
+    from rtlm_lab.paths import resolve_path
+    from rtlm_lab.tasks.reference import expand
+
+    out = [Path(p) for p in expand([str(resolve_path(p)) for p in paths])]
+    for p in out:
+        if not p.is_file():
+            raise UserError(f"{p}: no such saturation steps file (target.calibration_steps)")
+    return out
+
+
 def _rel(p: Path) -> str:
     """A path relative to the checkout where it lies inside it (provenance that reads the same anywhere)."""
     from rtlm_lab.paths import repo_root
@@ -218,13 +279,15 @@ def _rel(p: Path) -> str:
 
 
 def build(cfg: Mapping[str, Any], command: str = "") -> pd.DataFrame:
-    """``target=sim_error``: fit the step model on ``cfg.calibration`` runs, replay every ``cfg.runs`` run with
-    the old (saturation-run) model, the new one without and with the admission terms, and write ``cfg.out``
-    (csv) and ``<out stem>.provenance.json`` beside it."""
+    """``target=sim_error``: fit the step model on ``cfg.calibration`` runs and/or ``cfg.calibration_steps``
+    (saturation runs' steps parquets, :func:`saturation_step_log`), replay every ``cfg.runs`` run with the old
+    (saturation-run) model, the new one without and with the admission terms, and write ``cfg.out`` (csv) and
+    ``<out stem>.provenance.json`` beside it."""
     from rtlm_lab.io import atomic_path, provenance, write_json_atomic
     from rtlm_lab.paths import resolve_path
 
     cal, val = _expand(cfg.get("calibration") or []), _expand(cfg.get("runs") or [])
+    cal_steps = _expand_files(cfg.get("calibration_steps") or [])
     if not val:
         raise UserError("target.runs names no run dirs to replay")
     overlap = {p.resolve() for p in cal} & {p.resolve() for p in val}
@@ -237,8 +300,8 @@ def build(cfg: Mapping[str, Any], command: str = "") -> pd.DataFrame:
     target = str(cfg.get("fit_target", "period_s"))
     if target not in ("period_s", "dt_s"):
         raise UserError(f"target.fit_target must be period_s or dt_s (got {target!r})")
-    new = fit_step_model(cal, admission=True, target=target)
-    ablation = fit_step_model(cal, admission=False, target=target)
+    new = fit_step_model(cal, admission=True, target=target, steps_files=cal_steps)
+    ablation = fit_step_model(cal, admission=False, target=target, steps_files=cal_steps)
     log.info("step model (new): a %.3f ms, b %.4f ms/row, c %.5f ms/token, d %.3f ms/admitted, e %.3f ms/admitting "
              "step (rmse %.2f ms over %d steps)", 1e3 * new.a, 1e3 * new.b, 1e3 * new.c, 1e3 * new.d, 1e3 * new.e,
              1e3 * new.meta["rmse_s"], new.meta["n_steps"])
@@ -254,13 +317,17 @@ def build(cfg: Mapping[str, Any], command: str = "") -> pd.DataFrame:
     with atomic_path(out) as tmp:
         table.round(4).to_csv(tmp, index=False)
     old_models = {json.dumps(json.loads((p / "metrics.json").read_text())["step_model"], sort_keys=True) for p in val}
+    extra = {"calibration_steps": [_rel(p) for p in cal_steps]} if cal_steps else {}
     write_json_atomic(out.with_suffix(".provenance.json"), provenance(
-        cfg, command=command, calibration_runs=[_rel(p) for p in cal], validation_runs=[_rel(p) for p in val],
+        cfg, command=command, calibration_runs=[_rel(p) for p in cal], **extra, validation_runs=[_rel(p) for p in val],
         models={"old_saturation": [json.loads(s) for s in old_models], "new_no_admission": ablation.to_dict(),
                 "new_admission": new.to_dict()},
         summary=summarize(table).round(4).to_dict(orient="records"),
         note="old_saturation: the step model each real run was served with (its saturation run, dt only); "
              "new_admission: fitted on the calibration runs only, with the admission terms d (per admitted "
              "request) and e (per admitting step), to fit_target (period_s: dt + the loop's gap to the next "
-             "step while busy); new_no_admission: the same fit without d and e (ablation)"))
+             "step while busy); new_no_admission: the same fit without d and e (ablation)"
+             + ("; calibration_steps: saturation runs' steps (every request queued at t=0, so the period is the "
+                "time to the next step for all steps but the last; the admission terms are identified only by "
+                "the first step's max_seqs admissions and the slot refills after it)" if cal_steps else "")))
     return table
