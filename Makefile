@@ -41,7 +41,7 @@ data: setup
 # notebooks 01-03 (uncertainty -> length predictor -> scheduler, sim mode) over it through rtlm-sweep, then the report.
 demo: setup
 	$(BIN)/rtlm-profile experiment=demo
-	$(BIN)/rtlm-sweep sweep.name=demo sweep.profile_dir=outputs/profile "sweep.profile_name='{lm}/{platform}/test-n120-s0/profile.parquet'"
+	$(BIN)/rtlm-sweep sweep_size=demo
 
 test: setup
 	$(BIN)/python -m pytest -m "not slow" -q
