@@ -24,6 +24,7 @@ stop after saving the manifest (finished cells stay finished); rerun the same co
 Examples::
 
     rtlm-sweep                                                        # quick demo: gemma3_270m on cpu
+    rtlm-sweep sweep_size=demo                  # make demo's: its own profile, notebook 03 in real mode
     rtlm-sweep sweep.name=reference sweep_size=full \\
         sweep.lms=[gemma3_270m,smollm2_135m,dialogpt_ccc,blenderbot_ccc,godel_ccc] sweep.platforms=[cpu,cuda]
 """
