@@ -39,7 +39,7 @@ data: setup
 
 # The whole pipeline on the embedded default: a real Gemma-3-270M profile of 120 CCC requests on the CPU, then
 # notebooks 01-03 (uncertainty -> length predictor -> scheduler) over it through rtlm-sweep, notebook 03 in real
-# mode (real generate on the CPU engine: fcfs vs rtlm, 40 requests; conf/sweep_size/demo.yaml), then the report.
+# mode (real generate on the CPU engine: fcfs vs rtlm, 20 requests; conf/sweep_size/demo.yaml), then the report.
 demo: setup
 	$(BIN)/rtlm-profile experiment=demo
 	$(BIN)/rtlm-sweep sweep_size=demo
