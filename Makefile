@@ -38,10 +38,11 @@ data: setup
 	$(BIN)/rtlm-corpus
 
 # The whole pipeline on the embedded default: a real Gemma-3-270M profile of 120 CCC requests on the CPU, then
-# notebooks 01-03 (uncertainty -> length predictor -> scheduler, sim mode) over it through rtlm-sweep, then the report.
+# notebooks 01-03 (uncertainty -> length predictor -> scheduler) over it through rtlm-sweep, notebook 03 in real
+# mode (real generate on the CPU engine: fcfs vs rtlm, 20 requests; conf/sweep_size/demo.yaml), then the report.
 demo: setup
 	$(BIN)/rtlm-profile experiment=demo
-	$(BIN)/rtlm-sweep sweep.name=demo sweep.profile_dir=outputs/profile "sweep.profile_name='{lm}/{platform}/test-n120-s0/profile.parquet'"
+	$(BIN)/rtlm-sweep sweep_size=demo
 
 test: setup
 	$(BIN)/python -m pytest -m "not slow" -q

@@ -195,6 +195,55 @@ def test_by_platform_overrides_and_portable_hash(tmp_path):
     assert h != config_sha256(cell_config(sweep, "gemma3_270m", "cpu", a))  # absolute paths differ
 
 
+def test_demo_sweep_reads_the_demo_profile_and_runs_notebook_03_in_real_mode(tmp_path, monkeypatch):
+    """`make demo` = `rtlm-profile experiment=demo` then `rtlm-sweep sweep_size=demo`: the sweep reads the profile
+    the first command writes (under RTLM_OUTPUT_DIR), and notebook 03 serves a small real run (fcfs vs rtlm on
+    fewer requests than the profile's held-out pool); the other sizes keep sim mode on the committed profiles."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from rtlm_lab.tasks._cli import CONF_DIR
+    from rtlm_lab.tasks.sweep import cell_config
+
+    monkeypatch.setenv("RTLM_OUTPUT_DIR", str(tmp_path))
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        demo = compose("sweep", overrides=["sweep_size=demo"])
+        quick = compose("sweep")
+        prof = compose("profile", overrides=["experiment=demo"])
+    sweep = OmegaConf.to_container(demo.sweep, resolve=True)
+    run_name = str(prof.run_name)  # <lm>/<platform>/<data.tag>: where rtlm-profile writes, under profile/
+    cell = cell_config(sweep, "gemma3_270m", "cpu", tmp_path / "sweeps" / "demo" / "gemma3_270m" / "cpu")
+    assert cell["profile"] == str(tmp_path / "profile" / run_name / "profile.parquet")
+    nb03 = cell["parameters"]["03_scheduler"]
+    assert cell["scheduler_mode"] == "real" and nb03["mode"] == "real"
+    assert {"fcfs", "rtlm"} <= set(nb03["policies"]) and nb03["rhos"] == [nb03["rho"]]
+    assert nb03["n_requests"] <= 0.4 * int(prof.data.n_prompts)  # scheduler.heldout_frac of the profile
+    assert sweep["nb01"] == OmegaConf.to_container(quick.sweep.nb01)  # notebooks 01-02: the quick sizes
+    assert (quick.sweep.scheduler_mode, quick.sweep.profile_dir) == ("sim", f"{ROOT}/outputs/reference/profiles")
+
+
+def test_real_cell_fails_at_once_naming_what_is_missing(tmp_path):
+    """A real-mode cell on a machine without the LM's weights (or the platform's GPU) is recorded as failed
+    with one line, before any of its notebooks runs."""
+    from rtlm_lab.errors import UserError
+    from rtlm_lab.tasks.sweep import preflight_real, run_sweep
+
+    (tmp_path / "gemma3_270m__cpu.parquet").write_bytes(b"any profile")
+    sweep = {"name": "real", "lms": ["gemma3_270m"], "platforms": ["cpu"], "scheduler_mode": "real",
+             "profile_dir": str(tmp_path), "profile_name": "{lm}__{platform}.parquet", "seed": 0,
+             "nb01": {}, "nb02": {}, "nb03": {"lm_dir": str(tmp_path / "no_model")}, "by_platform": {}}
+    m = run_sweep({"sweep": sweep}, tmp_path / "sw")
+    c = m["cells"]["gemma3_270m/cpu"]
+    assert c["status"] == "failed" and "\n" not in c["error"]
+    assert c["error"].startswith("notebook 03 in real mode: lm.local_dir ") and "does not exist" in c["error"]
+    assert not list((tmp_path / "sw" / "gemma3_270m" / "cpu").glob("*.ipynb"))
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="^notebook 03 in real mode: platform=cuda needs a CUDA GPU"):
+            preflight_real("gemma3_270m", "cuda")
+
+
 def test_cli_errors_and_help(tmp_path):
     res = _sweep_cli(tmp_path, "sweep.lms=[nope]")
     assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("error: unknown lm 'nope'")

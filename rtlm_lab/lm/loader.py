@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -183,6 +184,26 @@ def model_dir(spec: Mapping[str, Any]) -> str:
     if source == "lab":
         return str(lab_model_dir(spec))
     raise UserError(f"unknown lm.source {source!r}; use gguf, lab, hub or local (with lm.local_dir)")
+
+
+def check_weights(spec: Mapping[str, Any]) -> None:
+    """Raise :class:`UserError` (one line) if this LM's weights are not on this machine, without loading or
+    converting them: a real-mode run checks this before anything else runs."""
+    source = spec.get("source", "gguf")
+    if spec.get("local_dir") or source in ("local", "lab"):
+        model_dir(spec)
+    elif source == "gguf":
+        _gguf_file(spec)  # the GGUF asset (assembled from its packages); converting it is a cache, made on load
+    elif source == "hub":
+        hub_id = model_dir(spec)
+        if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+            from huggingface_hub import try_to_load_from_cache
+
+            if not isinstance(try_to_load_from_cache(hub_id, "config.json", revision=spec.get("hub_revision")), str):
+                raise UserError(f"lm {spec['name']!r} ({hub_id}) is not in the Hugging Face cache and "
+                                "HF_HUB_OFFLINE is set; download it once where the hub is reachable")
+    else:
+        model_dir(spec)  # unknown source: its own message
 
 
 def detect_arch(src: str, declared: str | None = None, revision: str | None = None) -> str:

@@ -24,6 +24,7 @@ stop after saving the manifest (finished cells stay finished); rerun the same co
 Examples::
 
     rtlm-sweep                                                        # quick demo: gemma3_270m on cpu
+    rtlm-sweep sweep_size=demo                  # make demo's: its own profile, notebook 03 in real mode
     rtlm-sweep sweep.name=reference sweep_size=full \\
         sweep.lms=[gemma3_270m,smollm2_135m,dialogpt_ccc,blenderbot_ccc,godel_ccc] sweep.platforms=[cpu,cuda]
 """
@@ -206,6 +207,23 @@ def _first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
+def preflight_real(lm: str, platform: str, nb03: dict | None = None) -> None:
+    """A cell whose notebook 03 serves real requests fails at once, before any of its notebooks runs, with one
+    line naming what this machine lacks: the platform's device (a GPU) or the LM's weights."""
+    from rtlm_lab.lm.loader import check_weights, lm_config, resolve_device
+
+    nb03 = nb03 or {}
+    try:
+        pf = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "platform" / f"{platform}.yaml"), resolve=True)
+        resolve_device({**pf, "threads": None})  # threads are the kernel's business, not this process's
+        over = dict(nb03.get("lm_overrides") or {})
+        if nb03.get("lm_dir"):
+            over["local_dir"] = str(_resolve(nb03["lm_dir"]))
+        check_weights(lm_config(lm, **over))
+    except UserError as exc:
+        raise UserError(f"notebook 03 in real mode: {exc}") from None
+
+
 def run_cell(cell_cfg: dict, cell_dir: Path, kernel: str) -> None:
     """Run the three notebooks of one cell into ``cell_dir`` (cleared first). Raises on the first failure."""
     import papermill as pm
@@ -213,6 +231,8 @@ def run_cell(cell_cfg: dict, cell_dir: Path, kernel: str) -> None:
     logging.getLogger("papermill").setLevel(logging.WARNING)  # its per-notebook INFO lines drown the progress
     if cell_cfg["profile_sha256"] is None:
         raise UserError(f"no profile {cell_cfg['profile']}")
+    if cell_cfg["scheduler_mode"] == "real":
+        preflight_real(cell_cfg["lm"], cell_cfg["platform"], cell_cfg["parameters"][NOTEBOOKS[2]])
     if cell_dir.exists():
         shutil.rmtree(cell_dir)
     cell_dir.mkdir(parents=True)
