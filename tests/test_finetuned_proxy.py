@@ -15,7 +15,7 @@ from scipy.stats import spearmanr
 
 from rtlm_lab.errors import UserError
 from rtlm_lab.regressor.baselines import FinetunedMiniLM, make_finetuned
-from rtlm_lab.regressor.evaluate import compare
+from rtlm_lab.regressor.evaluate import compare, plot_comparison
 
 REF = Path(__file__).resolve().parent.parent / "outputs" / "reference" / "profiles" / "dialogpt_ccc__cpu.parquet"
 pytestmark = pytest.mark.skipif(not REF.is_file(), reason="no reference profile dialogpt_ccc__cpu")
@@ -55,6 +55,9 @@ def test_compare_reports_finetuned_methods(texts_y):
     assert {"finetuned_minilm", "finetuned_minilm_rank"} <= set(t.index)
     assert math.isnan(t.loc["finetuned_minilm_rank", "mae"]) and not math.isnan(t.loc["finetuned_minilm", "mae"])
     assert t.loc["finetuned_minilm", "us_per_prompt"] > 0
+    fig = plot_comparison(res)  # the tokens scatter leaves the rank-only score out
+    labels = [x.get_text() for x in fig.axes[0].get_legend().get_texts()]
+    assert "finetuned_minilm" in labels and "finetuned_minilm_rank" not in labels and "ltr_minilm" not in labels
 
 
 def test_config_switches_and_bad_objective():

@@ -105,7 +105,6 @@ def make_baselines(seed: int = 0) -> dict[str, object]:
 
 
 EMBEDDING_METHODS = ("proxy_minilm", "ltr_minilm")
-RANK_ONLY = ("ltr_minilm",)
 
 
 class FinetunedMiniLM:
@@ -143,9 +142,12 @@ class FinetunedMiniLM:
 
         return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
-    def _batch(self, texts):
-        enc = self.tokenizer_(F._as_texts(texts), padding=True, truncation=True, max_length=self.max_length,
-                              return_tensors="pt")
+    @staticmethod
+    def _texts(texts) -> list[str]:
+        return [t[:F.EMBED_MAX_CHARS] for t in F._as_texts(texts)]
+
+    def _batch(self, texts: list[str]):
+        enc = self.tokenizer_(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         return {k: v.to(self.device_) for k, v in enc.items()}
 
     def fit(self, texts, y, E=None):
@@ -163,7 +165,7 @@ class FinetunedMiniLM:
             model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1).to(self.device_)
         finally:
             hf_logging.set_verbosity(verbosity)
-        texts = [t[:F.EMBED_MAX_CHARS] for t in F._as_texts(texts)]
+        texts = self._texts(texts)
         t = np.log1p(np.asarray(y, float))
         self.mu_, self.sd_ = float(t.mean()), float(t.std() or 1.0)
         target = torch.tensor((t - self.mu_) / self.sd_, dtype=torch.float32, device=self.device_)
@@ -200,7 +202,7 @@ class FinetunedMiniLM:
         """The model's raw output (standardised log length for ``regression``, a rank score for ``rank``)."""
         import torch
 
-        texts = [t[:F.EMBED_MAX_CHARS] for t in F._as_texts(texts)]
+        texts = self._texts(texts)
         out = []
         with torch.inference_mode():
             for s in range(0, len(texts), 128):

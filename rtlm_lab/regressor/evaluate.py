@@ -7,7 +7,8 @@ conversations of one real profile.
 :mod:`rtlm_lab.regressor.baselines` on the training conversations and scores every method on the test
 conversations with :func:`score` (table columns :data:`METRIC_COLUMNS`):
 
-* ``mae``: mean absolute error in output tokens (NaN for the rank-only ``ltr_minilm``);
+* ``mae``: mean absolute error in output tokens (NaN for a rank-only method, whose model says ``rank_only``:
+  ``ltr_minilm``, ``finetuned_minilm_rank``);
 * ``spearman``, ``kendall_tau`` (tau-b) with a **bootstrap 95% percentile CI** (``tau_ci_low/high``:
   ``scipy.stats.bootstrap`` over test rows resampled with replacement, seeded, same resamples for every method);
 * ``pairwise_acc``: share of test pairs with different true lengths whose order the method gets right
@@ -38,7 +39,7 @@ import pandas as pd
 from rtlm_lab.bootstrap import percentile_ci
 from rtlm_lab.errors import UserError
 from rtlm_lab.regressor import features as F
-from rtlm_lab.regressor.baselines import EMBEDDING_METHODS, RANK_ONLY, make_baselines, make_finetuned
+from rtlm_lab.regressor.baselines import EMBEDDING_METHODS, make_baselines, make_finetuned
 from rtlm_lab.regressor.predictor import LengthPredictor
 
 METRIC_COLUMNS = ["method", "mae", "spearman", "kendall_tau", "tau_ci_low", "tau_ci_high", "pairwise_acc",
@@ -287,8 +288,8 @@ def compare(profile_df: pd.DataFrame, regressor: Mapping[str, Any] | None = None
     rows = []
     timing = [t for t in t_te[:max(1, int(timing_n))]]
     for m, p in preds.items():
-        rank_only = m in RANK_ONLY or bool(getattr(models.get(m), "rank_only", False))
-        r = {"method": m, **score(y[te], p, y[tr], rank_only=rank_only, train_pred=train_preds[m],
+        r = {"method": m, **score(y[te], p, y[tr], rank_only=bool(getattr(models.get(m), "rank_only", False)),
+                                 train_pred=train_preds[m],
                                  n_bootstrap=n_boot, seed=seed, idx=idx)}
         if m == name:
             sec = _timed(lambda t: ours.predict_from_features(ours.featurize(t)), timing)
@@ -366,7 +367,8 @@ def plot_comparison(result: Mapping[str, Any], out_dir=None, title: str = "", st
     table, pred = result["table"], result["predictions"]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
     y = pred["true"].to_numpy()
-    show = [m for m in table["method"] if m not in ("oracle", "constant", *RANK_ONLY) and m in pred]
+    # rank-only methods (score, not tokens) are those whose MAE the table leaves NaN
+    show = [m for m in table.loc[table["mae"].notna(), "method"] if m not in ("oracle", "constant") and m in pred]
     for m in show:
         a1.scatter(y, pred[m], s=10, alpha=0.55, label=m)
     hi = float(max(y.max(), max(pred[m].max() for m in show) if show else 1)) * 1.05

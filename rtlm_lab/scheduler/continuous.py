@@ -193,7 +193,7 @@ def saturation(factory: EngineFactory, pool: pd.DataFrame, n: int, seed: int, pr
 def measure_capacity(factory: EngineFactory, pool: pd.DataFrame, sched: Mapping[str, Any], seed: int,
                      lm: str, platform: str, progress: bool) -> dict[str, Any]:
     """Capacity and step model of the real engine (cached; see the module doc)."""
-    from rtlm_lab.io import write_json_atomic
+    from rtlm_lab.io import write_json_atomic, write_parquet_atomic
 
     cache = capacity_cache(lm, platform, factory.ecfg)
     if cache.is_file() and not sched.get("recalibrate", False):
@@ -213,8 +213,6 @@ def measure_capacity(factory: EngineFactory, pool: pd.DataFrame, sched: Mapping[
     cap["measured_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     write_json_atomic(cache, cap)
     # the saturation run's own steps beside it: a later replay can calibrate on the same machine and minutes
-    from rtlm_lab.io import write_parquet_atomic
-
     write_parquet_atomic(steps, cache.with_suffix(".steps.parquet"))
     log.info("capacity %.2f req/s (%.0f decode tok/s) on %s/%s", cap["capacity_rps"], cap["decode_tok_s"], lm, platform)
     return cap

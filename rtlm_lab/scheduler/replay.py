@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from rtlm_lab.errors import UserError
-from rtlm_lab.scheduler.engine import StepModel
+from rtlm_lab.scheduler.engine import STEP_COLUMNS, StepModel
 
 log = logging.getLogger("rtlm_lab.scheduler")
 
@@ -87,9 +87,6 @@ def step_log(run_dir: str | Path) -> pd.DataFrame:
     return s
 
 
-SATURATION_COLUMNS = ("t_s", "dt_s", "n_seqs", "n_tokens", "n_admit")
-
-
 def saturation_step_log(path: str | Path) -> pd.DataFrame:
     """A saturation run's steps (the ``<lm>__<platform>__<commit>.steps.parquet`` a capacity measurement keeps
     beside its json) in :func:`step_log`'s form, without its requests.
@@ -111,9 +108,9 @@ def saturation_step_log(path: str | Path) -> pd.DataFrame:
         s = pd.read_parquet(path)
     except (OSError, ValueError) as exc:
         raise UserError(f"{path}: no readable saturation steps parquet ({type(exc).__name__})") from None
-    missing = [c for c in SATURATION_COLUMNS if c not in s.columns]
+    missing = [c for c in STEP_COLUMNS if c not in s.columns]
     if missing:
-        raise UserError(f"{path}: saturation steps lack {missing} (need {list(SATURATION_COLUMNS)}; n_admit is "
+        raise UserError(f"{path}: saturation steps lack {missing} (need {list(STEP_COLUMNS)}; n_admit is "
                         "recorded by engines since the admission term)")
     if "engine" in s.columns and s["engine"].nunique() > 1:
         raise UserError(f"{path}: {s['engine'].nunique()} engines; the step log reads one-engine runs")
@@ -249,19 +246,19 @@ def summarize(table: pd.DataFrame) -> pd.DataFrame:
                         ).reset_index()
 
 
-def _expand(paths: Sequence[str]) -> list[Path]:
+def _glob(paths: Sequence[str]) -> list[Path]:
     from rtlm_lab.paths import resolve_path
     from rtlm_lab.tasks.reference import expand
 
-    out = [Path(p) for p in expand([str(resolve_path(p)) for p in paths])]
-    return [p for p in out if p.is_dir() or not p.exists()]
+    return [Path(p) for p in expand([str(resolve_path(p)) for p in paths])]
+
+
+def _expand(paths: Sequence[str]) -> list[Path]:
+    return [p for p in _glob(paths) if p.is_dir() or not p.exists()]
 
 
 def _expand_files(paths: Sequence[str]) -> list[Path]:
-    from rtlm_lab.paths import resolve_path
-    from rtlm_lab.tasks.reference import expand
-
-    out = [Path(p) for p in expand([str(resolve_path(p)) for p in paths])]
+    out = _glob(paths)
     for p in out:
         if not p.is_file():
             raise UserError(f"{p}: no such saturation steps file (target.calibration_steps)")
