@@ -646,8 +646,10 @@ class SlotBackend:
         for i in drop:
             r = self.rows[i]
             n = int(self.mask[i].sum())
-            self.parked[r.rid] = ([(k[i:i + 1, :, -n:], v[i:i + 1, :, -n:]) for k, v in self._kv(self.cache)],
-                                  self.last[i:i + 1])
+            # clone: a slice is a view that would keep the whole running cache of this step alive for as long
+            # as the row stays parked (SmolLM2 at 128 rows under lmstate's preemptions: 130 GiB, out of memory)
+            self.parked[r.rid] = ([(k[i:i + 1, :, -n:].clone(), v[i:i + 1, :, -n:].clone())
+                                   for k, v in self._kv(self.cache)], self.last[i:i + 1].clone())
         if drop:
             self._keep([i for i in range(len(self.rows)) if i not in set(drop)])
         # resume parked rows the policy picked
