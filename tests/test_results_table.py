@@ -47,3 +47,38 @@ def test_ratio_ci_covers_a_noisy_ratio_and_needs_paired_runs():
     assert lo < r < hi and 1.2 < r < 1.4 and lo > 1.0
     with pytest.raises(ValueError):
         ratio_ci(a[:2], b, "mean")
+
+
+def test_headline_says_when_a_policy_has_fewer_seeds_than_its_group(tmp_path):
+    rng = np.random.default_rng(2)
+    base = [rng.uniform(0.5, 1.5, 100) for _ in range(3)]
+    dirs = [_run(tmp_path, "g", "fcfs", s, base[s]) for s in range(3)]
+    dirs += [_run(tmp_path, "g", "lmstate", s, 2 * base[s]) for s in range(3)]
+    dirs += [_run(tmp_path, "g", "ltr", s, 3 * base[s]) for s in range(2)]  # one seed short
+    head = format_headline(summarize(dirs, n_boot=100))
+    assert "3.00 [3.00, 3.00] (2 seeds)" in head
+    assert head.count("seeds)") == 1
+
+
+def test_static_path_runs_get_their_own_engine_key_realized_rho_and_ttft(tmp_path):
+    """The paper's static-batch path (its runs have no warm-up flag, realized rho or TTFT in metrics.json):
+    the table keys them apart from the continuous engine and derives rho from arrivals x isolated time."""
+    rows = []
+    for pol in ("fcfs", "rtlm"):
+        d = tmp_path / "static" / pol
+        d.mkdir(parents=True)
+        arr = np.arange(101, dtype=float) * 0.5           # 2 arrivals/s
+        pd.DataFrame({"request_id": [f"r{i}" for i in range(101)], "arrival_s": arr,
+                      "first_token_s": arr + 0.1, "finish_s": arr + 0.4, "response_s": 0.4 + (pol == "rtlm") * 0.4,
+                      "isolated_s": 0.3}).to_parquet(d / "requests.parquet")  # 2/s x 0.3 s = rho 0.6
+        (d / "metrics.json").write_text(json.dumps({
+            "lm": "lmx", "platform": "cpu", "mode": "real", "engine": "static", "rho": 0.6, "seed": 0,
+            "policy": {"name": pol, "max_batch": 4}, "n_offload_workers": 2,
+            "mean_rt_s": 0.4, "p99_rt_s": 0.4, "n_requests": 101}))
+        rows.append(d)
+    df = summarize(rows, n_boot=50).set_index("policy")
+    assert set(df["engine_key"]) == {"static-batch4+2cpu"}
+    assert df.loc["rtlm", "mean_rt_vs_fcfs"] == pytest.approx(2.0)
+    assert df.loc["fcfs", "realized_rho"] == pytest.approx(0.6)
+    assert df.loc["fcfs", "mean_ttft_ms"] == pytest.approx(100.0)
+    assert df.loc["fcfs", "n_measured"] == 101

@@ -38,8 +38,29 @@ def load_run(run_dir: Path) -> tuple[dict, pd.DataFrame]:
 
 
 def _engine_key(m: dict) -> str:
+    if m.get("engine") == "static":  # the paper's path: whole batches of up to max_batch, + CPU offload workers
+        pol = m["policy"] if isinstance(m.get("policy"), dict) else {}
+        off = int(m.get("n_offload_workers") or 0)
+        return f"static-batch{pol.get('max_batch', '?')}" + (f"+{off}cpu" if off else "")
     e = m.get("engine_config") or {}
     return f"{e.get('backend', m.get('engine', 'static'))}-seqs{e.get('max_seqs', '?')}"
+
+
+def _static_extras(m: dict, r: pd.DataFrame) -> dict:
+    """What the static path's metrics.json lacks, from its requests: the realized rho in the path's own
+    terms (arrival rate x mean isolated batch-1 service time, as ``build_trace`` sets the rate) and the time to
+    first token."""
+    out = {}
+    if "realized_rho" not in m and len(r) > 1 and "isolated_s" in r:
+        arr = r["arrival_s"].to_numpy(float)
+        span = float(arr.max() - arr.min())
+        out["realized_rho"] = (len(r) - 1) / span * float(r["isolated_s"].mean()) if span > 0 else math.nan
+    if "mean_ttft_ms" not in m and "first_token_s" in r:
+        ttft = (r["first_token_s"] - r["arrival_s"]).to_numpy(float) * 1e3
+        out.update({"mean_ttft_ms": float(np.mean(ttft)), "p99_ttft_ms": float(np.percentile(ttft, 99))})
+    if "n_measured" not in m:
+        out["n_measured"] = len(measured(r))
+    return out
 
 
 def measured(records: pd.DataFrame) -> pd.DataFrame:
@@ -84,7 +105,9 @@ def collect(run_dirs: Iterable[Path]) -> pd.DataFrame:
     """One row per run: its group keys, policy, seed and headline metrics (units in the names)."""
     rows = []
     for d in run_dirs:
-        m, _ = load_run(d)
+        m, r = load_run(d)
+        if m.get("engine") == "static":
+            m = {**m, **_static_extras(m, r)}
         util = m.get("worker_utilization") or {}
         rows.append({"run_dir": str(d), "group": Path(d).parent.name, "lm": m["lm"], "platform": m["platform"], "mode": m.get("mode", "real"),
                      "engine_key": _engine_key(m), "nominal_rho": float(m.get("nominal_rho", m.get("rho", math.nan))),
@@ -236,6 +259,8 @@ def format_headline(df: pd.DataFrame) -> str:
             if p in by.index and math.isfinite(by.loc[p, "mean_rt_vs_fcfs"]):
                 r = by.loc[p]
                 row[p] = f"{r['mean_rt_vs_fcfs']:.2f} [{r['mean_rt_vs_fcfs_lo']:.2f}, {r['mean_rt_vs_fcfs_hi']:.2f}]"
+                if int(r["n_seeds"]) < int(g["n_seeds"].max()):  # a policy with fewer seeds than its group says so
+                    row[p] += f" ({int(r['n_seeds'])} seeds)"
             else:
                 row[p] = "not run"
         rows.append(row)
