@@ -14,6 +14,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export RTLM_OUTPUT_DIR=/tmp/rtlm RTLM_DATA_DIR=/tmp/rtlmdata COMMIT=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}
+export RTLM_GIT_COMMIT=$COMMIT  # provenance(): the box's copy of .git can lag the tree it runs; pass COMMIT=<sha>
 F="warn|Loading weights|it/s\]|s/it\]|req/s\]|Generating|Converting|^\s*$"
 nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
 case "$1" in
