@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from rtlm_lab.errors import UserError
+from rtlm_lab.scheduler.workload import realized_arrival_rate
 
 GROUP = ("group", "lm", "platform", "engine_key", "nominal_rho")  # group: the runs/<group>/ folder (one session)
 
@@ -51,10 +52,8 @@ def _static_extras(m: dict, r: pd.DataFrame) -> dict:
     terms (arrival rate x mean isolated batch-1 service time, as ``build_trace`` sets the rate) and the time to
     first token."""
     out = {}
-    if "realized_rho" not in m and len(r) > 1 and "isolated_s" in r:
-        arr = r["arrival_s"].to_numpy(float)
-        span = float(arr.max() - arr.min())
-        out["realized_rho"] = (len(r) - 1) / span * float(r["isolated_s"].mean()) if span > 0 else math.nan
+    if "realized_rho" not in m and "isolated_s" in r:
+        out["realized_rho"] = realized_arrival_rate(r["arrival_s"]) * float(r["isolated_s"].mean())
     if "mean_ttft_ms" not in m and "first_token_s" in r:
         ttft = (r["first_token_s"] - r["arrival_s"]).to_numpy(float) * 1e3
         out.update({"mean_ttft_ms": float(np.mean(ttft)), "p99_ttft_ms": float(np.percentile(ttft, 99))})

@@ -38,6 +38,7 @@ from rtlm_lab.errors import UserError
 from rtlm_lab.scheduler.engine import (Engine, HFBackend, Job, PredCost, PredictorServer, ProcessBackend, SimBackend,
                                        StepModel, VirtualClock, WallClock, serve)
 from rtlm_lab.scheduler.policies import Policy, Request, make_policy
+from rtlm_lab.scheduler.workload import realized_arrival_rate
 
 log = logging.getLogger("rtlm_lab.scheduler")
 
@@ -472,8 +473,7 @@ def run_metrics(records: pd.DataFrame, steps: pd.DataFrame, facts: Mapping[str, 
     ttft = r["ttft_s"].to_numpy(float)
     t0, t1 = float(records["arrival_s"].min()), float(records["finish_s"].max())
     makespan = max(t1 - t0, 1e-9)
-    arr = records["arrival_s"].to_numpy(float)
-    realized_rate = (len(arr) - 1) / (arr[-1] - arr[0]) if len(arr) > 1 and arr[-1] > arr[0] else math.nan
+    realized_rate = realized_arrival_rate(records["arrival_s"])
     busy = dict(facts["busy_s"])
     pred_busy = float(facts["predictor_batches"]["dt_s"].sum()) if len(facts["predictor_batches"]) else 0.0
     pred_busy += float(sum((facts.get("probe_s") or {}).values()))  # the LM-state probe, inside engine steps

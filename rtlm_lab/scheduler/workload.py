@@ -69,6 +69,14 @@ def arrival_times(kind: str, rate: float, n: int, seed: int = 0, **params: Any) 
     return np.cumsum(gaps)
 
 
+def realized_arrival_rate(arrival_s) -> float:
+    """Arrivals per second a run actually saw: (n - 1) over the span from first to last arrival (NaN for fewer
+    than two arrivals or a zero span)."""
+    arr = np.asarray(arrival_s, float)
+    span = float(arr.max() - arr.min()) if len(arr) > 1 else 0.0
+    return (len(arr) - 1) / span if span > 0 else float("nan")
+
+
 def check_workload(workload: Mapping[str, Any]) -> None:
     """One clear error for a bad workload config, before anything expensive runs."""
     if workload.get("trace"):

@@ -6,13 +6,7 @@
 #   bash tools/device/job_round21.sh groups      H200 run groups: Gemma-3 (every policy), DialoGPT-ccc (proxies)
 # Small results come back under $OUT; /tmp/rtlm keeps the rest for the next call while the machine is warm.
 set -o pipefail
-if ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-fi
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-export RTLM_OUTPUT_DIR=/tmp/rtlm RTLM_DATA_DIR=/tmp/rtlmdata COMMIT=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}
-F="warn|Loading weights|it/s\]|s/it\]|Generating|Converting|^\s*$"
-nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
+. tools/device/env.sh  # .whl install, environment, log filter F, GPU line
 case "$1" in
 profiles)  # the LMs in parallel on the one GPU (decoding them is launch-bound, not GPU-bound)
     mkdir -p $OUT/train

@@ -9,14 +9,7 @@
 #                                              SPOLS x seeds 0-2, SN requests a run
 # Small results come back under $OUT; /tmp keeps the rest for the next call while the machine is warm.
 set -o pipefail
-if ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-fi
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-export RTLM_OUTPUT_DIR=/tmp/rtlm RTLM_DATA_DIR=/tmp/rtlmdata COMMIT=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}
-export RTLM_GIT_COMMIT=$COMMIT  # provenance(): the box's copy of .git can lag the tree it runs; pass COMMIT=<sha>
-F="warn|Loading weights|it/s\]|s/it\]|req/s\]|Generating|Converting|^\s*$"
-nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
+. tools/device/env.sh  # .whl install, environment, log filter F, GPU line
 case "$1" in
 smollm2)
     export MAX_SEQS=${MAX_SEQS:-128}
