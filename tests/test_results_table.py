@@ -64,17 +64,18 @@ def test_static_path_runs_get_their_own_engine_key_realized_rho_and_ttft(tmp_pat
     """The paper's static-batch path (its runs have no warm-up flag, realized rho or TTFT in metrics.json):
     the table keys them apart from the continuous engine and derives rho from arrivals x isolated time."""
     rows = []
-    for pol in ("fcfs", "rtlm"):
+    for pol in ("fcfs", "rtlm", "oracle_sjf"):
         d = tmp_path / "static" / pol
         d.mkdir(parents=True)
         arr = np.arange(101, dtype=float) * 0.5           # 2 arrivals/s
         pd.DataFrame({"request_id": [f"r{i}" for i in range(101)], "arrival_s": arr,
-                      "first_token_s": arr + 0.1, "finish_s": arr + 0.4, "response_s": 0.4 + (pol == "rtlm") * 0.4,
+                      "first_token_s": arr + 0.1, "finish_s": arr + 0.4, "response_s": 0.4 + (pol == "rtlm") * 0.4 - (pol == "oracle_sjf") * 0.2,
                       "isolated_s": 0.3}).to_parquet(d / "requests.parquet")  # 2/s x 0.3 s = rho 0.6
         (d / "metrics.json").write_text(json.dumps({
             "lm": "lmx", "platform": "cpu", "mode": "real", "engine": "static", "rho": 0.6, "seed": 0,
             "policy": {"name": pol, "max_batch": 4}, "n_offload_workers": 2,
-            "mean_rt_s": 0.4, "p99_rt_s": 0.4, "n_requests": 101}))
+            "mean_rt_s": 0.4, "p99_rt_s": 0.4, "n_requests": 101, "makespan_s": 50.0,
+            "worker_utilization": {"gpu": 0.5, "cpu0": 0.25}, "prediction_s": 5.0 * (pol == "rtlm")}))
         rows.append(d)
     df = summarize(rows, n_boot=50).set_index("policy")
     assert set(df["engine_key"]) == {"static-batch4+2cpu"}
@@ -82,3 +83,8 @@ def test_static_path_runs_get_their_own_engine_key_realized_rho_and_ttft(tmp_pat
     assert df.loc["fcfs", "realized_rho"] == pytest.approx(0.6)
     assert df.loc["fcfs", "mean_ttft_ms"] == pytest.approx(100.0)
     assert df.loc["fcfs", "n_measured"] == 101
+    # the static path's oracle is oracle_sjf (a batch is not preempted); prediction share of the busy time
+    assert set(df["oracle"]) == {"oracle_sjf"}
+    assert df.loc["rtlm", "mean_rt_vs_oracle"] == pytest.approx(4.0)
+    assert df.loc["rtlm", "prediction_share"] == pytest.approx(5.0 / (0.75 * 50.0))
+    assert df.loc["fcfs", "prediction_share"] == 0.0

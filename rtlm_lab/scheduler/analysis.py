@@ -59,6 +59,9 @@ def _static_extras(m: dict, r: pd.DataFrame) -> dict:
         out.update({"mean_ttft_ms": float(np.mean(ttft)), "p99_ttft_ms": float(np.percentile(ttft, 99))})
     if "n_measured" not in m:
         out["n_measured"] = len(measured(r))
+    if "prediction_share" not in m and "prediction_s" in m:  # as the continuous engine's: of the workers' busy time
+        busy = sum((m.get("worker_utilization") or {}).values()) * float(m.get("makespan_s") or 0.0)
+        out["prediction_share"] = float(m["prediction_s"]) / busy if busy > 0 else math.nan
     return out
 
 
@@ -122,25 +125,32 @@ def collect(run_dirs: Iterable[Path]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def summarize(run_dirs: Sequence[Path], baseline: str = "fcfs", oracle: str = "oracle_srpt", block: int = 50,
+ORACLES = ("oracle_srpt", "oracle_sjf")  # the continuous engine's oracle, then the static path's
+
+
+def summarize(run_dirs: Sequence[Path], baseline: str = "fcfs", oracle: str | None = None, block: int = 50,
               n_boot: int = 2000) -> pd.DataFrame:
     """The results table: per group x policy, metrics averaged over seeds and the paired ratios (mean and p99
-    response time) to ``baseline`` and to ``oracle`` with 95% CIs (NaN where that policy was not run)."""
+    response time) to ``baseline`` and to the group's oracle with 95% CIs (NaN where that policy was not run).
+    ``oracle``: None = the first of :data:`ORACLES` the group ran (``oracle_srpt`` on the continuous engine,
+    ``oracle_sjf`` on the static path, where a batch is not preempted); column ``oracle`` names it."""
     runs = collect(run_dirs)
     rt: dict[str, np.ndarray] = {}
     for d in runs["run_dir"]:
         rt[d] = measured(load_run(Path(d))[1])["response_s"].to_numpy(float)
     out = []
     for key, g in runs.groupby(list(GROUP) + ["mode"], sort=True):
+        ran = set(g["policy"])
+        g_oracle = oracle or next((o for o in ORACLES if o in ran), ORACLES[0])
         for pol, gp in g.groupby("policy", sort=True):
             row = dict(zip(list(GROUP) + ["mode"], key))
-            row.update({"policy": pol, "n_seeds": int(gp["seed"].nunique()), "seeds": ",".join(map(str, sorted(gp["seed"]))),
+            row.update({"policy": pol, "oracle": g_oracle if g_oracle in ran else "", "n_seeds": int(gp["seed"].nunique()), "seeds": ",".join(map(str, sorted(gp["seed"]))),
                         "gpu": ",".join(sorted(set(gp["gpu"].astype(str)) - {""}))})
             for c in ("n_requests", "n_measured", "mean_rt_s", "p50_rt_s", "p99_rt_s", "mean_ttft_ms", "p99_ttft_ms",
                       "throughput_rps", "throughput_tok_s", "slo_miss_rate", "realized_rho", "utilization",
                       "capacity_rps", "prediction_share", "mean_running_seqs"):
                 row[c] = float(gp[c].mean())
-            for ref, tag in ((baseline, "fcfs"), (oracle, "oracle")):
+            for ref, tag in ((baseline, "fcfs"), (g_oracle, "oracle")):
                 gr = g[g["policy"] == ref]
                 seeds = sorted(set(gp["seed"]) & set(gr["seed"]))
                 for stat in ("mean", "p99"):
@@ -173,8 +183,9 @@ def format_summary(df: pd.DataFrame) -> str:
                      "p99 TTFT ms": round(r["p99_ttft_ms"], 1), "req/s": round(r["throughput_rps"], 1),
                      "SLO miss": f"{100 * r['slo_miss_rate']:.1f}%",
                      "mean / FCFS": ci(r, "mean_rt_vs_fcfs"), "p99 / FCFS": ci(r, "p99_rt_vs_fcfs"),
-                     "mean / oracle_srpt": ci(r, "mean_rt_vs_oracle"),
-                     "prediction share": f"{100 * r['prediction_share']:.2f}%"})
+                     "mean / oracle": ci(r, "mean_rt_vs_oracle") + (f" ({r['oracle']})" if r.get("oracle") else ""),
+                     "prediction share": (f"{100 * r['prediction_share']:.2f}%"
+                                          if math.isfinite(r["prediction_share"]) else "")})
     return pd.DataFrame(rows).to_markdown(index=False)
 
 
@@ -182,7 +193,7 @@ def format_summary(df: pd.DataFrame) -> str:
 def reference_root() -> Path:
     from rtlm_lab.paths import reference_dir
 
-    return reference_dir() / "scheduler" / "continuous"
+    return reference_dir() / "scheduler"
 
 
 KEEP = ("metrics.json", "requests.parquet", "steps.parquet", "trace.parquet")

@@ -10,8 +10,9 @@
   :func:`~rtlm_lab.scheduler.analysis.build` (the continuous-engine results table with CIs);
 * ``target=sim_error``: :func:`rtlm_lab.scheduler.replay.build` (the step model, with its admission term, fitted
   on calibration runs; the validation runs' exact traces replayed in the simulator; ``sim_error_h200.csv``);
-  ``target=sim_error_gemma3_270m`` / ``target=sim_error_dialogpt_ccc_session``: the same builder calibrated on a
-  same-session saturation run's steps (``target.calibration_steps``) instead of real runs under arrivals.
+  ``target=sim_error_gemma3_270m`` / ``target=sim_error_dialogpt_ccc_session`` (H200) and
+  ``target=sim_error_cpu_gemma3_270m`` (the 2-core CPU): the same builder calibrated on a same-session
+  saturation run's steps (``target.calibration_steps``) instead of real runs under arrivals.
 
 Examples::
 
@@ -22,6 +23,7 @@ Examples::
     rtlm-reference target=scheduler 'target.runs=[outputs/schedule/dialogpt_ccc/cpu/real/*/*/*]' target.group=cpu__dialogpt
     rtlm-reference target=sim_error
     rtlm-reference target=sim_error_gemma3_270m   # sim_error_h200_gemma3_270m.csv
+    rtlm-reference target=sim_error_cpu_gemma3_270m   # sim_error_cpu_gemma3_270m.csv
 """
 
 from __future__ import annotations

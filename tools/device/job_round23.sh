@@ -34,7 +34,7 @@ PY
 static)
     for lm in ${SLMS:-blenderbot_ccc godel_ccc}; do
         timeout ${ST:-540} python3 -m rtlm_lab.tasks.schedule -m lm=$lm platform=cuda mode=real scheduler.engine=static \
-            seed=0,1,2 policy=${SPOLS:-fcfs,oracle_sjf,rtlm,sjf_proxy,ltr} workload.n_requests=${SN:-300} \
+            seed=${SSEEDS:-0,1,2} policy=${SPOLS:-fcfs,oracle_sjf,rtlm,sjf_proxy,ltr} workload.n_requests=${SN:-300} \
             scheduler.figures=false 2>&1 | grep -v -i -E "$F" | grep -E "static engine|ERROR|Error|rror:|already done" \
             | tee -a $OUT/static.log
     done
