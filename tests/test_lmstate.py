@@ -53,6 +53,21 @@ def test_shapes_ranges_and_padding_invariance(which, request):
         assert st.n_tokens[i] == one.n_tokens[0]
 
 
+def test_last_token_logits_match_the_full_forward(causal):
+    """extract_states asks a causal LM for the last position's logits only (``logits_to_keep=1``): its entropy
+    and end-of-turn probability equal those of the full forward's logits at the last token."""
+    import torch
+
+    st = LS.extract_states(causal, TEXTS[1:2])
+    enc = causal.encode(TEXTS[1:2], None, 8)
+    ids = torch.tensor([LS._rows(enc)[0]])
+    with torch.inference_mode():
+        logits = causal.model(input_ids=ids).logits[:, -1]
+    ent, eos = LS._uncertainty(logits, LS.end_of_turn_ids(causal))
+    np.testing.assert_allclose(st.entropy, ent, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(st.eos_prob, eos, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("which", ["causal", "seq2seq"])
 def test_teacher_forced_prefix(which, request):
     """Teacher-forcing the greedy reply's first k tokens: the step-k state's next-token argmax is the reply's

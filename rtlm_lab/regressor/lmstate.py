@@ -162,7 +162,10 @@ def extract_states(lm, texts: Sequence[Any], contexts: Sequence[Any] | None = No
                    prefix_ids: Sequence[Sequence[int]] | None = None, max_new_tokens: int | None = None) -> LMStates:
     """One forward pass per batch over the formatted prompts (+ ``prefix_ids``: reply tokens to teacher-force);
     see the module doc. Works on the LM's device (cpu or cuda); features come back as float32 numpy."""
+    import inspect
+
     import torch
+    from tqdm.auto import tqdm
 
     texts = list(texts)
     n = len(texts)
@@ -175,8 +178,14 @@ def extract_states(lm, texts: Sequence[Any], contexts: Sequence[Any] | None = No
     cfg = model.config
     parts: list[LMStates] = []
     resolved: list[int] | None = None
-    with torch.inference_mode():
-        for s in range(0, n, max(1, int(batch_size))):
+    keep_last = not lm.is_encoder_decoder and "logits_to_keep" in inspect.signature(model.forward).parameters
+
+    step = max(1, int(batch_size))
+    desc = f"{getattr(lm, 'name', 'LM')} states" + (f" (+{max(map(len, prefix_ids))} reply tokens)" if any(prefix_ids) else "")
+    # a bar only where it is long work (5,000 train turns take minutes on the CPU); short calls stay quiet
+    bar = tqdm(total=n, desc=desc, unit="req", disable=n < 20 * step, mininterval=5.0)
+    with torch.inference_mode(), bar:
+        for s in range(0, n, step):
             enc = lm.encode(texts[s:s + batch_size], contexts[s:s + batch_size], max_new)
             rows = _rows(enc)
             pre = prefix_ids[s:s + batch_size]
@@ -194,7 +203,7 @@ def extract_states(lm, texts: Sequence[Any], contexts: Sequence[Any] | None = No
                     dam[i, :len(d)] = 1
                 out = model(input_ids=ids, attention_mask=am, decoder_input_ids=dids.to(dev),
                             decoder_attention_mask=dam.to(dev), output_hidden_states=True, use_cache=False)
-                last_pos = dam.sum(1).to(dev) - 1
+                last_pos = logit_pos = dam.sum(1).to(dev) - 1
                 dec_h, enc_h = out.decoder_hidden_states, out.encoder_hidden_states
                 mean_mask = am
                 n_tok = (am.sum(1).cpu() + dam.sum(1) - 1).numpy()  # am is on the LM's device, dam on the host
@@ -208,9 +217,13 @@ def extract_states(lm, texts: Sequence[Any], contexts: Sequence[Any] | None = No
                     am[i, L - len(q):] = 1
                 pos = (am.cumsum(1) - 1).clamp_min(0)
                 ids, am, pos = ids.to(dev), am.to(dev), pos.to(dev)
+                # left padding puts every row's last token at L - 1: only that position's logits are read, so
+                # the LM head runs for it alone (Gemma-3's 262k-word head costs more than the rest of the model)
+                kw = {"logits_to_keep": 1} if keep_last else {}
                 out = model(input_ids=ids, attention_mask=am, position_ids=pos, output_hidden_states=True,
-                            use_cache=False)
+                            use_cache=False, **kw)
                 last_pos = torch.full((b,), L - 1, dtype=torch.long, device=dev)
+                logit_pos = torch.full((b,), out.logits.shape[1] - 1, dtype=torch.long, device=dev)
                 dec_h = enc_h = out.hidden_states
                 mean_mask = am
                 n_tok = am.sum(1).cpu().numpy()
@@ -218,7 +231,7 @@ def extract_states(lm, texts: Sequence[Any], contexts: Sequence[Any] | None = No
                 resolved = resolve_layers(layers, len(dec_h))
                 enc_layers = resolve_layers(layers, len(enc_h))
             ar = torch.arange(b, device=dev)
-            logits = out.logits[ar, last_pos]
+            logits = out.logits[ar, logit_pos]
             ent, eos = _uncertainty(logits, eot)
             mm = mean_mask.unsqueeze(-1).to(enc_h[0].dtype)
             last = {l: dec_h[l][ar, last_pos].float().cpu().numpy() for l in resolved}
@@ -226,6 +239,7 @@ def extract_states(lm, texts: Sequence[Any], contexts: Sequence[Any] | None = No
                     for l, el in zip(resolved, enc_layers)}
             parts.append(LMStates(last, mean, ent.astype(np.float32), eos.astype(np.float32),
                                   np.asarray(n_tok, dtype=np.float32), tuple(resolved)))
+            bar.update(b)
     if not parts:
         raise UserError("extract_states needs at least one request")
     return LMStates.concat(parts)
