@@ -64,7 +64,7 @@ def test_static_path_runs_get_their_own_engine_key_realized_rho_and_ttft(tmp_pat
     """The paper's static-batch path (its runs have no warm-up flag, realized rho or TTFT in metrics.json):
     the table keys them apart from the continuous engine and derives rho from arrivals x isolated time."""
     rows = []
-    for pol in ("fcfs", "rtlm", "oracle_sjf"):
+    for pol in ("fcfs", "rtlm", "oracle_sjf", "oracle_srpt"):  # both oracles ran: the static path's is oracle_sjf
         d = tmp_path / "static" / pol
         d.mkdir(parents=True)
         arr = np.arange(101, dtype=float) * 0.5           # 2 arrivals/s

@@ -132,18 +132,21 @@ def summarize(run_dirs: Sequence[Path], baseline: str = "fcfs", oracle: str | No
               n_boot: int = 2000) -> pd.DataFrame:
     """The results table: per group x policy, metrics averaged over seeds and the paired ratios (mean and p99
     response time) to ``baseline`` and to the group's oracle with 95% CIs (NaN where that policy was not run).
-    ``oracle``: None = the first of :data:`ORACLES` the group ran (``oracle_srpt`` on the continuous engine,
-    ``oracle_sjf`` on the static path, where a batch is not preempted); column ``oracle`` names it."""
+    ``oracle``: None = the engine's own oracle where the group ran it (``oracle_srpt`` on the continuous engine,
+    ``oracle_sjf`` on the static path, where a batch is not preempted; as ``study.run_study`` picks), else the
+    other; column ``oracle`` names it."""
     runs = collect(run_dirs)
     rt: dict[str, np.ndarray] = {}
     for d in runs["run_dir"]:
         rt[d] = measured(load_run(Path(d))[1])["response_s"].to_numpy(float)
     out = []
     for key, g in runs.groupby(list(GROUP) + ["mode"], sort=True):
+        keys = dict(zip(list(GROUP) + ["mode"], key))
         ran = set(g["policy"])
-        g_oracle = oracle or next((o for o in ORACLES if o in ran), ORACLES[0])
+        order = ORACLES[::-1] if str(keys["engine_key"]).startswith("static") else ORACLES
+        g_oracle = oracle or next((o for o in order if o in ran), order[0])
         for pol, gp in g.groupby("policy", sort=True):
-            row = dict(zip(list(GROUP) + ["mode"], key))
+            row = dict(keys)
             row.update({"policy": pol, "oracle": g_oracle if g_oracle in ran else "", "n_seeds": int(gp["seed"].nunique()), "seeds": ",".join(map(str, sorted(gp["seed"]))),
                         "gpu": ",".join(sorted(set(gp["gpu"].astype(str)) - {""}))})
             for c in ("n_requests", "n_measured", "mean_rt_s", "p50_rt_s", "p99_rt_s", "mean_ttft_ms", "p99_ttft_ms",
