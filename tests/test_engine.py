@@ -16,6 +16,27 @@ from rtlm_lab.scheduler.policies import POLICIES, Request, make_policy
 UNIT = StepModel(a=1.0)   # every step takes 1 s, whatever its size
 
 
+class StepClock(VirtualClock):
+    """A wall-clock-mode clock (the real engine's code path) whose time moves only when a test moves it."""
+
+    virtual = False
+
+    def sleep_until(self, t: float) -> None:
+        self.t = max(self.t, float(t))
+
+
+def step_on(backend, clock: StepClock, dt: float = 1.0) -> None:
+    """Move ``clock`` by ``dt`` after each of ``backend``'s real steps."""
+    step = backend._step
+
+    def stepped(engine, now, clock_):
+        out = step(engine, now, clock_)
+        clock.t += dt
+        return out
+
+    backend._step = stepped
+
+
 def reqs(spec):
     """``[(id, arrival_s, true_tokens)]`` -> requests (1 prompt token each)."""
     return [Request(request_id=i, text=f"text {i}", context="", arrival_s=t, n_input_tokens=1, true_tokens=n,
@@ -157,8 +178,12 @@ def test_real_engine_tokens_equal_generate_and_requests_join_midway(kind, tiny_c
     lm = load_lm(tiny_spec(tiny_causal_dir, stop_strings=["e"], max_new_tokens=16))
     texts = [f"hello number {i} how are you doing" for i in range(7)]
     ref = {f"q{i}": lm.generate([t])[0] for i, t in enumerate(texts)}
-    rs = [Request(request_id=f"q{i}", text=t, context="", arrival_s=0.002 * i, n_input_tokens=5,
-                  true_tokens=ref[f"q{i}"].n_output_tokens) for i, t in enumerate(texts)]
+    # longest first, one arrival per engine step (a clock moved by the steps, not the host's speed): the
+    # shorter late arrivals make SRPT pause running rows
+    order = sorted(ref, key=lambda k: -ref[k].n_output_tokens)
+    assert ref[order[0]].n_output_tokens > ref[order[-1]].n_output_tokens + 2
+    rs = [Request(request_id=k, text=texts[int(k[1:])], context="", arrival_s=1.0 * i, n_input_tokens=5,
+                  true_tokens=ref[k].n_output_tokens) for i, k in enumerate(order)]
     for policy in ("fcfs", "oracle_srpt"):
         for r in rs:
             r.pred = {}
@@ -166,8 +191,10 @@ def test_real_engine_tokens_equal_generate_and_requests_join_midway(kind, tiny_c
         backend = (HFBackend(lm, max_seqs=3, max_batch_tokens=256, num_blocks=64, page_size=16) if kind == "paged"
                    else SlotBackend(lm, max_seqs=3, max_batch_tokens=256))
         eng = Engine("cpu0", backend, pol, 3, 256)
-        clock = WallClock()
+        clock = StepClock()
+        step_on(backend, clock)
         jobs, facts = serve(rs, pol, [eng], clock, PredictorServer(rs, (), clock))
+        assert (sum(j.steps_paused for j in jobs) > 0) == pol.preemptive, policy
         got = {j.rid: j for j in jobs}
         assert sorted(got) == sorted(ref)
         for k, g in ref.items():
@@ -272,7 +299,8 @@ def test_lmstate_policy_reads_the_engines_own_prefill_and_refines_while_decoding
     backend = SlotBackend(lm, max_seqs=3, max_batch_tokens=512)
     backend.probe = probe
     eng = Engine("cpu0", backend, pol, 3, 512)
-    clock = WallClock()
+    clock = StepClock()  # the schedule follows the steps, not the host's speed
+    step_on(backend, clock)
     jobs, facts = serve(rs, pol, [eng], clock, PredictorServer(rs, (), clock))
     got = {j.rid: j for j in jobs}
     assert sorted(got) == sorted(ref)
@@ -323,15 +351,21 @@ def test_slot_engine_parks_a_preempted_rows_kv_in_its_own_storage(tiny_causal_di
     ref = {f"q{i}": lm.generate([t])[0] for i, t in enumerate(texts)}
     # the first arrivals are long, the later ones short: SRPT pauses the long ones
     order = sorted(ref, key=lambda k: -ref[k].n_output_tokens)
-    rs = [Request(request_id=k, text=texts[int(k[1:])], context="", arrival_s=0.002 * i, n_input_tokens=5,
+    # arrivals one per engine step, on a clock that moves one unit per real step: the pauses happen whatever
+    # the machine's speed (with arrivals 2 ms apart on the wall clock, a slow CI host had all 7 in before the
+    # first step, so SRPT never paused anyone)
+    rs = [Request(request_id=k, text=texts[int(k[1:])], context="", arrival_s=1.0 * i, n_input_tokens=5,
                   true_tokens=ref[k].n_output_tokens) for i, k in enumerate(order)]
+    assert ref[order[0]].n_output_tokens > ref[order[-1]].n_output_tokens + 2  # something to preempt for
     pol = make_policy("oracle_srpt")
     backend = SlotBackend(lm, max_seqs=2, max_batch_tokens=256)
     parked_seen = []
+    clock = StepClock()
+    step_on(backend, clock)
     step = backend._step
 
-    def checked(engine, now, clock):
-        out = step(engine, now, clock)
+    def checked(engine, now, clock_):
+        out = step(engine, now, clock_)
         for kvs, last in backend.parked.values():  # a view's storage is the whole cache's (no _base under
             tensors = [t for kv in kvs for t in kv] + [last]  # inference_mode: compare storage sizes)
             parked_seen.append(all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in tensors))
@@ -339,7 +373,6 @@ def test_slot_engine_parks_a_preempted_rows_kv_in_its_own_storage(tiny_causal_di
 
     backend._step = checked
     eng = Engine("cpu0", backend, pol, 2, 256)
-    clock = WallClock()
     jobs, _ = serve(rs, pol, [eng], clock, PredictorServer(rs, (), clock))
     assert parked_seen and all(parked_seen)
     for j in jobs:

@@ -96,7 +96,6 @@ class Job:
     generated: int = 0
     prefill_left: int = 0
     running: bool = False              # holds KV cache on its engine
-    preemptions: int = 0
     steps_paused: int = 0
     stop_reason: str = ""
     token_s: list[float] = field(default_factory=list)   # when each generated token came out
