@@ -218,14 +218,35 @@ def test_baseline_orderings():
     assert _order("oracle_sjf", reqs) == ["c", "a", "b"]
 
 
-def test_base_policy_serves_main_only_up_to_max_batch():
+def test_base_policy_serves_main_up_to_max_batch_then_offload_by_expected_delay():
+    """Every policy gets the same workers on the static path: after the main worker's batch, an idle offload
+    worker takes the first request expected to finish sooner there (the baselines without a length prediction
+    assume the typical reply), never one the main worker would finish first."""
     reqs = [_req(i, i) for i in range(5)]
     pol = make_policy("fcfs", {"max_batch": 3})
     off = WorkerView("cpu0", "offload", idle=True, free_at=0.0, max_batch=1, service=SVC)
     out, wake = pol.select(reqs, [_main(max_batch=2), off], 10.0)
-    assert wake is None and [(a.worker_id, [r.request_id for r in a.requests]) for a in out] == [("main", ["0", "1"])]
-    assert pol.select(reqs, [_main(idle=False, free_at=11.0), off], 10.0) == ([], None)
+    # main busy with 0 and 1: request 2 would wait for them there, so the equally fast CPU worker takes it
+    assert wake is None and [(a.worker_id, [r.request_id for r in a.requests]) for a in out] == [
+        ("main", ["0", "1"]), ("cpu0", ["2"])]
+    slow = WorkerView("cpu0", "offload", idle=True, free_at=0.0, max_batch=1,
+                      service=ServiceModel(ttft_a=50.0, ttft_b=0.0, step_1=5.0))
+    assert [a.worker_id for a in pol.select(reqs, [_main(max_batch=2), slow], 10.0)[0]] == ["main"]
+    assert pol.select(reqs, [_main(idle=False, free_at=11.0), slow], 10.0) == ([], None)
     assert pol.select([], [_main()], 10.0) == ([], None)
+    # the typical reply decides for a policy without a prediction: a long one makes the CPU's 5x slower
+    # steps lose to waiting 0.5 s for the main worker, a short one makes them win
+    cpu5 = WorkerView("cpu0", "offload", idle=True, free_at=0.0, max_batch=1,
+                      service=ServiceModel(ttft_a=0.05, ttft_b=0.001, step_1=0.05))
+    main_busy = _main(idle=False, free_at=10.5)
+    pol.typical_tokens = 100.0
+    assert pol.select(reqs[:1], [main_busy, cpu5], 10.0)[0] == []
+    pol.typical_tokens = 2.0
+    assert [a.worker_id for a in pol.select(reqs[:1], [main_busy, cpu5], 10.0)[0]] == ["cpu0"]
+    # the oracle places with the true length (20 tokens here: ~1.05 s on the CPU against 0.5 + 0.26 s)
+    oracle = make_policy("oracle_sjf")
+    oracle.typical_tokens = 2.0
+    assert oracle.select(reqs[:1], [main_busy, cpu5], 10.0)[0] == []
 
 
 def test_every_policy_constructs_and_unknown_is_user_error():
@@ -365,8 +386,10 @@ def test_simulation_serves_every_request_once(name):
     assert m["retries"] == 0 and m["overhead_s"] >= 0.15
     assert (df["batch_size"] <= 4).all()
     assert sum(m["batch_size_hist"].values()) == df.drop_duplicates(["worker", "batch_id"]).shape[0]
-    if not name.startswith("rtlm") or name == "rtlm_no_offload":
+    if name == "rtlm_no_offload":
         assert set(df["worker"]) == {"main"}
+    elif name.startswith(("fcfs", "sjf", "ltr", "oracle")):  # the same offload worker, for every policy
+        assert m["requests_per_worker"].get("cpu0", 0) > 0, name
 
 
 def test_simulation_fcfs_batch1_starts_in_arrival_order():

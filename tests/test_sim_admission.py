@@ -185,3 +185,25 @@ def test_build_with_saturation_steps_as_calibration(tmp_path):
     assert prov["models"]["new_admission"]["meta"]["saturation_steps"] == [f.name]
     with pytest.raises(UserError):
         build({**cfg, "calibration_steps": [str(tmp_path / "nothing.parquet")]})
+    # every table beside it in one summary: what each model was fitted on and how far it is off
+    summary = pd.read_csv(tmp_path / "sim_error_summary.csv")
+    assert list(summary["table"]) == [out.name] * 3
+    assert set(summary["model"]) == {"old_saturation", "new_no_admission", "new_admission"}
+    new = summary.set_index("model").loc["new_admission"]
+    assert new["calibration"] == f"saturation steps {f.name}" and new["runs"] == 1
+    assert new["runs_mean_within_15pct"] == 1 and abs(new["step_err_max"]) < 0.02
+    md = (tmp_path / "sim_error_summary.md").read_text()
+    assert out.name in md and "new_no_admission" not in md  # the ablation stays in the csv
+
+
+def test_committed_sim_error_summary_covers_every_table():
+    """``sim_error_summary.csv`` is rebuilt from the committed tables (no table left out, none stale)."""
+    from rtlm_lab.scheduler.analysis import reference_root
+    from rtlm_lab.scheduler.replay import summary_all
+
+    root = reference_root()
+    tables = sorted(p.name for p in root.glob("sim_error*.csv") if p.stem != "sim_error_summary")
+    fresh = summary_all(root)
+    assert sorted(set(fresh["table"])) == tables
+    committed = pd.read_csv(root / "sim_error_summary.csv")
+    pd.testing.assert_frame_equal(committed, fresh.round(4), check_dtype=False)

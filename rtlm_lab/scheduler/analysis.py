@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -103,15 +103,16 @@ def ratio_ci(a: Sequence[np.ndarray], b: Sequence[np.ndarray], stat: str = "mean
     return point, float(lo), float(hi)
 
 
-def collect(run_dirs: Iterable[Path]) -> pd.DataFrame:
-    """One row per run: its group keys, policy, seed and headline metrics (units in the names)."""
+def collect(run_dirs: Iterable[Path], groups: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """One row per run: its group keys, policy, seed and headline metrics (units in the names). ``groups``:
+    run dir (as given) -> group name, where the parent folder's name is not the group (e.g. the sim grid)."""
     rows = []
     for d in run_dirs:
         m, r = load_run(d)
         if m.get("engine") == "static":
             m = {**m, **_static_extras(m, r)}
         util = m.get("worker_utilization") or {}
-        rows.append({"run_dir": str(d), "group": Path(d).parent.name, "lm": m["lm"], "platform": m["platform"], "mode": m.get("mode", "real"),
+        rows.append({"run_dir": str(d), "group": (groups or {}).get(str(d), Path(d).parent.name), "lm": m["lm"], "platform": m["platform"], "mode": m.get("mode", "real"),
                      "engine_key": _engine_key(m), "nominal_rho": float(m.get("nominal_rho", m.get("rho", math.nan))),
                      "policy": m["policy"]["name"] if isinstance(m["policy"], dict) else str(m["policy"]),
                      "seed": int(m.get("seed", 0)), "gpu": m.get("gpu", ""),
@@ -129,13 +130,13 @@ ORACLES = ("oracle_srpt", "oracle_sjf")  # the continuous engine's oracle, then 
 
 
 def summarize(run_dirs: Sequence[Path], baseline: str = "fcfs", oracle: str | None = None, block: int = 50,
-              n_boot: int = 2000) -> pd.DataFrame:
+              n_boot: int = 2000, groups: Mapping[str, str] | None = None) -> pd.DataFrame:
     """The results table: per group x policy, metrics averaged over seeds and the paired ratios (mean and p99
     response time) to ``baseline`` and to the group's oracle with 95% CIs (NaN where that policy was not run).
     ``oracle``: None = the engine's own oracle where the group ran it (``oracle_srpt`` on the continuous engine,
     ``oracle_sjf`` on the static path, where a batch is not preempted; as ``study.run_study`` picks), else the
-    other; column ``oracle`` names it."""
-    runs = collect(run_dirs)
+    other; column ``oracle`` names it. ``groups``: as :func:`collect`."""
+    runs = collect(run_dirs, groups)
     rt: dict[str, np.ndarray] = {}
     for d in runs["run_dir"]:
         rt[d] = measured(load_run(Path(d))[1])["response_s"].to_numpy(float)

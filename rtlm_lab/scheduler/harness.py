@@ -178,13 +178,20 @@ def run_experiment(cfg: Mapping[str, Any], run_dir: Path, profile_path: Path, pr
     if pred_profile:  # drift: predictors fitted on another profile (another LM) serve this profile's requests
         predictors, held = _foreign_predictors(Path(str(pred_profile)).expanduser().resolve(), profile,
                                                float(sched.get("heldout_frac", 0.4)), seed)
+        train = None
     else:
-        predictors, _train, held = load_or_fit(profile_path, profile, float(sched.get("heldout_frac", 0.4)), seed,
-                                               cache_dir=data_dir() / "cache" / "scheduler",
-                                               need_model=online or mode == "sim")
+        predictors, train, held = load_or_fit(profile_path, profile, float(sched.get("heldout_frac", 0.4)), seed,
+                                              cache_dir=data_dir() / "cache" / "scheduler",
+                                              need_model=online or mode == "sim")
+    # static path: the reply length a policy without a length prediction assumes when it places a request on
+    # the main or an offload worker (what an operator knows from past traffic: the train pool's mean)
+    if train is not None and "n_output_tokens" in train and len(train):
+        policy.typical_tokens = float(train["n_output_tokens"].mean())
     run_dir.mkdir(parents=True, exist_ok=True)
     n_offload = int(platform.get("offload_workers", 0))  # static path: the same workers for every policy
     extra: dict[str, Any] = {}
+    if engine != "continuous" and n_offload:
+        extra["placement_typical_tokens"] = float(policy.typical_tokens)
 
     if engine == "continuous":
         from rtlm_lab.scheduler.continuous import run_continuous

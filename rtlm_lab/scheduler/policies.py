@@ -12,7 +12,9 @@ asked again (a batching wait):
             return req.pred["pred_proxy"]
 
 The default :meth:`Policy.select` serves the idle *main* worker (the platform's device) with the first
-``max_batch`` requests in priority order; offload workers are left to policies that use them (RT-LM).
+``max_batch`` requests in priority order; an idle CPU offload worker takes the first request expected to finish
+sooner there (shortest expected delay, :meth:`Policy._offload`): every policy uses the same workers, RT-LM with
+its length predictions, the baselines with the typical reply length, the oracles with the true one.
 Register a new policy in :data:`POLICIES` (or pass an instance to the simulator / executor directly).
 
 Built in: ``fcfs``, ``sjf_input`` (prompt tokens), ``sjf_proxy`` (MiniLM proxy prediction), ``ltr`` (MiniLM
@@ -101,13 +103,71 @@ class Policy:
         if not queue:
             return out, None
         ordered = self.order(queue, now)
-        for w in workers:
-            if w.kind != "main" or not w.idle or not ordered:
+        main = [w for w in workers if w.kind == "main"]
+        for w in list(main):
+            if not w.idle or not ordered:
                 continue
             take = ordered[: min(self.max_batch, w.max_batch)]
             ordered = ordered[len(take):]
             out.append(Assignment(w.worker_id, take))
-        return out, None
+            main = self._busy_with(main, w, take, now)
+        return out + self._offload(ordered, main, workers, now), None
+
+    # ------------------------------------------------------------------ static path: CPU offload workers
+    offload = True                          # idle offload workers take work (every policy; rtlm_no_offload: no)
+    typical_tokens = 32.0                   # reply tokens a placement assumes without a prediction of its own
+                                            #   (set by the harness: the train pool's mean reply)
+
+    def placement_tokens(self, req: Request) -> float:
+        """Reply tokens this policy assumes for ``req`` when it picks a worker: its own prediction where it has
+        one in tokens (``pred_column``), else the typical reply (no length knowledge)."""
+        if self.pred_column and self.pred_column in req.pred:
+            return max(1.0, float(req.pred[self.pred_column]))
+        return max(1.0, float(self.typical_tokens))
+
+    def _busy_with(self, main: list[WorkerView], w: WorkerView, batch: Sequence[Request], now: float
+                   ) -> list[WorkerView]:
+        """``main`` with ``w`` busy on ``batch`` (what the offload estimate must see)."""
+        t = w.service.batch_time([r.n_input_tokens for r in batch], [self.placement_tokens(r) for r in batch])
+        return [replace(m, idle=False, free_at=now + t) if m.worker_id == w.worker_id else m for m in main]
+
+    def _offload(self, ordered: list[Request], main: list[WorkerView], workers: Sequence[WorkerView], now: float
+                 ) -> list[Assignment]:
+        """Each idle offload worker takes the first request, in this policy's order, that is expected to finish
+        sooner there than on the main worker (queue and running batch included): shortest expected delay with
+        the policy's own length knowledge (:meth:`placement_tokens`), the static path's counterpart of
+        :meth:`place` on the continuous engine. RT-LM's strategic offloading is this rule with its predictions;
+        the baselines get the same workers under it with the typical reply length (the oracles with the truth)."""
+        out: list[Assignment] = []
+        if not self.offload or not ordered:
+            return out
+        busy_main = [w for w in main if not w.idle] or main
+        for w in workers:
+            if w.kind != "offload" or not w.idle or not ordered:
+                continue
+            pick = self._offload_pick(ordered, busy_main, w, now)
+            if pick is not None:
+                ordered.remove(pick)
+                out.append(Assignment(w.worker_id, [pick]))
+        return out
+
+    def _offload_pick(self, ordered: list[Request], main: Sequence[WorkerView], cpu: WorkerView, now: float):
+        if not main:
+            return None
+        m = main[0]
+        cap = max(1, min(self.max_batch, m.max_batch))
+        backlog = 0.0
+        for k, r in enumerate(ordered):
+            pred = self.placement_tokens(r)
+            # on the main worker: its running batch, then the batches of the requests ahead of r
+            t_main = max(m.free_at, now) + backlog + m.service.batch_time([r.n_input_tokens] * min(cap, k + 1),
+                                                                          [pred] * min(cap, k + 1))
+            t_cpu = now + cpu.service.isolated(r.n_input_tokens, pred)
+            if t_cpu < t_main:
+                return r
+            if (k + 1) % cap == 0:  # a full batch of requests ahead of the next ones
+                backlog += m.service.batch_time([r.n_input_tokens] * cap, [pred] * cap)
+        return None
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "max_batch": self.max_batch, "preemptive": self.preemptive, **self.params}
@@ -158,6 +218,9 @@ class OracleSJF(Policy):
     def priority(self, req, now):
         return req.true_tokens
 
+    def placement_tokens(self, req):
+        return max(1.0, float(req.true_tokens))
+
 
 class OracleSRPT(Policy):
     """True remaining tokens, preemptive (shortest remaining processing time): on the same engine, the lower
@@ -168,6 +231,9 @@ class OracleSRPT(Policy):
 
     def priority(self, req, now):
         return req.true_tokens
+
+    def placement_tokens(self, req):
+        return max(1.0, float(req.true_tokens))
 
     def key(self, job, now):
         return job.req.true_tokens - job.generated
@@ -280,38 +346,8 @@ class RTLM(Policy):
             taken = {id(r) for r in group}
             ordered = [r for r in ordered if id(r) not in taken]
             out.append(Assignment(w.worker_id, group))
-            # the offload estimate below must see this worker busy with the batch just given to it
-            preds = [max(1.0, r.pred["pred_rtlm"]) for r in group]
-            main = [replace(m, idle=False, free_at=now + m.service.batch_time([r.n_input_tokens for r in group], preds))
-                    if m.worker_id == w.worker_id else m for m in main]
-        if self.offload and ordered:
-            busy_main = [w for w in main if not w.idle] or main
-            for w in workers:
-                if w.kind != "offload" or not w.idle or not ordered:
-                    continue
-                pick = self._offload_pick(ordered, busy_main, w, now)
-                if pick is not None:
-                    ordered.remove(pick)
-                    out.append(Assignment(w.worker_id, [pick]))
-        return out, wake
-
-    def _offload_pick(self, ordered: list[Request], main: Sequence[WorkerView], cpu: WorkerView, now: float):
-        if not main:
-            return None
-        m = main[0]
-        cap = max(1, min(self.max_batch, m.max_batch))
-        backlog = 0.0
-        for k, r in enumerate(ordered):
-            pred = max(1.0, r.pred["pred_rtlm"])
-            # on the main worker: its running batch, then the batches of the requests ahead of r
-            t_main = max(m.free_at, now) + backlog + m.service.batch_time([r.n_input_tokens] * min(cap, k + 1),
-                                                                          [pred] * min(cap, k + 1))
-            t_cpu = now + cpu.service.isolated(r.n_input_tokens, pred)
-            if t_cpu < t_main:
-                return r
-            if (k + 1) % cap == 0:  # a full batch of requests ahead of the next ones
-                backlog += m.service.batch_time([r.n_input_tokens] * cap, [pred] * cap)
-        return None
+            main = self._busy_with(main, w, group, now)  # the offload estimate must see it busy
+        return out + self._offload(ordered, main, workers, now), wake
 
 
 class LMStatePolicy(Policy):

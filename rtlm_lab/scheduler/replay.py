@@ -237,13 +237,78 @@ def sim_error(run_dirs: Sequence[str | Path], models: Mapping[str, StepModel | N
 
 
 def summarize(table: pd.DataFrame) -> pd.DataFrame:
-    """Per model: the range and mean of |error| of the mean and p99 response time, and how many runs meet 15%."""
+    """Per model: the range and mean of |error| of the mean and p99 response time, how many runs meet 15%, and
+    the range of ``step_err`` (the model's steps against the real ones, before any queueing)."""
     g = table.assign(abs_mean=table["mean_err"].abs(), abs_p99=table["p99_err"].abs()).groupby("model", sort=False)
     return pd.DataFrame({"runs": g.size(), "mean_err_min": g["mean_err"].min(), "mean_err_max": g["mean_err"].max(),
                          "mean_abs_mean_err": g["abs_mean"].mean(), "p99_err_min": g["p99_err"].min(),
                          "p99_err_max": g["p99_err"].max(), "mean_abs_p99_err": g["abs_p99"].mean(),
-                         "runs_mean_within_15pct": g["abs_mean"].apply(lambda x: int((x <= 0.15).sum()))}
+                         "runs_mean_within_15pct": g["abs_mean"].apply(lambda x: int((x <= 0.15).sum())),
+                         "step_err_min": g["step_err"].min(), "step_err_max": g["step_err"].max()}
                         ).reset_index()
+
+
+SUMMARY = "sim_error_summary"
+
+
+def summary_all(root: Path | None = None) -> pd.DataFrame:
+    """Every committed sim-error table (``sim_error*.csv`` under ``root``) in one: per table and model, the LM
+    and platform of its runs, what the model was fitted on (``calibration``), and :func:`summarize`'s error
+    columns. Written as ``sim_error_summary.csv`` / ``.md`` by :func:`build`."""
+    if root is None:
+        from rtlm_lab.scheduler.analysis import reference_root
+
+        root = reference_root()
+    rows = []
+    for f in sorted(Path(root).glob("sim_error*.csv")):
+        if f.stem == SUMMARY:
+            continue
+        t = pd.read_csv(f)
+        try:
+            prov = json.loads(f.with_suffix(".provenance.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            prov = {}
+        cal = [Path(p).name for p in prov.get("calibration_runs", [])]
+        steps = [Path(p).name for p in prov.get("calibration_steps", [])]
+        fitted = "; ".join(x for x in (f"{len(cal)} real run(s): {cal[0]}" + (f" + {len(cal) - 1} more" if len(cal) > 1
+                                                                              else "") if cal else "",
+                                       f"saturation steps {', '.join(steps)}" if steps else "") if x)
+        parts = str(t["run"].iloc[0]).split("__") if len(t) else ["?", "?"]
+        for _, r in summarize(t).iterrows():
+            rows.append({"table": f.name, "lm": parts[0], "platform": parts[1],
+                         "model": r["model"], "calibration": ("each run's own saturation run (served with)"
+                                                              if r["model"] == "old_saturation" else fitted),
+                         **{k: r[k] for k in r.index if k != "model"}})
+    return pd.DataFrame(rows)
+
+
+def write_summary(root: Path | None = None) -> pd.DataFrame:
+    from rtlm_lab.io import atomic_path, write_text_atomic
+
+    if root is None:
+        from rtlm_lab.scheduler.analysis import reference_root
+
+        root = reference_root()
+    df = summary_all(root)
+    with atomic_path(Path(root) / f"{SUMMARY}.csv") as tmp:
+        df.round(4).to_csv(tmp, index=False)
+    show = df[df["model"] != "new_no_admission"].copy()
+    show["mean error range"] = [f"{a:+.0%} to {b:+.0%}" for a, b in zip(show["mean_err_min"], show["mean_err_max"])]
+    show["mean abs error"] = [f"{v:.0%}" for v in show["mean_abs_mean_err"]]
+    show["p99 abs error"] = [f"{v:.0%}" for v in show["mean_abs_p99_err"]]
+    show["within 15%"] = [f"{a} of {b}" for a, b in zip(show["runs_mean_within_15pct"], show["runs"])]
+    show["step error range"] = [f"{a:+.0%} to {b:+.0%}" for a, b in zip(show["step_err_min"], show["step_err_max"])]
+    md = ("# The simulator against real runs (out of sample)\n\nBuilt by `rtlm-reference target=sim_error*` "
+          "(each table's own provenance names its runs). Mean response time of each replayed real run, "
+          "simulated vs real; new_admission: the step model fitted on the calibration named, with the admission "
+          "terms; old_saturation: the model each run was served with.\n\n"
+          + show[["table", "lm", "platform", "model", "calibration", "runs", "mean error range", "mean abs error",
+                  "p99 abs error", "within 15%", "step error range"]].to_markdown(index=False)
+          + "\n\nstep error: the model's step periods summed over the real run's own steps against the real sum "
+          "(how far the model is off before any queueing; a run on a machine slower than at calibration shows "
+          "it first).\n")
+    write_text_atomic(Path(root) / f"{SUMMARY}.md", md)
+    return df
 
 
 def _glob(paths: Sequence[str]) -> list[Path]:
@@ -327,4 +392,5 @@ def build(cfg: Mapping[str, Any], command: str = "") -> pd.DataFrame:
              + ("; calibration_steps: saturation runs' steps (every request queued at t=0, so the period is the "
                 "time to the next step for all steps but the last; the admission terms are identified only by "
                 "the first step's max_seqs admissions and the slot refills after it)" if cal_steps else "")))
+    write_summary(out.parent)
     return table

@@ -12,7 +12,9 @@
   on calibration runs; the validation runs' exact traces replayed in the simulator; ``sim_error_h200.csv``);
   ``target=sim_error_gemma3_270m`` / ``target=sim_error_dialogpt_ccc_session`` (H200) and
   ``target=sim_error_cpu_gemma3_270m`` (the 2-core CPU): the same builder calibrated on a same-session
-  saturation run's steps (``target.calibration_steps``) instead of real runs under arrivals.
+  saturation run's steps (``target.calibration_steps``) instead of real runs under arrivals;
+* ``target=sim_grid``: :func:`rtlm_lab.scheduler.simgrid.build` (every policy and ablation x rho x seed, five LMs
+  x two platforms, in sim mode on the committed engine measurements; ``sim_grid.csv``, labelled sim).
 
 Examples::
 
@@ -24,6 +26,7 @@ Examples::
     rtlm-reference target=sim_error
     rtlm-reference target=sim_error_gemma3_270m   # sim_error_h200_gemma3_270m.csv
     rtlm-reference target=sim_error_cpu_gemma3_270m   # sim_error_cpu_gemma3_270m.csv
+    rtlm-reference target=sim_grid    # sim_grid.csv: the simulation grid (resumable)
 """
 
 from __future__ import annotations
@@ -98,6 +101,14 @@ def reference(cfg: DictConfig):
 
         table = build_sim_error(t, command=" ".join(["rtlm-reference", *sys.argv[1:]]))
         print(summarize(table).to_string(index=False, float_format=lambda v: f"{v:+.3f}"))
+        return table
+    if t.name == "sim_grid":
+        import sys
+
+        from rtlm_lab.scheduler.simgrid import build as build_grid, headline
+
+        table = build_grid(t, command=" ".join(["rtlm-reference", *sys.argv[1:]]))
+        print(headline(table, float(t.get("headline_rho", 0.9))).to_markdown(index=False))
         return table
     from rtlm_lab.regressor.reference import build_reference, merge_lmstate
 

@@ -1,0 +1,270 @@
+"""The simulation grid: every policy and ablation x rho x seed for the five LMs on both platforms, in sim mode,
+summarized as one table labelled *sim* (``rtlm-reference target=sim_grid``).
+
+What each cell simulates is the measured engine of that LM x platform (no LM runs):
+
+* decoder-only LMs: the continuous engine with the step model of the committed saturation run
+  (``outputs/reference/scheduler/engine/<lm>__<platform>__<engine hash>.json``; the cell's overrides pick the
+  engine budgets the real groups ran with, so the hash names that file);
+* encoder-decoders: the static path with the committed service models (``outputs/reference/scheduler/service/``).
+
+The runs are ordinary ``rtlm-schedule mode=sim`` runs, one Hydra multirun per cell (``rtlm-schedule -m``), with
+``RTLM_OUTPUT_DIR`` set to the grid's own root: this machine's own capacity or service measurements under
+``outputs/schedule/`` are not read, only the committed ones, so the grid means the same on any machine. A run
+dir that already holds ``metrics.json`` is skipped, so an interrupted grid resumes where it stopped.
+
+The per-arrival prediction cost (RT-LM's quantifier, MiniLM) is timed on *this* machine (20 single requests a
+run, ``scheduler.overhead_samples``) and put on the simulated clock, as in every sim run: on the cuda cells it
+stands for the H200 host's CPU, which it is not. The table says which engine file and machine each cell used.
+
+The LM-state policies read the served LM's hidden states on the real slot engine and have no sim form; they are
+in the real groups only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from rtlm_lab.errors import UserError
+
+log = logging.getLogger("rtlm_lab.scheduler")
+
+RUN_RE = re.compile(r"poisson-rho(?P<rho>[0-9.]+)-n(?P<n>\d+)$")
+
+
+def cell_name(cell: Mapping[str, Any]) -> str:
+    return f"sim__{cell['platform']}__{cell['lm']}"
+
+
+def cell_command(cell: Mapping[str, Any], grid: Mapping[str, Any], root: Path) -> list[str]:
+    """The ``rtlm-schedule -m`` command line of one cell (every policy x rho x seed)."""
+    exe = Path(sys.executable).with_name("rtlm-schedule")
+    prog = [str(exe)] if exe.is_file() else [sys.executable, "-m", "rtlm_lab.tasks.schedule"]
+    join = lambda xs: ",".join(str(x) for x in xs)  # noqa: E731
+    return [*prog, "-m", f"lm={cell['lm']}", f"platform={cell['platform']}", "mode=sim",
+            f"policy={join(grid['policies'])}", f"workload.rho={join(grid['rhos'])}", f"seed={join(grid['seeds'])}",
+            f"workload.n_requests={int(grid['n_requests'])}", "scheduler.figures=false",
+            *[str(o) for o in cell.get("overrides") or []]]
+
+
+def cell_runs(root: Path, cell: Mapping[str, Any], n_requests: int) -> list[Path]:
+    """The cell's finished run dirs under ``root`` (``<root>/schedule/<lm>/<platform>/sim/...``)."""
+    base = Path(root) / "schedule" / str(cell["lm"]) / str(cell["platform"]) / "sim"
+    return sorted(p.parent for p in base.glob(f"poisson-rho*-n{int(n_requests)}/*/s*/metrics.json"))
+
+
+def _expected(grid: Mapping[str, Any]) -> int:
+    return len(grid["policies"]) * len(grid["rhos"]) * len(grid["seeds"])
+
+
+def run_cell(cell: Mapping[str, Any], grid: Mapping[str, Any], root: Path) -> dict[str, Any]:
+    """Run the cell's missing runs (a subprocess; its output goes to ``<root>/logs/<cell>.log``)."""
+    name = cell_name(cell)
+    done = len(cell_runs(root, cell, grid["n_requests"]))
+    if done >= _expected(grid):
+        return {"cell": name, "ran": False, "rc": 0, "seconds": 0.0}
+    logs = Path(root) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    cmd = cell_command(cell, grid, root)
+    t0 = time.perf_counter()
+    with open(logs / f"{name}.log", "a") as fh:
+        fh.write(f"$ {' '.join(cmd)}\n")
+        fh.flush()
+        # RTLM_OUTPUT_DIR: the run dirs go under the grid's root, and this machine's own capacity / service
+        # measurements (outputs/schedule/) are not found there: only the committed ones are read
+        rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT,
+                            env={**os.environ, "RTLM_OUTPUT_DIR": str(root)}).returncode
+    return {"cell": name, "ran": True, "rc": rc, "seconds": time.perf_counter() - t0}
+
+
+def run_grid(grid: Mapping[str, Any], root: Path, jobs: int = 1) -> list[dict[str, Any]]:
+    """Every cell's missing runs, ``jobs`` cells side by side (joblib threads, each driving a subprocess)."""
+    from joblib import Parallel, delayed
+    from tqdm.auto import tqdm
+
+    cells = list(grid["cells"])
+    out = []
+    bar = tqdm(total=len(cells), desc="sim grid (cells)", unit="cell")
+    for res in Parallel(n_jobs=max(1, int(jobs)), backend="threading", return_as="generator")(
+            delayed(run_cell)(c, grid, root) for c in cells):
+        out.append(res)
+        bar.update(1)
+        bar.set_postfix_str(f"{res['cell']} rc={res['rc']}")
+        if res["rc"] != 0:
+            log.error("%s: rtlm-schedule exited %d; see %s", res["cell"], res["rc"],
+                      Path(root) / "logs" / f"{res['cell']}.log")
+    bar.close()
+    return out
+
+
+def _source(run_dir: Path) -> str:
+    """Which committed measurement the run simulated: the capacity file and when it was measured (continuous
+    engine), or the service models (static path) and where they live."""
+    m = json.loads((run_dir / "metrics.json").read_text())
+    cap = m.get("capacity") if isinstance(m.get("capacity"), dict) else None
+    if cap and cap.get("source_file"):
+        when = str(cap.get("measured_utc", ""))[:10]
+        return f"engine/{Path(str(cap['source_file'])).name}" + (f" ({when})" if when else "")
+    if m.get("service_model"):
+        from rtlm_lab.scheduler.harness import reference_service
+
+        from rtlm_lab.scheduler.service import ServiceModel
+
+        ref = reference_service(str(m["lm"]), str(m["platform"]))
+        same = ref.is_file() and ServiceModel.load(ref).to_dict() == m["service_model"]
+        name = f"service/{ref.name}" if same else "a service model not committed"
+        return name + (" + offload" if m.get("offload_service_model") else "")
+    return ""
+
+
+def collect_grid(grid: Mapping[str, Any], root: Path) -> tuple[list[Path], dict[str, str]]:
+    """The grid's run dirs and their group (the cell name); one run per (cell, policy, rho, seed), else an
+    error naming the duplicates (runs of an earlier grid config under the same root)."""
+    dirs, groups, missing = [], {}, []
+    for cell in grid["cells"]:
+        runs = cell_runs(root, cell, grid["n_requests"])
+        seen: dict[tuple, Path] = {}
+        for d in runs:
+            m = RUN_RE.match(d.parent.parent.name)
+            key = (d.parent.name, float(m["rho"]) if m else math.nan, d.name.split("-")[0])
+            if key in seen:
+                raise UserError(f"two runs of {cell_name(cell)} {key}: {seen[key]} and {d} (an earlier grid config "
+                                f"under {root}: remove the stale one)")
+            seen[key] = d
+        want = {(p, float(r), f"s{s}") for p in grid["policies"] for r in grid["rhos"] for s in grid["seeds"]}
+        missing += [f"{cell_name(cell)} {k}" for k in sorted(want - set(seen))]
+        for k, d in seen.items():
+            if k in want:
+                dirs.append(d)
+                groups[str(d)] = cell_name(cell)
+    if missing:
+        raise UserError(f"{len(missing)} grid run(s) missing, e.g. {missing[0]}: run with target.run=true "
+                        "(see the cell logs under the grid root)")
+    return dirs, groups
+
+
+def headline(table: pd.DataFrame, rho: float = 0.9,
+             policies: Sequence[str] = ("rtlm", "sjf_proxy", "ltr", "sjf_input", "oracle_srpt", "oracle_sjf")
+             ) -> pd.DataFrame:
+    """Mean response time / FCFS (95% CI) at ``rho``: one row per cell, one column per policy."""
+    t = table[np.isclose(table["nominal_rho"], rho)]
+    rows = []
+    for (lm, platform, eng), g in t.groupby(["lm", "platform", "engine_key"], sort=True):
+        row = {"LM": lm, "platform": platform, "engine": eng}
+        for p in policies:
+            r = g[g["policy"] == p]
+            row[p] = ("" if r.empty else
+                      f"{r['mean_rt_vs_fcfs'].iloc[0]:.2f} [{r['mean_rt_vs_fcfs_lo'].iloc[0]:.2f}, "
+                      f"{r['mean_rt_vs_fcfs_hi'].iloc[0]:.2f}]")
+        fc = g[g["policy"] == "fcfs"]
+        row["FCFS mean s"] = "" if fc.empty else f"{fc['mean_rt_s'].iloc[0]:.3f}"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def plot(table: pd.DataFrame, path: Path,
+         policies: Sequence[str] = ("rtlm", "sjf_proxy", "ltr", "sjf_input", "oracle_srpt", "oracle_sjf")) -> Path:
+    """One panel per cell: mean response time / FCFS against rho (log scale), the CI as a band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    cells = sorted(table.groupby(["platform", "lm"]).groups)
+    ncol = 5
+    nrow = int(math.ceil(len(cells) / ncol))
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol, 2.8 * nrow), sharex=True, squeeze=False)
+    for ax, (platform, lm) in zip(axes.ravel(), cells):
+        g = table[(table["platform"] == platform) & (table["lm"] == lm)]
+        for p in policies:
+            r = g[g["policy"] == p].sort_values("nominal_rho")
+            if r.empty:
+                continue
+            line, = ax.plot(r["nominal_rho"], r["mean_rt_vs_fcfs"], marker="o", ms=3, label=p)
+            ax.fill_between(r["nominal_rho"], r["mean_rt_vs_fcfs_lo"], r["mean_rt_vs_fcfs_hi"],
+                            color=line.get_color(), alpha=0.15, lw=0)
+        ax.axhline(1.0, color="k", lw=0.8, ls="--")
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if str(f"{v:g}")[0] in "25" else ""))
+        ax.set_title(f"{lm} / {platform}", fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+    for ax in axes.ravel()[len(cells):]:
+        ax.axis("off")
+    for ax in axes[-1]:
+        ax.set_xlabel("nominal rho")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("mean RT / FCFS")
+    axes.ravel()[0].legend(fontsize=7, loc="best")
+    seeds = int(table["n_seeds"].max()) if len(table) else 0
+    fig.suptitle(f"Simulated (sim grid, not real runs): mean response time / FCFS, {seeds} seeds, 95% CI",
+                 fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    from rtlm_lab.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return path
+
+
+def build(cfg: Mapping[str, Any], command: str = "") -> pd.DataFrame:
+    """``target=sim_grid``: run the grid's missing runs (``cfg.run``), then summarize every cell (ratios to FCFS
+    and to the cell's oracle with CIs, as the real table) into ``cfg.out`` (csv) with ``.md`` (headline at
+    rho 0.9 + the full table), ``.png`` and ``.provenance.json`` beside it."""
+    from rtlm_lab.io import atomic_path, provenance, write_json_atomic, write_text_atomic
+    from rtlm_lab.paths import resolve_path
+    from rtlm_lab.scheduler.analysis import format_summary, summarize
+
+    grid = {k: (list(cfg[k]) if k in ("policies", "rhos", "seeds", "cells") else cfg[k])
+            for k in ("policies", "rhos", "seeds", "cells", "n_requests")}
+    if not grid["cells"] or not grid["policies"] or not grid["rhos"] or not grid["seeds"]:
+        raise UserError("target.cells, target.policies, target.rhos and target.seeds must each name something")
+    if "fcfs" not in grid["policies"]:
+        raise UserError("target.policies must include fcfs (every ratio is to it)")
+    for c in grid["cells"]:
+        if "lm" not in c or "platform" not in c:
+            raise UserError(f"a grid cell needs lm and platform (got {dict(c)})")
+    root = resolve_path(cfg["root"])
+    t0 = time.perf_counter()
+    ran = run_grid(grid, root, int(cfg.get("jobs", 1))) if cfg.get("run", True) else []
+    failed = [r for r in ran if r["rc"] != 0]
+    if failed:
+        raise UserError(f"{len(failed)} cell(s) failed ({', '.join(r['cell'] for r in failed)}); their logs are "
+                        f"under {root / 'logs'}")
+    dirs, groups = collect_grid(grid, root)
+    table = summarize(dirs, n_boot=int(cfg.get("n_boot", 1000)), groups=groups)
+    table["source"] = table["group"].map({g: _source(Path(d)) for d, g in groups.items()})
+    out = resolve_path(cfg["out"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        table.round(4).to_csv(tmp, index=False)
+    rho = float(cfg.get("headline_rho", 0.9))
+    md = (f"# Simulation grid (sim, not real runs)\n\nBuilt by `{command or 'rtlm-reference target=sim_grid'}`; "
+          f"{len(dirs)} sim runs, {grid['n_requests']} requests each, seeds {grid['seeds']}. Mean response time / "
+          f"FCFS at nominal rho {rho} [95% CI]:\n\n" + headline(table, rho).to_markdown(index=False)
+          + "\n\n## Every policy and rho\n\n" + format_summary(table) + "\n")
+    write_text_atomic(out.with_suffix(".md"), md)
+    plot(table, out.with_suffix(".png"))
+    write_json_atomic(out.with_suffix(".provenance.json"), provenance(
+        cfg, command=command, n_runs=len(dirs), seconds=round(time.perf_counter() - t0, 1),
+        cells={cell_name(c): {"overrides": list(c.get("overrides") or []),
+                              "source": table.loc[table["group"] == cell_name(c), "source"].iloc[0]}
+               for c in grid["cells"]},
+        note="sim mode: the committed engine measurements (saturation-run step models, static-path service "
+             "models) on a virtual clock; per-arrival prediction cost timed on the machine named here"))
+    return table
