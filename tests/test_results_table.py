@@ -64,7 +64,9 @@ def test_static_path_runs_get_their_own_engine_key_realized_rho_and_ttft(tmp_pat
     """The paper's static-batch path (its runs have no warm-up flag, realized rho or TTFT in metrics.json):
     the table keys them apart from the continuous engine and derives rho from arrivals x isolated time."""
     rows = []
-    for pol in ("fcfs", "rtlm", "oracle_sjf", "oracle_srpt"):  # both oracles ran: the static path's is oracle_sjf
+    # both oracles ran: the static path's is oracle_sjf; rtlm_batch1 (policy max_batch 1) is an ablation on the
+    # same engine (the platform's batch budget names it), compared with the same FCFS
+    for pol in ("fcfs", "rtlm", "oracle_sjf", "oracle_srpt", "rtlm_batch1"):
         d = tmp_path / "static" / pol
         d.mkdir(parents=True)
         arr = np.arange(101, dtype=float) * 0.5           # 2 arrivals/s
@@ -73,13 +75,15 @@ def test_static_path_runs_get_their_own_engine_key_realized_rho_and_ttft(tmp_pat
                       "isolated_s": 0.3}).to_parquet(d / "requests.parquet")  # 2/s x 0.3 s = rho 0.6
         (d / "metrics.json").write_text(json.dumps({
             "lm": "lmx", "platform": "cpu", "mode": "real", "engine": "static", "rho": 0.6, "seed": 0,
-            "policy": {"name": pol, "max_batch": 4}, "n_offload_workers": 2,
+            "policy": {"name": pol, "max_batch": 1 if pol == "rtlm_batch1" else 4}, "n_offload_workers": 2,
+            "provenance": {"config": {"platform": {"max_batch": 4}}},
             "mean_rt_s": 0.4, "p99_rt_s": 0.4, "n_requests": 101, "makespan_s": 50.0,
             "worker_utilization": {"gpu": 0.5, "cpu0": 0.25}, "prediction_s": 5.0 * (pol == "rtlm")}))
         rows.append(d)
     df = summarize(rows, n_boot=50).set_index("policy")
     assert set(df["engine_key"]) == {"static-batch4+2cpu"}
     assert df.loc["rtlm", "mean_rt_vs_fcfs"] == pytest.approx(2.0)
+    assert df.loc["rtlm_batch1", "mean_rt_vs_fcfs"] == pytest.approx(1.0)
     assert df.loc["fcfs", "realized_rho"] == pytest.approx(0.6)
     assert df.loc["fcfs", "mean_ttft_ms"] == pytest.approx(100.0)
     assert df.loc["fcfs", "n_measured"] == 101

@@ -40,9 +40,12 @@ def load_run(run_dir: Path) -> tuple[dict, pd.DataFrame]:
 
 def _engine_key(m: dict) -> str:
     if m.get("engine") == "static":  # the paper's path: whole batches of up to max_batch, + CPU offload workers
+        # the platform's batch budget (what every policy shares), not a policy's own: rtlm_batch1 is an
+        # ablation run beside the others, not another engine
+        plat = ((m.get("provenance") or {}).get("config") or {}).get("platform") or {}
         pol = m["policy"] if isinstance(m.get("policy"), dict) else {}
         off = int(m.get("n_offload_workers") or 0)
-        return f"static-batch{pol.get('max_batch', '?')}" + (f"+{off}cpu" if off else "")
+        return f"static-batch{plat.get('max_batch', pol.get('max_batch', '?'))}" + (f"+{off}cpu" if off else "")
     e = m.get("engine_config") or {}
     return f"{e.get('backend', m.get('engine', 'static'))}-seqs{e.get('max_seqs', '?')}"
 
@@ -130,17 +133,22 @@ ORACLES = ("oracle_srpt", "oracle_sjf")  # the continuous engine's oracle, then 
 
 
 def summarize(run_dirs: Sequence[Path], baseline: str = "fcfs", oracle: str | None = None, block: int = 50,
-              n_boot: int = 2000, groups: Mapping[str, str] | None = None) -> pd.DataFrame:
+              n_boot: int = 2000, groups: Mapping[str, str] | None = None, progress: bool = False) -> pd.DataFrame:
     """The results table: per group x policy, metrics averaged over seeds and the paired ratios (mean and p99
     response time) to ``baseline`` and to the group's oracle with 95% CIs (NaN where that policy was not run).
     ``oracle``: None = the engine's own oracle where the group ran it (``oracle_srpt`` on the continuous engine,
     ``oracle_sjf`` on the static path, where a batch is not preempted; as ``study.run_study`` picks), else the
-    other; column ``oracle`` names it. ``groups``: as :func:`collect`."""
+    other; column ``oracle`` names it. ``groups``: as :func:`collect`; ``progress``: a bar over group x policy
+    (the bootstrap takes minutes over the sim grid's 650 rows)."""
     runs = collect(run_dirs, groups)
     rt: dict[str, np.ndarray] = {}
     for d in runs["run_dir"]:
         rt[d] = measured(load_run(Path(d))[1])["response_s"].to_numpy(float)
+    from tqdm.auto import tqdm
+
     out = []
+    bar = tqdm(total=int(runs.groupby(list(GROUP) + ["mode", "policy"]).ngroups), desc="ratios (bootstrap)",
+               unit="row", disable=not progress, mininterval=2.0)
     for key, g in runs.groupby(list(GROUP) + ["mode"], sort=True):
         keys = dict(zip(list(GROUP) + ["mode"], key))
         ran = set(g["policy"])
@@ -166,6 +174,8 @@ def summarize(run_dirs: Sequence[Path], baseline: str = "fcfs", oracle: str | No
                     b = [rt[gr[gr["seed"] == s]["run_dir"].iloc[0]] for s in seeds]
                     row.update(dict(zip(cols, ratio_ci(a, b, stat, block=block, n_boot=n_boot))))
             out.append(row)
+            bar.update(1)
+    bar.close()
     return pd.DataFrame(out)
 
 

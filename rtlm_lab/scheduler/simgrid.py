@@ -13,9 +13,11 @@ The runs are ordinary ``rtlm-schedule mode=sim`` runs, one Hydra multirun per ce
 ``outputs/schedule/`` are not read, only the committed ones, so the grid means the same on any machine. A run
 dir that already holds ``metrics.json`` is skipped, so an interrupted grid resumes where it stopped.
 
-The per-arrival prediction cost (RT-LM's quantifier, MiniLM) is timed on *this* machine (20 single requests a
-run, ``scheduler.overhead_samples``) and put on the simulated clock, as in every sim run: on the cuda cells it
-stands for the H200 host's CPU, which it is not. The table says which engine file and machine each cell used.
+The grid's own ``overrides`` apply to every cell; by default ``scheduler.overhead_samples=0``: predictions cost
+nothing on the simulated clock, so each policy's *order* and placement are compared at the measured step times,
+deterministically (a sim run otherwise times 20 predictions on the machine running it, which for the cuda cells
+is not the H200's host; the real groups carry the predictors' real cost). The table says which engine file each
+cell used.
 
 The LM-state policies read the served LM's hidden states on the real slot engine and have no sim form; they are
 in the real groups only.
@@ -56,7 +58,7 @@ def cell_command(cell: Mapping[str, Any], grid: Mapping[str, Any], root: Path) -
     return [*prog, "-m", f"lm={cell['lm']}", f"platform={cell['platform']}", "mode=sim",
             f"policy={join(grid['policies'])}", f"workload.rho={join(grid['rhos'])}", f"seed={join(grid['seeds'])}",
             f"workload.n_requests={int(grid['n_requests'])}", "scheduler.figures=false",
-            *[str(o) for o in cell.get("overrides") or []]]
+            *[str(o) for o in grid.get("overrides") or []], *[str(o) for o in cell.get("overrides") or []]]
 
 
 def cell_runs(root: Path, cell: Mapping[str, Any], n_requests: int) -> list[Path]:
@@ -232,6 +234,7 @@ def build(cfg: Mapping[str, Any], command: str = "") -> pd.DataFrame:
 
     grid = {k: (list(cfg[k]) if k in ("policies", "rhos", "seeds", "cells") else cfg[k])
             for k in ("policies", "rhos", "seeds", "cells", "n_requests")}
+    grid["overrides"] = [str(o) for o in cfg.get("overrides") or []]
     if not grid["cells"] or not grid["policies"] or not grid["rhos"] or not grid["seeds"]:
         raise UserError("target.cells, target.policies, target.rhos and target.seeds must each name something")
     if "fcfs" not in grid["policies"]:
@@ -247,7 +250,7 @@ def build(cfg: Mapping[str, Any], command: str = "") -> pd.DataFrame:
         raise UserError(f"{len(failed)} cell(s) failed ({', '.join(r['cell'] for r in failed)}); their logs are "
                         f"under {root / 'logs'}")
     dirs, groups = collect_grid(grid, root)
-    table = summarize(dirs, n_boot=int(cfg.get("n_boot", 1000)), groups=groups)
+    table = summarize(dirs, n_boot=int(cfg.get("n_boot", 1000)), groups=groups, progress=True)
     table["source"] = table["group"].map({g: _source(Path(d)) for d, g in groups.items()})
     out = resolve_path(cfg["out"])
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -255,8 +258,13 @@ def build(cfg: Mapping[str, Any], command: str = "") -> pd.DataFrame:
         table.round(4).to_csv(tmp, index=False)
     rho = float(cfg.get("headline_rho", 0.9))
     md = (f"# Simulation grid (sim, not real runs)\n\nBuilt by `{command or 'rtlm-reference target=sim_grid'}`; "
-          f"{len(dirs)} sim runs, {grid['n_requests']} requests each, seeds {grid['seeds']}. Mean response time / "
-          f"FCFS at nominal rho {rho} [95% CI]:\n\n" + headline(table, rho).to_markdown(index=False)
+          f"{len(dirs)} sim runs, {grid['n_requests']} requests each, seeds {grid['seeds']}, overrides "
+          f"{grid['overrides'] or 'none'}"
+          + (" (predictions cost nothing on the simulated clock: what order and placement buy, not the "
+             "predictors' cost, which the real groups carry)" if "scheduler.overhead_samples=0" in grid["overrides"]
+             else "")
+          + f". Mean response time / FCFS at nominal rho {rho} [95% CI]:\n\n"
+          + headline(table, rho).to_markdown(index=False)
           + "\n\n## Every policy and rho\n\n" + format_summary(table) + "\n")
     write_text_atomic(out.with_suffix(".md"), md)
     plot(table, out.with_suffix(".png"))
@@ -265,6 +273,8 @@ def build(cfg: Mapping[str, Any], command: str = "") -> pd.DataFrame:
         cells={cell_name(c): {"overrides": list(c.get("overrides") or []),
                               "source": table.loc[table["group"] == cell_name(c), "source"].iloc[0]}
                for c in grid["cells"]},
+        overrides=grid["overrides"],
         note="sim mode: the committed engine measurements (saturation-run step models, static-path service "
-             "models) on a virtual clock; per-arrival prediction cost timed on the machine named here"))
+             "models) on a virtual clock; with scheduler.overhead_samples=0 (the default overrides) predictions "
+             "cost nothing on that clock: what each policy's order and placement buy, not their predictors' cost"))
     return table
