@@ -243,6 +243,11 @@ def test_base_policy_serves_main_up_to_max_batch_then_offload_by_expected_delay(
     assert pol.select(reqs[:1], [main_busy, cpu5], 10.0)[0] == []
     pol.typical_tokens = 2.0
     assert [a.worker_id for a in pol.select(reqs[:1], [main_busy, cpu5], 10.0)[0]] == ["cpu0"]
+    # a CPU worker faster per request than the idle main worker takes the head first; main the next batch
+    fast = WorkerView("cpu0", "offload", idle=True, free_at=0.0, max_batch=1,
+                      service=ServiceModel(ttft_a=0.01, ttft_b=0.0, step_1=0.002))
+    out, _ = pol.select(reqs, [_main(max_batch=2), fast], 10.0)
+    assert [(a.worker_id, [r.request_id for r in a.requests]) for a in out] == [("cpu0", ["0"]), ("main", ["1", "2"])]
     # the oracle places with the true length (20 tokens here: ~1.05 s on the CPU against 0.5 + 0.26 s)
     oracle = make_policy("oracle_sjf")
     oracle.typical_tokens = 2.0
@@ -355,7 +360,8 @@ def test_rtlm_offloads_only_when_the_cpu_finishes_sooner():
     assert [x.worker_id for x in out] == ["main"]
     slow_main = ServiceModel(ttft_a=1.0, ttft_b=0.0, step_1=0.5)
     out, _ = pol.select(reqs, [_main(svc=slow_main), cpu], 5.0)
-    assert [(x.worker_id, x.requests[0].request_id) for x in out] == [("main", "a"), ("cpu0", "b")]
+    # the CPU would finish the head sooner than the idle (slow) main worker: it takes the head, main the next
+    assert [(x.worker_id, x.requests[0].request_id) for x in out] == [("cpu0", "a"), ("main", "b")]
     # a busy offload worker, or offloading disabled: never
     busy_cpu = WorkerView("cpu0", "offload", idle=False, free_at=9.0, max_batch=1, service=cpu_svc)
     assert pol.select(reqs, [_main(idle=False, free_at=105.0), busy_cpu], 5.0)[0] == []

@@ -104,6 +104,7 @@ class Policy:
             return out, None
         ordered = self.order(queue, now)
         main = [w for w in workers if w.kind == "main"]
+        out = self._offload_first(ordered, main, workers, now)
         for w in list(main):
             if not w.idle or not ordered:
                 continue
@@ -111,7 +112,7 @@ class Policy:
             ordered = ordered[len(take):]
             out.append(Assignment(w.worker_id, take))
             main = self._busy_with(main, w, take, now)
-        return out + self._offload(ordered, main, workers, now), None
+        return out + self._offload(ordered, main, workers, now, skip={a.worker_id for a in out}), None
 
     # ------------------------------------------------------------------ static path: CPU offload workers
     offload = True                          # idle offload workers take work (every policy; rtlm_no_offload: no)
@@ -131,8 +132,28 @@ class Policy:
         t = w.service.batch_time([r.n_input_tokens for r in batch], [self.placement_tokens(r) for r in batch])
         return [replace(m, idle=False, free_at=now + t) if m.worker_id == w.worker_id else m for m in main]
 
-    def _offload(self, ordered: list[Request], main: list[WorkerView], workers: Sequence[WorkerView], now: float
-                 ) -> list[Assignment]:
+    def _offload_first(self, ordered: list[Request], main: list[WorkerView], workers: Sequence[WorkerView],
+                       now: float) -> list[Assignment]:
+        """Before an idle main worker takes its batch: each idle offload worker takes the head request (removed
+        from ``ordered``) when it would finish it sooner than the idle main worker would alone (a small LM can
+        decode faster per request on a CPU worker than on the GPU at batch 1): shortest expected delay does not
+        wait for the main worker to be busy."""
+        out: list[Assignment] = []
+        idle_main = [m for m in main if m.idle]
+        if not self.offload or not idle_main:
+            return out
+        m = idle_main[0]
+        for w in workers:
+            if w.kind != "offload" or not w.idle or not ordered:
+                continue
+            r = ordered[0]
+            tok = self.placement_tokens(r)
+            if w.service.isolated(r.n_input_tokens, tok) < m.service.isolated(r.n_input_tokens, tok):
+                out.append(Assignment(w.worker_id, [ordered.pop(0)]))
+        return out
+
+    def _offload(self, ordered: list[Request], main: list[WorkerView], workers: Sequence[WorkerView], now: float,
+                 skip: set[str] = frozenset()) -> list[Assignment]:
         """Each idle offload worker takes the first request, in this policy's order, that is expected to finish
         sooner there than on the main worker (queue and running batch included): shortest expected delay with
         the policy's own length knowledge (:meth:`placement_tokens`), the static path's counterpart of
@@ -143,7 +164,7 @@ class Policy:
             return out
         busy_main = [w for w in main if not w.idle] or main
         for w in workers:
-            if w.kind != "offload" or not w.idle or not ordered:
+            if w.kind != "offload" or not w.idle or not ordered or w.worker_id in skip:
                 continue
             pick = self._offload_pick(ordered, busy_main, w, now)
             if pick is not None:
@@ -323,6 +344,7 @@ class RTLM(Policy):
         if main:
             self._main_service = main[0].service
         ordered = self.order(queue, now)
+        out = self._offload_first(ordered, main, workers, now)
         wake: float | None = None
         for w in main:
             if not w.idle or not ordered:
@@ -347,7 +369,7 @@ class RTLM(Policy):
             ordered = [r for r in ordered if id(r) not in taken]
             out.append(Assignment(w.worker_id, group))
             main = self._busy_with(main, w, group, now)  # the offload estimate must see it busy
-        return out + self._offload(ordered, main, workers, now), wake
+        return out + self._offload(ordered, main, workers, now, skip={a.worker_id for a in out}), wake
 
 
 class LMStatePolicy(Policy):
