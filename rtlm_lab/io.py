@@ -54,6 +54,18 @@ def copy_file_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     return Path(dst)
 
 
+def write_png_atomic(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
+    """Save a matplotlib figure as ``path`` (png; its folder created) through a temporary file + rename, then
+    close it."""
+    import matplotlib.pyplot as plt
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    plt.close(fig)
+    return Path(path)
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
     return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 

@@ -240,7 +240,7 @@ def headline_figure(cells: Sequence[Mapping], path: Path) -> Path | None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from rtlm_lab.io import atomic_path
+    from rtlm_lab.io import write_png_atomic
 
     def label(c):
         mode = c["headline"].get("scheduler_mode")
@@ -297,11 +297,7 @@ def headline_figure(cells: Sequence[Mapping], path: Path) -> Path | None:
         if ax.get_yscale() == "linear":
             ax.axhline(0.0, color="k", lw=0.5)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return write_png_atomic(fig, path)
 
 
 # ------------------------------------------------------------------------------------------------ report

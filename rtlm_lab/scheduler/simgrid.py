@@ -215,13 +215,9 @@ def plot(table: pd.DataFrame, path: Path,
     fig.suptitle(f"Simulated (sim grid, not real runs): mean response time / FCFS, {seeds} seeds, 95% CI",
                  fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    from rtlm_lab.io import atomic_path
+    from rtlm_lab.io import write_png_atomic
 
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return write_png_atomic(fig, path)
 
 
 def build(cfg: Mapping[str, Any], command: str = "") -> pd.DataFrame:
