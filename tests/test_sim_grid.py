@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -84,3 +85,28 @@ def test_grid_config_errors_are_user_errors(tmp_path):
         build(_cfg(tmp_path, policies=["rtlm"], run=False))
     with pytest.raises(UserError, match="needs lm and platform"):
         build(_cfg(tmp_path, cells=[{"lm": "dialogpt_ccc"}], run=False))
+
+
+def test_cuda_cells_are_charged_the_real_h200_runs_prediction_cost():
+    """A cell with prediction_cost_from gets the median per-request cost of those real runs' online
+    predictions (recomputed here from their metrics.json) on its command line; one whose runs measured
+    nothing is an error before anything runs."""
+    import glob
+
+    import numpy as np
+
+    from rtlm_lab.scheduler.simgrid import cell_command, cell_costs
+
+    cfg = OmegaConf.load(ROOT / "conf" / "target" / "sim_grid.yaml")
+    cell = next(c for c in cfg.cells if c.lm == "gemma3_270m" and c.platform == "cuda")
+    runs = sorted(glob.glob(str(ROOT / "outputs/reference/scheduler/runs/h200__gemma3_270m__seqs64/*__rtlm__s*")))
+    assert len(runs) == 3
+    want = np.median([json.loads((Path(r) / "metrics.json").read_text())["prediction_s"] / 1000
+                      for r in runs])
+    cost = cell_costs(cell)
+    assert cost["costs"]["pred_rtlm"] == pytest.approx(want) and cost["runs"]["pred_rtlm"] == 3
+    cmd = cell_command(cell, cfg, ROOT / "outputs" / "sim_grid")
+    assert cmd[-1].startswith("scheduler.prediction_cost_s={") and f"pred_rtlm:{want:.6g}" in cmd[-1]
+    assert cell_costs(next(c for c in cfg.cells if c.platform == "cpu")) is None  # timed on the cpu itself
+    with pytest.raises(UserError, match="measured"):
+        cell_costs({"lm": "x", "platform": "cuda", "prediction_cost_from": ["outputs/reference/scheduler/runs/cpu__*static/*"]})

@@ -371,9 +371,14 @@ def run_continuous(cfg: Mapping[str, Any], run_dir: Path, profile: pd.DataFrame,
     # sim with scheduler.overhead_samples=0: predictions cost nothing on the simulated clock (as on the static
     # path), so that a simulation does not depend on this machine's timing (deterministic runs, tests)
     timed = predictors is not None and not (mode == "sim" and int(sched.get("overhead_samples", 20)) <= 0)
+    from rtlm_lab.scheduler.harness import given_prediction_cost
+
+    given = given_prediction_cost(sched, needs) if mode == "sim" and needs else None
     if online and needs:  # measured live by the predictor thread: only load its models before the clock
         predictors.predict_batch(texts[:2], needs)
         cost = PredCost()
+    elif given is not None:  # sim: a per-request cost measured elsewhere (scheduler.prediction_cost_s)
+        cost = PredCost(a=0.0, b=given)
     else:
         cost = _pred_cost(predictors, texts, needs) if timed else PredCost()
     probe_meta = None
@@ -416,7 +421,9 @@ def run_continuous(cfg: Mapping[str, Any], run_dir: Path, profile: pd.DataFrame,
     m = run_metrics(records, steps, facts, cap, rho, rate, ecfg)
     m.update({"engine": "continuous", "engine_config": ecfg, "step_model": step_model.to_dict(),
               "capacity": cap, "prediction_cost": cost.to_dict() if not online else "measured online",
-              "prediction_cost_timed": bool(timed or online),
+              "prediction_cost_timed": bool((timed and given is None) or online),
+              "prediction_cost_source": (str((sched.get("prediction_cost_s") or {}).get("source", "given"))
+                                         if given is not None else "timed here" if timed or online else "free"),
               "online_predictions": online or uses_state, "n_engines": len(engines),
               "online_update": online_update, "n_online_updates": int(n_updates[0])})
     if probe_meta is not None:

@@ -205,12 +205,16 @@ def run_experiment(cfg: Mapping[str, Any], run_dir: Path, profile_path: Path, pr
                                       role="offload") if n_offload else None
         trace, info = make_trace(held, main_service, workload, seed)
         reqs = to_requests(trace, main_service, keep_predictions=True)
-        per_req = _prediction_cost(predictors, trace, policy.needs, int(sched.get("overhead_samples", 20)))
+        given = given_prediction_cost(sched, policy.needs)
+        per_req = (given if given is not None
+                   else _prediction_cost(predictors, trace, policy.needs, int(sched.get("overhead_samples", 20))))
         from rtlm_lab.scheduler.sim import simulate
 
         workers = workers_for(policy, platform, main_service, offload_service, n_offload)
         records, m = simulate(reqs, policy, workers, slo_k=slo_k, prediction_s_per_request=per_req)
         extra["prediction_s_per_request"] = per_req
+        if given is not None:
+            extra["prediction_cost_source"] = str((sched.get("prediction_cost_s") or {}).get("source", "given"))
     else:
         records, m, main_service, offload_service, trace, info = _run_real(
             cfg, lm_spec, platform, sched, workload, seed, policy, held, predictors, slo_k, n_offload, progress)
@@ -260,6 +264,23 @@ def _foreign_predictors(path: Path, profile: pd.DataFrame, heldout_frac: float, 
     for c in p.columns:
         held[c] = p[c].to_numpy()
     return predictors, held
+
+
+def given_prediction_cost(sched: Mapping[str, Any], needs) -> float | None:
+    """Sim mode: the per-request prediction cost ``scheduler.prediction_cost_s`` gives for these prediction
+    columns (seconds; ``uncertainty`` comes with ``pred_rtlm``), e.g. measured on the platform the simulation
+    stands for; ``None`` where no cost is given (then it is timed on this machine)."""
+    cost = sched.get("prediction_cost_s")
+    if not cost:
+        return None
+    cols = [c for c in needs if c != "uncertainty"]
+    missing = [c for c in cols if c not in cost]
+    if missing:
+        raise UserError(f"scheduler.prediction_cost_s gives no cost for {missing} (it has {sorted(cost)})")
+    try:
+        return sum(float(cost[c]) for c in cols)
+    except (TypeError, ValueError):
+        raise UserError(f"scheduler.prediction_cost_s values must be seconds (got {dict(cost)})") from None
 
 
 def _prediction_cost(predictors, trace: pd.DataFrame, needs, n: int) -> float:

@@ -13,11 +13,12 @@ The runs are ordinary ``rtlm-schedule mode=sim`` runs, one Hydra multirun per ce
 ``outputs/schedule/`` are not read, only the committed ones, so the grid means the same on any machine. A run
 dir that already holds ``metrics.json`` is skipped, so an interrupted grid resumes where it stopped.
 
-The grid's own ``overrides`` apply to every cell; by default ``scheduler.overhead_samples=0``: predictions cost
-nothing on the simulated clock, so each policy's *order* and placement are compared at the measured step times,
-deterministically (a sim run otherwise times 20 predictions on the machine running it, which for the cuda cells
-is not the H200's host; the real groups carry the predictors' real cost). The table says which engine file each
-cell used.
+Predictions are on the simulated clock at a cost measured on the cell's platform: a cell with
+``prediction_cost_from`` (the cuda cells: real H200 runs) is charged the median per-request cost of those real
+runs' online predictions (``scheduler.prediction_cost_s``); the others (the cpu cells) time 20 predictions a run
+on the machine building the grid, which is the 2-core cpu platform itself, so build it with nothing else
+running. The grid's ``overrides`` apply to every cell (``scheduler.overhead_samples=0``: predictions free, the
+ordering bound). The table says which engine file each cell used, the provenance which prediction cost.
 
 The LM-state policies read the served LM's hidden states on the real slot engine and have no sim form; they are
 in the real groups only.
@@ -50,15 +51,54 @@ def cell_name(cell: Mapping[str, Any]) -> str:
     return f"sim__{cell['platform']}__{cell['lm']}"
 
 
+COST_COLUMN = {"rtlm": "pred_rtlm", "sjf_proxy": "pred_proxy", "ltr": "ltr_score"}  # what each policy predicts
+
+
+def measured_prediction_costs(patterns: Sequence[str]) -> tuple[dict[str, float], dict[str, int]]:
+    """Per prediction column, the median per-request prediction cost (seconds: ``prediction_s / n_requests``)
+    over the real continuous-engine runs matching ``patterns`` that predicted online (RT-LM's runs give
+    ``pred_rtlm``, SJF-proxy's ``pred_proxy``, LTR's ``ltr_score``), and how many runs each median is over.
+    The cost of a run's predictions at its own arrival rate, batching included, as its predictor thread took
+    it on that machine beside the engine."""
+    from rtlm_lab.scheduler.replay import _glob
+
+    per: dict[str, list[float]] = {}
+    for d in _glob(patterns):
+        try:
+            m = json.loads((d / "metrics.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        pol = m["policy"]["name"] if isinstance(m.get("policy"), dict) else str(m.get("policy"))
+        if (pol in COST_COLUMN and m.get("mode") == "real" and m.get("engine") == "continuous"
+                and m.get("online_predictions") and m.get("prediction_s") and m.get("n_requests")):
+            per.setdefault(COST_COLUMN[pol], []).append(float(m["prediction_s"]) / float(m["n_requests"]))
+    return {c: float(np.median(v)) for c, v in per.items()}, {c: len(v) for c, v in per.items()}
+
+
+def cell_costs(cell: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The cell's ``prediction_cost_from`` runs' costs (None: none named, the runs time predictions here)."""
+    pats = [str(p) for p in cell.get("prediction_cost_from") or []]
+    if not pats:
+        return None
+    costs, n = measured_prediction_costs(pats)
+    missing = sorted(set(COST_COLUMN.values()) - set(costs))
+    if missing:
+        raise UserError(f"{cell_name(cell)}: no real run under {pats} measured {missing} (prediction_cost_from)")
+    return {"costs": costs, "runs": n, "from": pats}
+
+
 def cell_command(cell: Mapping[str, Any], grid: Mapping[str, Any], root: Path) -> list[str]:
     """The ``rtlm-schedule -m`` command line of one cell (every policy x rho x seed)."""
     exe = Path(sys.executable).with_name("rtlm-schedule")
     prog = [str(exe)] if exe.is_file() else [sys.executable, "-m", "rtlm_lab.tasks.schedule"]
     join = lambda xs: ",".join(str(x) for x in xs)  # noqa: E731
+    cost = cell_costs(cell)
+    extra = ([] if cost is None else ["scheduler.prediction_cost_s={" + ",".join(
+        f"{c}:{v:.6g}" for c, v in sorted(cost["costs"].items())) + ",source:real_runs_median}"])
     return [*prog, "-m", f"lm={cell['lm']}", f"platform={cell['platform']}", "mode=sim",
             f"policy={join(grid['policies'])}", f"workload.rho={join(grid['rhos'])}", f"seed={join(grid['seeds'])}",
             f"workload.n_requests={int(grid['n_requests'])}", "scheduler.figures=false",
-            *[str(o) for o in grid.get("overrides") or []], *[str(o) for o in cell.get("overrides") or []]]
+            *[str(o) for o in grid.get("overrides") or []], *[str(o) for o in cell.get("overrides") or []], *extra]
 
 
 def cell_runs(root: Path, cell: Mapping[str, Any], n_requests: int) -> list[Path]:
@@ -231,6 +271,8 @@ def build(cfg: Mapping[str, Any], command: str = "") -> pd.DataFrame:
     grid = {k: (list(cfg[k]) if k in ("policies", "rhos", "seeds", "cells") else cfg[k])
             for k in ("policies", "rhos", "seeds", "cells", "n_requests")}
     grid["overrides"] = [str(o) for o in cfg.get("overrides") or []]
+    for c in grid["cells"]:
+        cell_costs(c)  # a cost source that measured nothing fails before any run
     if not grid["cells"] or not grid["policies"] or not grid["rhos"] or not grid["seeds"]:
         raise UserError("target.cells, target.policies, target.rhos and target.seeds must each name something")
     if "fcfs" not in grid["policies"]:
@@ -258,7 +300,8 @@ def build(cfg: Mapping[str, Any], command: str = "") -> pd.DataFrame:
           f"{grid['overrides'] or 'none'}"
           + (" (predictions cost nothing on the simulated clock: what order and placement buy, not the "
              "predictors' cost, which the real groups carry)" if "scheduler.overhead_samples=0" in grid["overrides"]
-             else "")
+             else " (predictions on the simulated clock: cuda cells at the median per-request cost of the real H200 "
+                  "runs named in the provenance, cpu cells timed on the 2-core machine that built the grid)")
           + f". Mean response time / FCFS at nominal rho {rho} [95% CI]:\n\n"
           + headline(table, rho).to_markdown(index=False)
           + "\n\n## Every policy and rho\n\n" + format_summary(table) + "\n")
@@ -267,10 +310,11 @@ def build(cfg: Mapping[str, Any], command: str = "") -> pd.DataFrame:
     write_json_atomic(out.with_suffix(".provenance.json"), provenance(
         cfg, command=command, n_runs=len(dirs), seconds=round(time.perf_counter() - t0, 1),
         cells={cell_name(c): {"overrides": list(c.get("overrides") or []),
-                              "source": table.loc[table["group"] == cell_name(c), "source"].iloc[0]}
+                              "source": table.loc[table["group"] == cell_name(c), "source"].iloc[0],
+                              "prediction_cost": cell_costs(c) or "timed on this machine (20 requests a run)"}
                for c in grid["cells"]},
         overrides=grid["overrides"],
         note="sim mode: the committed engine measurements (saturation-run step models, static-path service "
-             "models) on a virtual clock; with scheduler.overhead_samples=0 (the default overrides) predictions "
-             "cost nothing on that clock: what each policy's order and placement buy, not their predictors' cost"))
+             "models) on a virtual clock; predictions on that clock at the cost each cell names (prediction_cost: "
+             "the median per-request cost of the real runs named, or timed on this machine)"))
     return table
