@@ -398,6 +398,19 @@ def test_simulation_serves_every_request_once(name):
         assert m["requests_per_worker"].get("cpu0", 0) > 0, name
 
 
+def test_simulated_prediction_cost_is_on_the_clock():
+    """One predictor serves arrivals in order: with 0.5 s a prediction, three requests arriving together reach
+    the queue at 0.5, 1.0 and 1.5 s, and each response time counts from the arrival (hand-computed)."""
+    svc = ServiceModel(ttft_a=0.1, ttft_b=0.0, step_1=0.0)  # every request takes 0.1 s
+    reqs = [_req(i, 0.0, svc=svc, pred_rtlm=5.0) for i in range(3)]
+    df, m = simulate(reqs, make_policy("fcfs"), [WorkerSpec("main", "main", 1, svc)], prediction_s_per_request=0.5)
+    got = df.set_index("request_id").sort_index()
+    assert list(got["start_s"]) == pytest.approx([0.5, 1.0, 1.5], abs=1e-3)
+    assert list(got["response_s"]) == pytest.approx([0.6, 1.1, 1.6], abs=1e-3)
+    free, _ = simulate(reqs, make_policy("fcfs"), [WorkerSpec("main", "main", 1, svc)])
+    assert list(free.sort_values("request_id")["start_s"]) == pytest.approx([0.0, 0.1, 0.2], abs=1e-3)
+
+
 def test_simulation_fcfs_batch1_starts_in_arrival_order():
     reqs = _synthetic_trace(200, rho=1.5, seed=2)
     df, _ = simulate(reqs, make_policy("fcfs"), [WorkerSpec("main", "main", 1, SVC)])

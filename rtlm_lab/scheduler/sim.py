@@ -23,15 +23,23 @@ def simulate(requests: Sequence[Request], policy: Policy, workers: Sequence[Work
              prediction_s_per_request: float = 0.0) -> tuple[pd.DataFrame, dict]:
     """Run ``policy`` over ``requests`` (arrival-ordered) and return (records, metrics).
 
-    ``prediction_s_per_request``: the policy's measured per-request prediction cost (counted as overhead,
-    not added to the virtual clock: in the real executor it runs beside the workers).
+    ``prediction_s_per_request``: the policy's measured per-request prediction cost, on the clock: one
+    predictor serves the arrivals in order (the real executor predicts each arrival before the policy sees
+    it), so a request reaches the queue ``cost`` after the predictor is free of the ones before it; its
+    response time still counts from its arrival. Also reported as overhead.
     """
     disp = Dispatcher(policy, workers)
     specs = {w.worker_id: w for w in workers}
     ev: list[tuple[float, int, int, object]] = []
     seq = 0
+    cost = max(0.0, float(prediction_s_per_request))
+    free = -math.inf  # when the predictor is free
     for r in requests:
-        heapq.heappush(ev, (float(r.arrival_s), _ARRIVE, seq, r))
+        t = float(r.arrival_s)
+        if cost > 0:
+            free = max(t, free) + cost
+            t = free
+        heapq.heappush(ev, (t, _ARRIVE, seq, r))
         seq += 1
     rows: list[dict] = []
     running: dict[str, tuple[int, list[Request], list[float], float]] = {}
