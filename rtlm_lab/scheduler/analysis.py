@@ -106,6 +106,14 @@ def ratio_ci(a: Sequence[np.ndarray], b: Sequence[np.ndarray], stat: str = "mean
     return point, float(lo), float(hi)
 
 
+def _gpu(m: Mapping) -> str:
+    """The GPU a real cuda run ran on: the continuous engine names it in its metrics, the static path only in its
+    provenance's machine facts. Sim runs and CPU runs name none."""
+    if m.get("mode", "real") != "real" or m.get("platform") == "cpu":
+        return ""
+    return m.get("gpu") or ((m.get("provenance") or {}).get("machine") or {}).get("gpu", "") or ""
+
+
 def collect(run_dirs: Iterable[Path], groups: Mapping[str, str] | None = None) -> pd.DataFrame:
     """One row per run: its group keys, policy, seed and headline metrics (units in the names). ``groups``:
     run dir (as given) -> group name, where the parent folder's name is not the group (e.g. the sim grid)."""
@@ -118,7 +126,7 @@ def collect(run_dirs: Iterable[Path], groups: Mapping[str, str] | None = None) -
         rows.append({"run_dir": str(d), "group": (groups or {}).get(str(d), Path(d).parent.name), "lm": m["lm"], "platform": m["platform"], "mode": m.get("mode", "real"),
                      "engine_key": _engine_key(m), "nominal_rho": float(m.get("nominal_rho", m.get("rho", math.nan))),
                      "policy": m["policy"]["name"] if isinstance(m["policy"], dict) else str(m["policy"]),
-                     "seed": int(m.get("seed", 0)), "gpu": m.get("gpu", ""),
+                     "seed": int(m.get("seed", 0)), "gpu": _gpu(m),
                      **{k: m.get(k, math.nan) for k in (
                          "n_requests", "n_measured", "mean_rt_s", "p50_rt_s", "p99_rt_s", "mean_ttft_ms",
                          "p99_ttft_ms", "throughput_rps", "throughput_tok_s", "slo_miss_rate", "realized_rho",
