@@ -53,6 +53,7 @@ test-full: setup
 bench: setup
 	$(BIN)/python -m rtlm_lab.tasks.bench bench=uncertainty
 	$(BIN)/python -m rtlm_lab.tasks.bench bench=regressor
+	$(BIN)/python -m rtlm_lab.tasks.bench bench=predictor platform=cpu
 	$(BIN)/python -m rtlm_lab.tasks.bench bench=decode platform=cpu 'bench.lms=[gemma3_270m]' bench.n=8 bench.batch=4
 	$(BIN)/python -m rtlm_lab.tasks.bench bench=engine platform=cpu 'bench.lms=[dialogpt_ccc,smollm2_135m]' 'bench.concurrency=[1,8]' bench.max_new_tokens=48 bench.n_check=8
 

@@ -361,7 +361,9 @@ def run_continuous(cfg: Mapping[str, Any], run_dir: Path, profile: pd.DataFrame,
     online_update = bool(sched.get("online_update", False))
     if online_update and predictors is None:
         raise UserError("scheduler.online_update=true needs the fitted predictors (scheduler.online_predictions=true)")
-    if online_update:
+    from rtlm_lab.scheduler.predproc import PredictorProcess
+
+    if online_update and not isinstance(predictors, PredictorProcess):  # a process serves its own copy already
         import copy
 
         predictors = copy.deepcopy(predictors)

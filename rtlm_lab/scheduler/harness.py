@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -154,6 +155,8 @@ def run_experiment(cfg: Mapping[str, Any], run_dir: Path, profile_path: Path, pr
     except Exception as exc:  # noqa: BLE001
         raise UserError(f"cannot read profile {profile_path}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
     slo_k = float(sched.get("slo_k", 5.0))
+    if not isinstance(sched.get("predictor_process", False), bool):
+        raise UserError(f"scheduler.predictor_process must be true or false (got {sched.get('predictor_process')!r})")
     if not slo_k > 0:
         raise UserError(f"scheduler.slo_k must be > 0 (got {slo_k})")
     from rtlm_lab.scheduler.workload import check_workload
@@ -193,10 +196,16 @@ def run_experiment(cfg: Mapping[str, Any], run_dir: Path, profile_path: Path, pr
     if engine != "continuous" and n_offload:
         extra["placement_typical_tokens"] = float(policy.typical_tokens)
 
+    from rtlm_lab.scheduler.predproc import serving_predictors
+
+    if mode == "real" and predictors is not None and policy.needs:
+        # scheduler.predictor_process: the predictors in their own process (rtlm_lab/scheduler/predproc.py)
+        extra["predictor_process"] = bool(sched.get("predictor_process", False))
     if engine == "continuous":
         from rtlm_lab.scheduler.continuous import run_continuous
 
-        records, m, trace = run_continuous(cfg, run_dir, profile, predictors, held, progress)
+        with (serving_predictors(predictors, sched) if mode == "real" else nullcontext(predictors)) as served:
+            records, m, trace = run_continuous(cfg, run_dir, profile, served, held, progress)
         info = m.pop("workload")
         main_service, offload_service = None, None
     elif mode == "sim":
@@ -216,8 +225,9 @@ def run_experiment(cfg: Mapping[str, Any], run_dir: Path, profile_path: Path, pr
         if given is not None:
             extra["prediction_cost_source"] = str((sched.get("prediction_cost_s") or {}).get("source", "given"))
     else:
-        records, m, main_service, offload_service, trace, info = _run_real(
-            cfg, lm_spec, platform, sched, workload, seed, policy, held, predictors, slo_k, n_offload, progress)
+        with serving_predictors(predictors, sched) as served:
+            records, m, main_service, offload_service, trace, info = _run_real(
+                cfg, lm_spec, platform, sched, workload, seed, policy, held, served, slo_k, n_offload, progress)
     missing = set(trace["request_id"].astype(str)) - set(records["request_id"].astype(str)) if len(records) else set(trace["request_id"])
     if missing or m["n_unique_completed"] != len(trace):
         raise RuntimeError(f"{len(missing)} request(s) not accounted for: {sorted(missing)[:5]}")

@@ -1,9 +1,11 @@
-"""``rtlm-bench``: one micro-benchmark, ``bench=uncertainty|regressor|decode`` (see ``conf/bench/``).
+"""``rtlm-bench``: one micro-benchmark, ``bench=uncertainty|regressor|decode|engine|predictor`` (see ``conf/bench/``).
 
 * ``bench=uncertainty``: :func:`rtlm_lab.uncertainty.bench.bench` -> ``outputs/bench/uncertainty.json``;
 * ``bench=regressor``: :func:`rtlm_lab.regressor.bench.bench` -> ``outputs/bench/regressor.json``;
 * ``bench=decode``: :func:`rtlm_lab.lm.bench_decode.bench` on ``platform`` -> ``outputs/bench/decode_<platform>.json``;
-* ``bench=engine``: :func:`rtlm_lab.lm.bench_engine.bench_engine` on ``platform`` -> ``outputs/bench/engine.json``.
+* ``bench=engine``: :func:`rtlm_lab.lm.bench_engine.bench_engine` on ``platform`` -> ``outputs/bench/engine.json``;
+* ``bench=predictor``: :func:`rtlm_lab.scheduler.bench_predictor.bench` -> ``outputs/bench/predictor_<platform>.json``
+  (the predictors in the serving process vs in their own, beside a busy engine).
 
 Examples::
 
@@ -32,6 +34,11 @@ def bench(cfg: DictConfig):
         from rtlm_lab.regressor.bench import bench as run
 
         return run(int(b.n_single), int(b.batch), int(b.repeats), b.out, config=config)
+    if b.name == "predictor":
+        from rtlm_lab.scheduler.bench_predictor import bench as run
+
+        platform = OmegaConf.to_container(cfg.platform, resolve=True)
+        return run(int(b.n_single), str(b.lm), b.out, config={**config, "platform": platform["name"]}, platform=platform)
     if b.name == "engine":
         from rtlm_lab.lm.bench_engine import bench_engine
 

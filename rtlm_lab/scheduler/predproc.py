@@ -1,0 +1,127 @@
+"""The fitted length predictors served from their own process (``scheduler.predictor_process=true``).
+
+Why: by default the predictors run in the serving process, beside the engine (the static path's dispatcher
+calls them per arrival while the GPU worker thread decodes; the continuous engine's predictor thread runs
+beside its step loop). A MiniLM embedding is a few hundred small torch ops, each releasing and re-taking the
+GIL: beside a Python-heavy decode loop every re-take can wait a switch interval (the convoy effect), so the
+prediction slows down exactly when the engine is busy, arrivals are admitted late and in bursts, the engine gets
+busier still. On the H200's static path the MiniLM policies fell into that state in some seeds (prediction
+1-60 s per run; ``make bench`` times the effect on this machine: ``outputs/bench/predictor_<platform>.json``).
+A separate process has its own interpreter: the serving process only waits on a pipe (GIL released).
+
+The proxy has the methods the engines call (``predict_one``, ``predict_batch``, ``predict_many``, ``update``),
+so it is a drop-in for :class:`~rtlm_lab.scheduler.predictions.Predictors`; ``predict_one`` times the round
+trip (pipe included): every cost stays on the clock. The process is spawned (no CUDA state inherited) with the
+predictors pickled, and started before the clock starts.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import threading
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping, Sequence
+
+_METHODS = ("predict_one", "predict_batch", "predict_many", "update")
+
+
+def _serve(conn, predictors, threads: int | None) -> None:  # pragma: no cover - runs in the child process
+    import torch
+
+    if threads:
+        torch.set_num_threads(int(threads))
+    conn.send((True, "ready"))
+    while True:
+        try:
+            msg = conn.recv()
+        except EOFError:
+            return
+        if msg is None:
+            return
+        name, args = msg
+        try:
+            conn.send((True, getattr(predictors, name)(*args)))
+        except Exception as exc:  # noqa: BLE001 - re-raised in the serving process
+            conn.send((False, f"{type(exc).__name__}: {exc}"))
+
+
+class PredictorProcess:
+    """Fitted predictors in a spawned process. ``threads``: the child's torch threads (None: torch's default)."""
+
+    def __init__(self, predictors, threads: int | None = None, timeout_s: float = 600.0):
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._lock = threading.Lock()  # the predictor thread and the online-update callback share one pipe
+        self.timeout_s = float(timeout_s)
+        self.threads = threads
+        self.proc = ctx.Process(target=_serve, args=(child, predictors, threads), name="predictor", daemon=True)
+        self.proc.start()
+        child.close()
+        self._recv()  # "ready": the predictors are unpickled (their models load on the first call)
+
+    def _recv(self) -> Any:
+        if not self._conn.poll(self.timeout_s):
+            raise RuntimeError(f"predictor process gave no answer in {self.timeout_s:.0f} s")
+        try:
+            ok, val = self._conn.recv()
+        except EOFError:
+            raise RuntimeError(f"predictor process died (exit code {self.proc.exitcode})") from None
+        if not ok:
+            raise RuntimeError(f"predictor process: {val}")
+        return val
+
+    def _call(self, name: str, *args) -> Any:
+        with self._lock:
+            self._conn.send((name, args))
+            return self._recv()
+
+    def predict_one(self, text: str, columns: Sequence[str]) -> tuple[dict[str, float], float]:
+        """As :meth:`Predictors.predict_one`; the seconds are the round trip seen by the caller."""
+        t0 = time.perf_counter()
+        out, _child_s = self._call("predict_one", str(text), tuple(columns))
+        return out, time.perf_counter() - t0
+
+    def predict_batch(self, texts: Sequence[str], columns: Sequence[str]) -> list[dict[str, float]]:
+        return self._call("predict_batch", [str(t) for t in texts], tuple(columns))
+
+    def predict_many(self, texts: Sequence[str]):
+        return self._call("predict_many", [str(t) for t in texts])
+
+    def update(self, texts: Sequence[str], lengths: Sequence[float]) -> int:
+        return self._call("update", [str(t) for t in texts], [float(v) for v in lengths])
+
+    def close(self) -> None:
+        if self.proc.is_alive():
+            try:
+                with self._lock:
+                    self._conn.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+            self.proc.join(timeout=10)
+            if self.proc.is_alive():
+                self.proc.kill()
+        self._conn.close()
+
+    def __enter__(self) -> "PredictorProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@contextmanager
+def serving_predictors(predictors, sched: Mapping[str, Any]) -> Iterator[Any]:
+    """The predictors as the run serves them: themselves (``scheduler.predictor_process=false``, the default and
+    every committed run before it existed) or a :class:`PredictorProcess` with the serving process's torch
+    threads, closed when the run ends."""
+    if predictors is None or not bool(sched.get("predictor_process", False)):
+        yield predictors
+        return
+    import torch
+
+    proc = PredictorProcess(predictors, threads=torch.get_num_threads())
+    try:
+        yield proc
+    finally:
+        proc.close()
