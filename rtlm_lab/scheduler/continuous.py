@@ -380,7 +380,7 @@ def run_continuous(cfg: Mapping[str, Any], run_dir: Path, profile: pd.DataFrame,
         predictors.predict_batch(texts[:2], needs)
         cost = PredCost()
     elif given is not None:  # sim: a per-request cost measured elsewhere (scheduler.prediction_cost_s)
-        cost = PredCost(a=0.0, b=given)
+        cost = PredCost(a=0.0, b=given[0])
     else:
         cost = _pred_cost(predictors, texts, needs) if timed else PredCost()
     probe_meta = None
@@ -424,8 +424,8 @@ def run_continuous(cfg: Mapping[str, Any], run_dir: Path, profile: pd.DataFrame,
     m.update({"engine": "continuous", "engine_config": ecfg, "step_model": step_model.to_dict(),
               "capacity": cap, "prediction_cost": cost.to_dict() if not online else "measured online",
               "prediction_cost_timed": bool((timed and given is None) or online),
-              "prediction_cost_source": (str((sched.get("prediction_cost_s") or {}).get("source", "given"))
-                                         if given is not None else "timed here" if timed or online else "free"),
+              "prediction_cost_source": (given[1] if given is not None
+                                         else "timed here" if timed or online else "free"),
               "online_predictions": online or uses_state, "n_engines": len(engines),
               "online_update": online_update, "n_online_updates": int(n_updates[0])})
     if probe_meta is not None:

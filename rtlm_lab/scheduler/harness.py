@@ -215,7 +215,7 @@ def run_experiment(cfg: Mapping[str, Any], run_dir: Path, profile_path: Path, pr
         trace, info = make_trace(held, main_service, workload, seed)
         reqs = to_requests(trace, main_service, keep_predictions=True)
         given = given_prediction_cost(sched, policy.needs)
-        per_req = (given if given is not None
+        per_req = (given[0] if given is not None
                    else _prediction_cost(predictors, trace, policy.needs, int(sched.get("overhead_samples", 20))))
         from rtlm_lab.scheduler.sim import simulate
 
@@ -223,7 +223,7 @@ def run_experiment(cfg: Mapping[str, Any], run_dir: Path, profile_path: Path, pr
         records, m = simulate(reqs, policy, workers, slo_k=slo_k, prediction_s_per_request=per_req)
         extra["prediction_s_per_request"] = per_req
         if given is not None:
-            extra["prediction_cost_source"] = str((sched.get("prediction_cost_s") or {}).get("source", "given"))
+            extra["prediction_cost_source"] = given[1]
     else:
         with serving_predictors(predictors, sched) as served:
             records, m, main_service, offload_service, trace, info = _run_real(
@@ -276,19 +276,21 @@ def _foreign_predictors(path: Path, profile: pd.DataFrame, heldout_frac: float, 
     return predictors, held
 
 
-def given_prediction_cost(sched: Mapping[str, Any], needs) -> float | None:
+def given_prediction_cost(sched: Mapping[str, Any], needs) -> tuple[float, str] | None:
     """Sim mode: the per-request prediction cost ``scheduler.prediction_cost_s`` gives for these prediction
     columns (seconds; ``uncertainty`` comes with ``pred_rtlm``), e.g. measured on the platform the simulation
-    stands for; ``None`` where no cost is given (then it is timed on this machine)."""
+    stands for, and where it was measured (its ``source``, else "given"); ``None`` where no cost is given
+    (then it is timed on this machine)."""
     cost = sched.get("prediction_cost_s")
     if not cost:
         return None
+    source = str(cost.get("source", "given"))
     cols = [c for c in needs if c != "uncertainty"]
     missing = [c for c in cols if c not in cost]
     if missing:
         raise UserError(f"scheduler.prediction_cost_s gives no cost for {missing} (it has {sorted(cost)})")
     try:
-        return sum(float(cost[c]) for c in cols)
+        return sum(float(cost[c]) for c in cols), source
     except (TypeError, ValueError):
         raise UserError(f"scheduler.prediction_cost_s values must be seconds (got {dict(cost)})") from None
 

@@ -251,14 +251,20 @@ def summarize(table: pd.DataFrame) -> pd.DataFrame:
 SUMMARY = "sim_error_summary"
 
 
+def _root(root: Path | None) -> Path:
+    """``root``, or the committed scheduler reference folder."""
+    if root is not None:
+        return Path(root)
+    from rtlm_lab.scheduler.analysis import reference_root
+
+    return Path(reference_root())
+
+
 def summary_all(root: Path | None = None) -> pd.DataFrame:
     """Every committed sim-error table (``sim_error*.csv`` under ``root``) in one: per table and model, the LM
     and platform of its runs, what the model was fitted on (``calibration``), and :func:`summarize`'s error
     columns. Written as ``sim_error_summary.csv`` / ``.md`` by :func:`build`."""
-    if root is None:
-        from rtlm_lab.scheduler.analysis import reference_root
-
-        root = reference_root()
+    root = _root(root)
     rows = []
     for f in sorted(Path(root).glob("sim_error*.csv")):
         if f.stem == SUMMARY:
@@ -285,10 +291,7 @@ def summary_all(root: Path | None = None) -> pd.DataFrame:
 def write_summary(root: Path | None = None) -> pd.DataFrame:
     from rtlm_lab.io import atomic_path, write_text_atomic
 
-    if root is None:
-        from rtlm_lab.scheduler.analysis import reference_root
-
-        root = reference_root()
+    root = _root(root)
     df = summary_all(root)
     with atomic_path(Path(root) / f"{SUMMARY}.csv") as tmp:
         df.round(4).to_csv(tmp, index=False)
