@@ -9,6 +9,9 @@
 #                                             seeds outermost (a cut-off call leaves whole seeds, not whole
 #                                             policies, missing) and resumable while the machine is warm
 #   bash tools/device/job_round23.sh smollm2  SmolLM2 continuous runs: SPOL policies, SSEEDS seeds (runs.py)
+#   bash tools/device/job_round23.sh predbench  rtlm-bench bench=predictor platform=cuda: predictions in the serving
+#                                             process vs their own, beside a real GPU decode thread (~1-2 min)
+# SX: extra rtlm-schedule overrides for `static`, e.g. SX="scheduler.predictor_process=true"
 set -o pipefail
 . tools/device/env.sh  # .whl install, environment, log filter F, GPU line
 case "$1" in
@@ -35,7 +38,7 @@ static)
     for lm in ${SLMS:-blenderbot_ccc godel_ccc}; do
         timeout ${ST:-540} python3 -m rtlm_lab.tasks.schedule -m lm=$lm platform=cuda mode=real scheduler.engine=static \
             seed=${SSEEDS:-0,1,2} policy=${SPOLS:-fcfs,oracle_sjf,rtlm,sjf_proxy,ltr} workload.n_requests=${SN:-300} \
-            scheduler.figures=false 2>&1 | grep -v -i -E "$F" | grep -E "static engine|ERROR|Error|rror:|already done" \
+            scheduler.figures=false ${SX:-} 2>&1 | grep -v -i -E "$F" | grep -E "static engine|ERROR|Error|rror:|already done" \
             | tee -a $OUT/static.log
     done
     tar czf $OUT/static.tar.gz -C /tmp rtlm/schedule ;;
@@ -44,6 +47,9 @@ smollm2)
     timeout ${SS:-540} python3 tools/device/runs.py /tmp/runsS smollm2_135m 1000 0.9 ${SPOL:-ltr} ${SSEEDS:-2} \
         $PWD/.device_carry/train_smollm2_135m.parquet 2>&1 | grep -v -i -E "$F" | tee $OUT/smollm2.log
     tar czf $OUT/runsS.tar.gz -C /tmp runsS ;;
-*) echo "usage: job_round23.sh probe|static|smollm2"; exit 2 ;;
+predbench)
+    timeout ${PB:-300} python3 -m rtlm_lab.tasks.bench bench=predictor platform=cuda bench.out=$OUT/predictor_cuda.json \
+        2>&1 | grep -v -i -E "$F" | tee $OUT/predbench.log ;;
+*) echo "usage: job_round23.sh probe|static|smollm2|predbench"; exit 2 ;;
 esac
 ls -la $OUT
