@@ -50,6 +50,8 @@ def test_serving_predictors_is_the_object_itself_unless_asked(fitted):
     with serving_predictors(pred, {"predictor_process": True}) as p:
         assert isinstance(p, PredictorProcess) and p.proc.is_alive()
     assert not p.proc.is_alive()
+    with serving_predictors(pred, {"predictor_process": True, "predictor_threads": 1}) as p:
+        assert p.threads == 1 and p.predict_one("hello there", ["pred_rtlm"])[0]
 
 
 def test_static_executor_serves_a_run_through_the_process(fitted, tiny_causal_dir):
@@ -71,3 +73,23 @@ def test_static_executor_serves_a_run_through_the_process(fitted, tiny_causal_di
     assert m["n_unique_completed"] == 6 and m["prediction_s"] > 0
     for r in reqs:  # every request was predicted by the child, with the fitted predictor's values
         assert r.pred["pred_rtlm"] == pytest.approx(pred.predict_one(r.text, ["pred_rtlm"])[0]["pred_rtlm"])
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["scheduler.predictor_process=yes"], "scheduler.predictor_process must be true or false"),
+    (["scheduler.predictor_threads=2"], "needs scheduler.predictor_process=true"),
+    (["scheduler.predictor_process=true", "scheduler.predictor_threads=0"], "must be a positive integer"),
+])
+def test_cli_bad_predictor_settings_are_one_line(tmp_path, args, msg):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    res = subprocess.run([sys.executable, "-m", "rtlm_lab.tasks.schedule", "mode=sim", "lm=gemma3_270m",
+                          "platform=cpu", *args], cwd=ROOT, env={**os.environ, "RTLM_OUTPUT_DIR": str(tmp_path)},
+                         capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+    assert res.returncode == 2 and len(lines) == 1 and msg in lines[0], res.stderr[-2000:]
+    assert not list(tmp_path.rglob("metrics.json"))

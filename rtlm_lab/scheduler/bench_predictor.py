@@ -3,7 +3,8 @@
 ``rtlm-bench bench=predictor`` (:func:`bench`) times one prediction per arriving request (``predict_one``, as the
 static path's dispatcher calls it) for RT-LM's predictor (spaCy features + ridge) and the MiniLM proxy, in the
 serving process (``scheduler.predictor_process=false``, every committed run) and through
-:class:`~rtlm_lab.scheduler.predproc.PredictorProcess` (``true``), under three conditions:
+:class:`~rtlm_lab.scheduler.predproc.PredictorProcess` (``true``; with ``bench.process_threads``, a third mode:
+the process with that many torch threads, ``scheduler.predictor_threads``), under three conditions:
 
 * ``alone``: nothing else runs;
 * ``beside_decode``: a thread of the same process decodes with a real LM (``bench.lm``) on ``platform`` (cpu:
@@ -42,7 +43,7 @@ def _decode_loop(lm, texts, stop: threading.Event) -> None:
 
 
 def run_bench(n_single: int = 24, lm_name: str = "dialogpt_ccc", fit_profile: Path | None = None,
-              platform: Mapping[str, Any] | None = None) -> dict:
+              platform: Mapping[str, Any] | None = None, process_threads: int | None = None) -> dict:
     from rtlm_lab.errors import UserError
     from rtlm_lab.lm.loader import lm_config, load_lm
     from rtlm_lab.paths import reference_dir
@@ -64,8 +65,12 @@ def run_bench(n_single: int = 24, lm_name: str = "dialogpt_ccc", fit_profile: Pa
     res: dict[str, Any] = {"fit_profile": str(fit_profile), "lm": lm_name, "platform": platform.get("name"),
                            "decode_device": str(platform.get("device", "cpu")), "n_single": len(prompts),
                            "torch_threads": threads, "ms": {}}
-    with PredictorProcess(pred, threads=threads) as proc:
+    res["process_threads"] = process_threads
+    with PredictorProcess(pred, threads=threads) as proc, \
+            PredictorProcess(pred, threads=process_threads or threads) as proc_k:
         modes = {"thread": pred, "process": proc}
+        if process_threads:  # a third mode: the process with fewer threads (scheduler.predictor_threads)
+            modes[f"process_{process_threads}t"] = proc_k
         for p in modes.values():  # warm-up: spaCy and MiniLM load
             p.predict_one(prompts[0], ("pred_rtlm", "pred_proxy"))
         for cond in ("alone", "beside_decode", "beside_host_loop"):
@@ -91,17 +96,19 @@ def run_bench(n_single: int = 24, lm_name: str = "dialogpt_ccc", fit_profile: Pa
             res["ms"][cond] = {f"{m}/{mode}": statistics.median(v) * 1e3 for (m, mode), v in t.items()}
     ms = res["ms"]
     res["beside_over_alone"] = {c: {k: v / ms["alone"][k] for k, v in ms[c].items()} for c in ms if c != "alone"}
-    res["process_over_thread"] = {c: {m: ms[c][f"{m}/process"] / ms[c][f"{m}/thread"] for m in METHODS} for c in ms}
+    res["process_over_thread"] = {c: {f"{m}/{mode}": ms[c][f"{m}/{mode}"] / ms[c][f"{m}/thread"]
+                                      for m in METHODS for mode in modes if mode != "thread"} for c in ms}
     return res
 
 
 def bench(n_single: int = 24, lm_name: str = "dialogpt_ccc", out: str | Path | None = None,
-          config: Mapping[str, Any] | None = None, platform: Mapping[str, Any] | None = None) -> dict:
+          config: Mapping[str, Any] | None = None, platform: Mapping[str, Any] | None = None,
+          process_threads: int | None = None) -> dict:
     """:func:`run_bench`, written to ``out`` (default outputs/bench/predictor_<platform>.json) with its provenance."""
     from rtlm_lab.io import provenance, write_json_atomic
     from rtlm_lab.paths import outputs_dir
 
-    res = run_bench(n_single, lm_name, platform=platform)
+    res = run_bench(n_single, lm_name, platform=platform, process_threads=process_threads)
     res["provenance"] = provenance(config)
     out = Path(out) if out else outputs_dir() / "bench" / f"predictor_{res['platform']}.json"
     write_json_atomic(out, res)

@@ -157,6 +157,12 @@ def run_experiment(cfg: Mapping[str, Any], run_dir: Path, profile_path: Path, pr
     slo_k = float(sched.get("slo_k", 5.0))
     if not isinstance(sched.get("predictor_process", False), bool):
         raise UserError(f"scheduler.predictor_process must be true or false (got {sched.get('predictor_process')!r})")
+    pt = sched.get("predictor_threads")
+    if pt is not None and (isinstance(pt, bool) or not isinstance(pt, int) or pt < 1):
+        raise UserError(f"scheduler.predictor_threads must be a positive integer or null (got {pt!r})")
+    if pt is not None and not sched.get("predictor_process", False):
+        raise UserError("scheduler.predictor_threads sets the predictor process's threads: it needs "
+                        "scheduler.predictor_process=true")
     if not slo_k > 0:
         raise UserError(f"scheduler.slo_k must be > 0 (got {slo_k})")
     from rtlm_lab.scheduler.workload import check_workload
@@ -201,6 +207,10 @@ def run_experiment(cfg: Mapping[str, Any], run_dir: Path, profile_path: Path, pr
     if mode == "real" and predictors is not None and policy.needs:
         # scheduler.predictor_process: the predictors in their own process (rtlm_lab/scheduler/predproc.py)
         extra["predictor_process"] = bool(sched.get("predictor_process", False))
+        if extra["predictor_process"]:
+            import torch
+
+            extra["predictor_threads"] = int(sched.get("predictor_threads") or torch.get_num_threads())
     if engine == "continuous":
         from rtlm_lab.scheduler.continuous import run_continuous
 

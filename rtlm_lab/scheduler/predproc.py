@@ -9,6 +9,13 @@ busier still. On the H200's static path the MiniLM policies fell into that state
 1-60 s per run; ``make bench`` times the effect on this machine: ``outputs/bench/predictor_<platform>.json``).
 A separate process has its own interpreter: the serving process only waits on a pipe (GIL released).
 
+The GIL is not the only contention: a MiniLM embedding on the CPU runs torch's intra-op threads (by default one
+per core), and a parallel region waits for its slowest thread; where the engine's host thread or the CPU
+offload workers keep cores busy, some of those threads wait for a core. On the H200 host a MiniLM prediction
+beside a real GPU decode thread took 10x its time alone in the serving process and 34x in a process of its own
+with 16 threads (``outputs/reference/bench/predictor_cuda.json``). ``scheduler.predictor_threads`` gives the
+predictor process fewer threads (the cores the engine and the workers leave free).
+
 The proxy has the methods the engines call (``predict_one``, ``predict_batch``, ``predict_many``, ``update``),
 so it is a drop-in for :class:`~rtlm_lab.scheduler.predictions.Predictors`; ``predict_one`` times the round
 trip (pipe included): every cost stays on the clock. The process is spawned (no CUDA state inherited) with the
@@ -113,14 +120,14 @@ class PredictorProcess:
 @contextmanager
 def serving_predictors(predictors, sched: Mapping[str, Any]) -> Iterator[Any]:
     """The predictors as the run serves them: themselves (``scheduler.predictor_process=false``, the default and
-    every committed run before it existed) or a :class:`PredictorProcess` with the serving process's torch
-    threads, closed when the run ends."""
+    every committed run before it existed) or a :class:`PredictorProcess` with ``scheduler.predictor_threads``
+    torch threads (null: the serving process's), closed when the run ends."""
     if predictors is None or not bool(sched.get("predictor_process", False)):
         yield predictors
         return
     import torch
 
-    proc = PredictorProcess(predictors, threads=torch.get_num_threads())
+    proc = PredictorProcess(predictors, threads=int(sched.get("predictor_threads") or torch.get_num_threads()))
     try:
         yield proc
     finally:

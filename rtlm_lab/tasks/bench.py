@@ -38,7 +38,8 @@ def bench(cfg: DictConfig):
         from rtlm_lab.scheduler.bench_predictor import bench as run
 
         platform = OmegaConf.to_container(cfg.platform, resolve=True)
-        return run(int(b.n_single), str(b.lm), b.out, config={**config, "platform": platform["name"]}, platform=platform)
+        return run(int(b.n_single), str(b.lm), b.out, config={**config, "platform": platform["name"]}, platform=platform,
+                   process_threads=int(b.process_threads) if b.get("process_threads") else None)
     if b.name == "engine":
         from rtlm_lab.lm.bench_engine import bench_engine
 
