@@ -2,19 +2,14 @@
 
 Why: by default the predictors run in the serving process, beside the engine (the static path's dispatcher
 calls them per arrival while the GPU worker thread decodes; the continuous engine's predictor thread runs
-beside its step loop). A MiniLM embedding is a few hundred small torch ops, each releasing and re-taking the
-GIL: beside a Python-heavy decode loop every re-take can wait a switch interval (the convoy effect), so the
-prediction slows down exactly when the engine is busy, arrivals are admitted late and in bursts, the engine gets
-busier still. On the H200's static path the MiniLM policies fell into that state in some seeds (prediction
-1-60 s per run; ``make bench`` times the effect on this machine: ``outputs/bench/predictor_<platform>.json``).
-A separate process has its own interpreter: the serving process only waits on a pipe (GIL released).
-
-The GIL is not the only contention: a MiniLM embedding on the CPU runs torch's intra-op threads (by default one
-per core), and a parallel region waits for its slowest thread; where the engine's host thread or the CPU
-offload workers keep cores busy, some of those threads wait for a core. On the H200 host a MiniLM prediction
-beside a real GPU decode thread took 10x its time alone in the serving process and 34x in a process of its own
-with 16 threads (``outputs/reference/bench/predictor_cuda.json``). ``scheduler.predictor_threads`` gives the
-predictor process fewer threads (the cores the engine and the workers leave free).
+beside its step loop). There they contend with the engine twice. The first is the GIL: a MiniLM embedding is a
+few hundred small torch calls, each releasing and re-taking it, and beside a Python-bound thread every re-take
+can wait a switch interval; a separate process has its own interpreter. The second is cores: torch's intra-op
+threads (one per core by default) wait for the cores the engine's host thread and the CPU offload workers keep
+busy, since a parallel region waits for its slowest thread. On the H200 host a MiniLM prediction beside a real
+GPU decode thread took 10x its time alone in the serving process and 34x in a process of its own with 16
+threads (``outputs/reference/bench/predictor_cuda.json``, ``rtlm-bench bench=predictor``): there the cores
+matter, and ``scheduler.predictor_threads`` gives the predictor process fewer of them.
 
 The proxy has the methods the engines call (``predict_one``, ``predict_batch``, ``predict_many``, ``update``),
 so it is a drop-in for :class:`~rtlm_lab.scheduler.predictions.Predictors`; ``predict_one`` times the round
