@@ -43,14 +43,16 @@ def test_process_answers_as_the_in_process_predictors(fitted):
 
 def test_serving_predictors_is_the_object_itself_unless_asked(fitted):
     pred, _ = fitted
-    with serving_predictors(pred, {}) as p:
+    with serving_predictors(pred, {}, COLS) as p:
         assert p is pred
-    with serving_predictors(None, {"predictor_process": True}) as p:
+    with serving_predictors(None, {"predictor_process": True}, COLS) as p:
         assert p is None
-    with serving_predictors(pred, {"predictor_process": True}) as p:
+    with serving_predictors(pred, {"predictor_process": True}, ()) as p:  # a policy that predicts nothing
+        assert p is pred
+    with serving_predictors(pred, {"predictor_process": True}, COLS) as p:
         assert isinstance(p, PredictorProcess) and p.proc.is_alive()
     assert not p.proc.is_alive()
-    with serving_predictors(pred, {"predictor_process": True, "predictor_threads": 1}) as p:
+    with serving_predictors(pred, {"predictor_process": True, "predictor_threads": 1}, COLS) as p:
         assert p.threads == 1 and p.predict_one("hello there", ["pred_rtlm"])[0]
 
 

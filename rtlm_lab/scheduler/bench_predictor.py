@@ -22,6 +22,7 @@ from __future__ import annotations
 import statistics
 import threading
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -64,12 +65,11 @@ def run_bench(n_single: int = 24, lm_name: str = "dialogpt_ccc", fit_profile: Pa
     prompts = texts[:n_single]
     res: dict[str, Any] = {"fit_profile": str(fit_profile), "lm": lm_name, "platform": platform.get("name"),
                            "decode_device": str(platform.get("device", "cpu")), "n_single": len(prompts),
-                           "torch_threads": threads, "ms": {}}
-    res["process_threads"] = process_threads
+                           "torch_threads": threads, "process_threads": process_threads, "ms": {}}
     with PredictorProcess(pred, threads=threads) as proc, \
-            PredictorProcess(pred, threads=process_threads or threads) as proc_k:
+            (PredictorProcess(pred, threads=process_threads) if process_threads else nullcontext()) as proc_k:
         modes = {"thread": pred, "process": proc}
-        if process_threads:  # a third mode: the process with fewer threads (scheduler.predictor_threads)
+        if proc_k is not None:  # a third mode: the process with fewer threads (scheduler.predictor_threads)
             modes[f"process_{process_threads}t"] = proc_k
         for p in modes.values():  # warm-up: spaCy and MiniLM load
             p.predict_one(prompts[0], ("pred_rtlm", "pred_proxy"))

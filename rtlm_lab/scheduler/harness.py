@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -155,14 +154,9 @@ def run_experiment(cfg: Mapping[str, Any], run_dir: Path, profile_path: Path, pr
     except Exception as exc:  # noqa: BLE001
         raise UserError(f"cannot read profile {profile_path}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
     slo_k = float(sched.get("slo_k", 5.0))
-    if not isinstance(sched.get("predictor_process", False), bool):
-        raise UserError(f"scheduler.predictor_process must be true or false (got {sched.get('predictor_process')!r})")
-    pt = sched.get("predictor_threads")
-    if pt is not None and (isinstance(pt, bool) or not isinstance(pt, int) or pt < 1):
-        raise UserError(f"scheduler.predictor_threads must be a positive integer or null (got {pt!r})")
-    if pt is not None and not sched.get("predictor_process", False):
-        raise UserError("scheduler.predictor_threads sets the predictor process's threads: it needs "
-                        "scheduler.predictor_process=true")
+    from rtlm_lab.scheduler.predproc import check_settings, predictor_threads, serving_predictors
+
+    check_settings(sched)
     if not slo_k > 0:
         raise UserError(f"scheduler.slo_k must be > 0 (got {slo_k})")
     from rtlm_lab.scheduler.workload import check_workload
@@ -202,19 +196,16 @@ def run_experiment(cfg: Mapping[str, Any], run_dir: Path, profile_path: Path, pr
     if engine != "continuous" and n_offload:
         extra["placement_typical_tokens"] = float(policy.typical_tokens)
 
-    from rtlm_lab.scheduler.predproc import serving_predictors
-
-    if mode == "real" and predictors is not None and policy.needs:
-        # scheduler.predictor_process: the predictors in their own process (rtlm_lab/scheduler/predproc.py)
+    # real runs that predict: scheduler.predictor_process puts the predictors in their own process (predproc.py)
+    live_needs = tuple(policy.needs) if mode == "real" and predictors is not None else ()
+    if live_needs:
         extra["predictor_process"] = bool(sched.get("predictor_process", False))
         if extra["predictor_process"]:
-            import torch
-
-            extra["predictor_threads"] = int(sched.get("predictor_threads") or torch.get_num_threads())
+            extra["predictor_threads"] = predictor_threads(sched)
     if engine == "continuous":
         from rtlm_lab.scheduler.continuous import run_continuous
 
-        with (serving_predictors(predictors, sched) if mode == "real" else nullcontext(predictors)) as served:
+        with serving_predictors(predictors, sched, live_needs) as served:
             records, m, trace = run_continuous(cfg, run_dir, profile, served, held, progress)
         info = m.pop("workload")
         main_service, offload_service = None, None
@@ -235,7 +226,7 @@ def run_experiment(cfg: Mapping[str, Any], run_dir: Path, profile_path: Path, pr
         if given is not None:
             extra["prediction_cost_source"] = given[1]
     else:
-        with serving_predictors(predictors, sched) as served:
+        with serving_predictors(predictors, sched, live_needs) as served:
             records, m, main_service, offload_service, trace, info = _run_real(
                 cfg, lm_spec, platform, sched, workload, seed, policy, held, served, slo_k, n_offload, progress)
     missing = set(trace["request_id"].astype(str)) - set(records["request_id"].astype(str)) if len(records) else set(trace["request_id"])

@@ -25,9 +25,6 @@ import time
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping, Sequence
 
-_METHODS = ("predict_one", "predict_batch", "predict_many", "update")
-
-
 def _serve(conn, predictors, threads: int | None) -> None:  # pragma: no cover - runs in the child process
     import torch
 
@@ -112,17 +109,36 @@ class PredictorProcess:
         self.close()
 
 
-@contextmanager
-def serving_predictors(predictors, sched: Mapping[str, Any]) -> Iterator[Any]:
-    """The predictors as the run serves them: themselves (``scheduler.predictor_process=false``, the default and
-    every committed run before it existed) or a :class:`PredictorProcess` with ``scheduler.predictor_threads``
-    torch threads (null: the serving process's), closed when the run ends."""
-    if predictors is None or not bool(sched.get("predictor_process", False)):
-        yield predictors
-        return
+def check_settings(sched: Mapping[str, Any]) -> None:
+    """``scheduler.predictor_process`` / ``predictor_threads`` as given, else one-line :class:`UserError`."""
+    from rtlm_lab.errors import UserError
+
+    if not isinstance(sched.get("predictor_process", False), bool):
+        raise UserError(f"scheduler.predictor_process must be true or false (got {sched.get('predictor_process')!r})")
+    pt = sched.get("predictor_threads")
+    if pt is not None and (isinstance(pt, bool) or not isinstance(pt, int) or pt < 1):
+        raise UserError(f"scheduler.predictor_threads must be a positive integer or null (got {pt!r})")
+    if pt is not None and not sched.get("predictor_process", False):
+        raise UserError("scheduler.predictor_threads sets the predictor process's threads: it needs "
+                        "scheduler.predictor_process=true")
+
+
+def predictor_threads(sched: Mapping[str, Any]) -> int:
+    """The predictor process's torch threads: ``scheduler.predictor_threads``, else the serving process's."""
     import torch
 
-    proc = PredictorProcess(predictors, threads=int(sched.get("predictor_threads") or torch.get_num_threads()))
+    return int(sched.get("predictor_threads") or torch.get_num_threads())
+
+
+@contextmanager
+def serving_predictors(predictors, sched: Mapping[str, Any], needs: Sequence[str]) -> Iterator[Any]:
+    """The predictors as the run serves them: themselves (``scheduler.predictor_process=false``, the default and
+    every committed run before it existed; or nothing to predict: ``needs`` empty) or a
+    :class:`PredictorProcess` with :func:`predictor_threads` torch threads, closed when the run ends."""
+    if predictors is None or not needs or not bool(sched.get("predictor_process", False)):
+        yield predictors
+        return
+    proc = PredictorProcess(predictors, threads=predictor_threads(sched))
     try:
         yield proc
     finally:
