@@ -104,3 +104,23 @@ def test_every_real_cuda_row_names_its_gpu_and_sim_or_cpu_rows_none():
     assert _gpu({"mode": "sim", "platform": "cuda", **machine}) == ""
     assert _gpu({"mode": "real", "platform": "cpu", **machine}) == ""
     assert _gpu({"mode": "real", "platform": "cuda"}) == ""
+
+
+def test_adding_runs_to_a_group_keeps_what_earlier_additions_said(tmp_path):
+    """A group filled over two sessions (seeds 0-1, then seed 2): the second add_runs keeps the first's note and
+    run list under "earlier", and n_runs counts the whole group."""
+    from rtlm_lab.errors import UserError
+    from rtlm_lab.scheduler.analysis import add_runs
+
+    rng = np.random.default_rng(3)
+    first = [_run(tmp_path / "src", "a", p, s, rng.uniform(0.5, 1.5, 20)) for p in ("fcfs", "rtlm") for s in (0, 1)]
+    second = [_run(tmp_path / "src", "b", p, 2, rng.uniform(0.5, 1.5, 20)) for p in ("fcfs", "rtlm")]
+    add_runs(first, "g", root=tmp_path / "ref", note="seeds 0-1, session one")
+    add_runs(second, "g", root=tmp_path / "ref", note="seed 2, session two")
+    prov = json.loads((tmp_path / "ref/runs/g/provenance.json").read_text())
+    assert prov["note"] == "seed 2, session two" and prov["n_runs"] == 6 and prov["n_added"] == 2
+    assert [e["note"] for e in prov["earlier"]] == ["seeds 0-1, session one"]
+    assert len(prov["earlier"][0]["added"]["config"]["runs"]) == 4
+    (tmp_path / "ref/runs/g/provenance.json").write_text("{broken")
+    with pytest.raises(UserError, match="not JSON"):
+        add_runs(second, "g", root=tmp_path / "ref")

@@ -249,8 +249,22 @@ def add_runs(run_dirs: Sequence[Path], group: str, root: Path | None = None, not
             else:
                 copy_file_atomic(src, t / f)
         out.append(t)
-    write_json_atomic(dest / "provenance.json", {"note": note, "n_runs": len(out),
-                                                 "added": provenance({"group": group, "runs": [str(d) for d in run_dirs]})})
+    # a group filled over several sessions keeps what each addition said: the earlier provenance (its note,
+    # its "added" and its own "earlier") goes under "earlier", newest last; n_runs counts the whole group
+    prov_path = dest / "provenance.json"
+    earlier: list[dict] = []
+    if prov_path.is_file():
+        try:
+            old = json.loads(prov_path.read_text())
+        except json.JSONDecodeError:
+            raise UserError(f"{prov_path} is not JSON: fix or remove it before adding runs to {group}") from None
+        earlier = list(old.pop("earlier", [])) + [old]
+    n_group = sum(1 for p in dest.glob("*/metrics.json"))
+    prov = {"note": note, "n_runs": n_group, "n_added": len(out),
+            "added": provenance({"group": group, "runs": [str(d) for d in run_dirs]})}
+    if earlier:
+        prov["earlier"] = earlier
+    write_json_atomic(prov_path, prov)
     return out
 
 
