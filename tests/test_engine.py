@@ -152,6 +152,114 @@ def test_rtlm_places_by_predicted_completion_across_engines():
     assert "cpu" in where.values()        # once the fast queue is long enough, the slow engine helps
 
 
+def test_round_robin_takes_the_replicas_in_turn_and_leaves_offload_workers_out():
+    """policy.placement=round_robin: the main engines (GPU replicas) in turn whatever their load; a CPU
+    offload worker beside them gets nothing (round robin knows no service rates)."""
+    from rtlm_lab.scheduler.engine import Job
+
+    pol = make_policy("fcfs", {"placement": "round_robin"})
+    engines = [Engine(f"e{k}", SimBackend(UNIT), pol, 1, 4096, step_model=UNIT) for k in range(2)]
+    engines.append(Engine("cpu0", SimBackend(UNIT), pol, 1, 4096, kind="offload", step_model=UNIT))
+    for e in engines:
+        e.capacity_rps = 1.0
+    engines[0].add(Job(req=reqs([("busy", 0.0, 50)])[0]))  # e0 loaded: JSQ would avoid it, round robin does not
+    got = [pol.place(Job(req=r), engines, 0.0) for r in reqs([(f"r{i}", 0.0, 1) for i in range(5)])]
+    assert got == ["e0", "e1", "e0", "e1", "e0"]
+    jsq = make_policy("fcfs")
+    assert jsq.placement == "jsq" and jsq.place(Job(req=reqs([("x", 0.0, 1)])[0]), engines, 0.0) != "e0"
+    jobs, _ = run([(f"r{i:02d}", 0.1 * i, 1 + i % 3) for i in range(12)], "fcfs", n_engines=2)
+    assert sorted(jobs) == [f"r{i:02d}" for i in range(12)]
+
+
+def test_bad_placement_is_a_user_error():
+    from rtlm_lab.errors import UserError
+
+    with pytest.raises(UserError, match="policy.placement must be one of jsq, round_robin, predicted"):
+        make_policy("fcfs", {"placement": "random"})
+    assert make_policy("rtlm").placement == "predicted" and make_policy("rtlm_no_offload").placement == "predicted"
+    assert make_policy("rtlm", {"placement": "round_robin"}).describe()["placement"] == "round_robin"
+
+
+def test_predicted_placement_uses_the_policys_own_lengths():
+    """RT-LM's predicted completion counts each placed job's *predicted* tokens (its ``pred_rtlm``): one long
+    job on e0 weighs more than three short ones on e1. (It once read a column no one wrote and assumed 64
+    tokens for every job, which made it a JSQ by count.) The oracle uses the true lengths, FCFS the typical
+    reply."""
+    from rtlm_lab.scheduler.engine import Job
+
+    model = StepModel(a=0.01)
+
+    def placed(policy):
+        pol = make_policy(policy)
+        engines = [Engine(f"e{k}", SimBackend(model), pol, 1, 4096, step_model=model) for k in range(2)]
+        engines[0].add(Job(req=reqs([("long", 0.0, 100)])[0]))
+        for i in range(3):
+            engines[1].add(Job(req=reqs([(f"short{i}", 0.0, 2)])[0]))
+        return pol, engines
+
+    pol, engines = placed("rtlm")
+    new = Job(req=reqs([("new", 0.0, 5)])[0])
+    assert engines[0].predicted_completion(new, 0.0) > engines[1].predicted_completion(new, 0.0)
+    assert pol.place(new, engines, 0.0) == "e1"
+    pol, engines = placed("oracle_srpt")
+    assert make_policy("oracle_srpt", {"placement": "predicted"}).place(new, engines, 0.0) == "e1"
+    fcfs = make_policy("fcfs", {"placement": "predicted"})  # no length knowledge: four typical replies vs one
+    for e in engines:
+        e.policy = fcfs
+    assert fcfs.place(new, engines, 0.0) == "e0"
+
+
+class _Boom(SimBackend):
+    def step(self, engine, now, clock):
+        if engine.n_steps >= 2:
+            raise RuntimeError("device lost")
+        return super().step(engine, now, clock)
+
+
+def test_engine_threads_overlap_the_replicas_steps_and_account_every_request():
+    """A wall-clock run with two replicas steps each on its own thread (the default there): their steps
+    overlap in time, as two GPUs work at once; stepped in turn by one loop they never do. Every request is
+    served once either way, with the same tokens."""
+    model = StepModel(a=0.02)
+    spec = [(f"r{i:02d}", 0.0, 4 + i % 3) for i in range(12)]
+
+    def overlaps(facts):
+        a, b = (facts["steps"][e] for e in ("e0", "e1"))
+        return sum(((b["t_s"] < t + dt) & (b["t_s"] + b["dt_s"] > t)).sum() for t, dt in zip(a["t_s"], a["dt_s"]))
+
+    for threaded in (True, False):
+        pol = make_policy("fcfs")
+        engines = [Engine(f"e{k}", SimBackend(model), pol, 2, 4096, step_model=model) for k in range(2)]
+        for e in engines:
+            e.capacity_rps = 1.0
+        clock, rs = WallClock(), reqs(spec)
+        jobs, facts = serve(rs, pol, engines, clock, PredictorServer(rs, (), clock),
+                            threaded=None if threaded else False)
+        assert facts["threaded"] is threaded
+        assert sorted(j.rid for j in jobs) == [s[0] for s in spec]
+        assert {j.worker for j in jobs} == {"e0", "e1"}
+        assert all(j.generated == j.req.true_tokens and j.admit_s < j.first_token_s <= j.finish_s for j in jobs)
+        for e in engines:  # one step at a time per engine
+            st = facts["steps"][e.id].sort_values("t_s")
+            assert (st["t_s"].iloc[1:].to_numpy() >= (st["t_s"] + st["dt_s"]).iloc[:-1].to_numpy() - 1e-9).all()
+        if threaded:
+            assert overlaps(facts) > 0
+        else:
+            assert overlaps(facts) == 0
+    with pytest.raises(ValueError, match="wall clock"):
+        serve(rs, pol, engines, VirtualClock(), PredictorServer(rs, (), VirtualClock()), threaded=True)
+
+
+def test_an_engine_threads_error_ends_the_run():
+    pol = make_policy("fcfs")
+    engines = [Engine("e0", _Boom(StepModel(a=0.001)), pol, 1, 4096), Engine("e1", SimBackend(StepModel(a=0.001)),
+                                                                               pol, 1, 4096)]
+    rs = reqs([(f"r{i}", 0.0, 5) for i in range(6)])
+    clock = WallClock()
+    with pytest.raises(RuntimeError, match="device lost"):
+        serve(rs, pol, engines, clock, PredictorServer(rs, (), clock))
+
+
 def test_step_model_fit_recovers_its_parameters():
     import numpy as np
     import pandas as pd

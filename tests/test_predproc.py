@@ -3,6 +3,7 @@ in-process ones, errors come back as one line, and the static executor serves a 
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 
 from rtlm_lab.scheduler.predictions import Predictors
@@ -28,7 +29,8 @@ def test_process_answers_as_the_in_process_predictors(fitted):
             assert got == pytest.approx(want) and sec > 0
         got, want = proc.predict_batch(texts[:5], ["pred_proxy"]), pred.predict_batch(texts[:5], ["pred_proxy"])
         assert [g["pred_proxy"] for g in got] == pytest.approx([w["pred_proxy"] for w in want])
-        assert proc.predict_many(texts[:4]).equals(pred.predict_many(texts[:4]))
+        # the same frame; MiniLM's float32 sums differ in the last bits with the thread count (1 in the child)
+        pd.testing.assert_frame_equal(proc.predict_many(texts[:4]), pred.predict_many(texts[:4]), rtol=1e-5)
         # the child updates its own copy: the caller's predictors stay as fitted
         before = pred.predict_one(texts[0], ["pred_rtlm"])[0]
         assert proc.update(texts[:6], [500.0] * 6) == 6

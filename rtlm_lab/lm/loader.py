@@ -63,6 +63,12 @@ def resolve_device(platform: Mapping[str, Any]) -> torch.device:
         if not torch.cuda.is_available():
             raise UserError(f"platform={name} needs a CUDA GPU, but none is visible to torch on this machine "
                             f"(torch {torch.__version__}); use platform=cpu")
+        want = [torch.device(str(d)) for d in (platform.get("devices") or [dev]) if str(d).startswith("cuda")]
+        have = torch.cuda.device_count()
+        missing = [str(d) for d in want if (d.index or 0) >= have]
+        if missing:
+            raise UserError(f"platform={name} needs {', '.join(missing)}, but torch sees {have} GPU(s) on this "
+                            "machine; use platform=cuda (one GPU) or set platform.devices")
         return torch.device(dev)
     threads = platform.get("threads")
     if threads:

@@ -188,7 +188,7 @@ def saturation(factory: EngineFactory, pool: pd.DataFrame, n: int, seed: int, pr
     return {"capacity_rps": tok_s / max(pool["true_tokens"].mean(), 1.0), "decode_tok_s": tok_s,
             "n_requests": n, "window_s": window, "makespan_s": float(max(j.finish_s for j in jobs)),
             "mean_tokens_run": mean_tokens, "mean_tokens_mix": float(pool["true_tokens"].mean()),
-            "n_engines": len(engines)}, steps
+            "n_engines": len(engines), "engine_threads": bool(facts["threaded"])}, steps
 
 
 def measure_capacity(factory: EngineFactory, pool: pd.DataFrame, sched: Mapping[str, Any], seed: int,
@@ -236,19 +236,33 @@ def offload_step_model(lm_spec: Mapping[str, Any], platform: Mapping[str, Any], 
 
 
 def sim_capacity(lm: str, platform: str, ecfg: Mapping[str, Any], given: str | None,
-                 profile: pd.DataFrame | None = None) -> dict[str, Any]:
+                 profile: pd.DataFrame | None = None, replica_of: str | None = None) -> dict[str, Any]:
     """The measured capacity file a simulation replays: ``given``, this machine's, else the committed one;
-    else, on the cpu platform with a batch-1 profile, a step model estimated from the profile (said so)."""
+    for several engines (``ecfg['n_engines']``) with no measurement of the set, the one-engine measurement
+    of ``replica_of`` (the one-device platform each replica is: every replica steps as that engine did, alone
+    on its host: the simulator does not model replicas slowing each other, said in ``source_file``); else, on
+    the cpu platform with a batch-1 profile, a step model estimated from the profile (said so)."""
     paths = [Path(given)] if given else [capacity_cache(lm, platform, ecfg), reference_capacity(lm, platform, ecfg)]
-    for p in paths:
+    n_eng = int(ecfg.get("n_engines", 1))
+    if not given and n_eng > 1:
+        one = {k: v for k, v in ecfg.items() if k != "n_engines"}
+        base = str(replica_of or platform)
+        replica = [capacity_cache(lm, base, one), reference_capacity(lm, base, one)]
+    else:
+        replica = []
+    for p in paths + replica:
         if p.is_file():
             try:
                 cap = json.loads(p.read_text())
                 StepModel.from_dict(cap["step_model"])
-                cap["source_file"] = str(p)
-                return cap
             except (json.JSONDecodeError, KeyError) as exc:
                 raise UserError(f"cannot read engine capacity {p}: {type(exc).__name__}") from None
+            cap["source_file"] = str(p)
+            if p in replica:  # one engine measured: the set of n is n of it
+                cap["source_file"] += f" (one engine, x{n_eng} replicas that do not slow each other)"
+                cap["capacity_rps"] = n_eng * float(cap["capacity_rps"])
+                cap["n_engines"] = n_eng
+            return cap
     if (platform == "cpu" and profile is not None and "batch_size" in profile
             and (profile["batch_size"] == 1).all()):
         sm = StepModel.from_profile(profile)
@@ -329,7 +343,8 @@ def run_continuous(cfg: Mapping[str, Any], run_dir: Path, profile: pd.DataFrame,
         if off_model is not None:
             cap["offload_step_model"] = off_model.to_dict()
     else:
-        cap = sim_capacity(lm_spec["name"], platform["name"], ecfg, sched.get("capacity"), profile)
+        cap = sim_capacity(lm_spec["name"], platform["name"], ecfg, sched.get("capacity"), profile,
+                           replica_of=platform.get("replica_of"))
         off_model = StepModel.from_dict(cap["offload_step_model"]) if n_off and cap.get("offload_step_model") else None
         if n_off and off_model is None:
             raise UserError(f"the measured engine of {lm_spec['name']} on {platform['name']} has no offload-worker "
@@ -427,6 +442,7 @@ def run_continuous(cfg: Mapping[str, Any], run_dir: Path, profile: pd.DataFrame,
               "prediction_cost_source": (given[1] if given is not None
                                          else "timed here" if timed or online else "free"),
               "online_predictions": online or uses_state, "n_engines": len(engines),
+              "engine_threads": bool(facts["threaded"]),
               "online_update": online_update, "n_online_updates": int(n_updates[0])})
     if probe_meta is not None:
         m["lm_state_probe"] = {**probe_meta, "refine_every": policy.refine_every}

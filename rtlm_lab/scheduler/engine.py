@@ -109,10 +109,6 @@ class Job:
     def rid(self) -> str:
         return self.req.request_id
 
-    @property
-    def pred_tokens(self) -> float:
-        return float(self.req.pred.get("pred_tokens", math.nan))
-
     def predicted_remaining(self) -> float:
         """The LM-state prediction of the tokens still to come (nan before the prefill predicted it)."""
         return self.rem_pred - (self.generated - self.rem_at)
@@ -874,24 +870,48 @@ class Engine:
         self.busy_s = 0.0
         self.n_steps = 0
         self.steps: list[tuple] = []           # (t_start, dt, n_seqs, n_tokens, n_admit)
+        # Placed jobs wait in `pending` until the engine's own step hands them to its backend: with an engine
+        # thread per device (serve(threaded=True)) only that thread touches the backend and the job lists; the
+        # loop's placement reads them under `lock`, which is never held across a backend step.
+        self.pending: list[Job] = []
+        self.lock = threading.RLock()
+        self.wake = threading.Event()          # set by add(): an idle engine thread looks again
 
     @property
     def outstanding(self) -> int:
-        return len(self.waiting) + len(self.running)
+        with self.lock:
+            return len(self.pending) + len(self.waiting) + len(self.running)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.pending or self.waiting or self.running)
 
     def add(self, job: Job) -> None:
-        job.worker = self.id
-        self.backend.add(job)
-        self.waiting.append(job)
+        """Place ``job`` here (any thread); the backend takes it at the engine's next step."""
+        with self.lock:
+            job.worker = self.id
+            self.pending.append(job)
+        self.wake.set()
+
+    def _take_pending(self) -> None:
+        with self.lock:
+            jobs = list(self.pending)
+        for j in jobs:  # outside the lock (tokenizing): only this engine's step removes pending jobs
+            self.backend.add(j)
+        with self.lock:
+            del self.pending[:len(jobs)]
+            self.waiting.extend(jobs)
 
     def step(self, now: float, clock) -> list[Job]:
         """One iteration; returns the jobs that finished in it (their times stamped at the step's end)."""
+        if self.pending:
+            self._take_pending()
         dt, events, n_tok = self.backend.step(self, now, clock)
         if not events:
             return []
+        with self.lock:
+            return self._account(now, clock, dt, events, n_tok)
+
+    def _account(self, now: float, clock, dt: float, events, n_tok: int) -> list[Job]:
         t_end = now + dt if clock.virtual else clock.now()
         n_admit = sum(1 for j, _, _ in events if math.isnan(j.admit_s))
         self.steps.append((now, dt, len(events), n_tok, n_admit))
@@ -926,19 +946,22 @@ class Engine:
         """When ``job`` would finish here (a policy's placement estimate): the wait for a slot, then its
         predicted tokens at the step time of the current load."""
         sm = self.step_model
+        with self.lock:  # a consistent view while the engine's own thread steps
+            placed = self.running + self.waiting + self.pending
+            free_at = self.free_at
         if sm is None:
-            return now + self.outstanding
-        pred = max(1.0, job.pred_tokens if math.isfinite(job.pred_tokens) else 64.0)
-        load = min(self.max_seqs, self.outstanding + 1)
+            return now + len(placed)
+        tokens = self.policy.placement_tokens  # the policy's own length knowledge (prediction, truth or typical)
+        pred = tokens(job.req)
+        load = min(self.max_seqs, len(placed) + 1)
         own = sm.step_s(load, load + int(job.req.n_input_tokens), 1) + (pred - 1) * sm.step_s(load, load)
-        ahead = max(0, self.outstanding + 1 - self.max_seqs)
+        ahead = max(0, len(placed) + 1 - self.max_seqs)
         if ahead:
-            rem = [max(1.0, (j.pred_tokens if math.isfinite(j.pred_tokens) else 64.0) - j.generated)
-                   for j in (self.running + self.waiting)]
+            rem = [max(1.0, tokens(j.req) - j.generated) for j in placed]
             rem.sort()
             # requests ahead drain at max_seqs per step-time; the first `ahead` to finish free the slots
             own += sum(rem[:ahead]) * sm.step_s(self.max_seqs, self.max_seqs) / self.max_seqs
-        return max(now, self.free_at) + own
+        return max(now, free_at) + own
 
 
 # ---------------------------------------------------------------------------------------------- predictor
@@ -1076,13 +1099,57 @@ class PredictorServer:
 
 
 # ---------------------------------------------------------------------------------------------- the loop
+class EngineThread(threading.Thread):
+    """Steps one engine on a thread of its own (a real run with several engines: one GPU's step must not wait
+    for another's, as it does when one loop steps them in turn). Finished jobs go to the serving loop through
+    ``out``; an error is kept in ``error`` and ends the run."""
+
+    def __init__(self, engine: Engine, clock, out: queue_mod.Queue):
+        super().__init__(name=f"engine-{engine.id}", daemon=True)
+        self.engine, self.clock, self.out = engine, clock, out
+        self.halt = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        e = self.engine
+        try:
+            dev = getattr(getattr(e.backend, "lm", None), "device", None)
+            if getattr(dev, "type", "") == "cuda":  # kernels, streams and graphs on this engine's GPU
+                import torch
+
+                torch.cuda.set_device(dev)
+            while not self.halt.is_set():
+                if not e.has_work():
+                    e.wake.wait(0.05)
+                    e.wake.clear()  # has_work() is looked at again after the clear: no placement is missed
+                    continue
+                n0 = e.n_steps
+                fin = e.step(self.clock.now(), self.clock)
+                if fin:
+                    self.out.put(fin)
+                if e.n_steps == n0:  # nothing ran (a CPU offload worker busy with its request): do not spin
+                    self.halt.wait(0.001)
+        except BaseException as exc:  # noqa: BLE001 - handed to the serving loop, which stops the run
+            self.error = exc
+            self.out.put(None)
+
+    def stop(self) -> None:
+        self.halt.set()
+        self.engine.wake.set()
+        self.join(timeout=30)
+
+
 def serve(requests: Sequence[Any], policy, engines: Sequence[Engine], clock, predictor: PredictorServer,
-          progress: bool = False, desc: str = "", on_finish: Callable[[list], None] | None = None
-          ) -> tuple[list[Job], dict[str, Any]]:
+          progress: bool = False, desc: str = "", on_finish: Callable[[list], None] | None = None,
+          threaded: bool | None = None) -> tuple[list[Job], dict[str, Any]]:
     """Serve every request once; returns the finished jobs and run facts (steps per engine, predictor batches).
 
     Same code for real and simulated runs: only the clock, the backends and the predictor differ. Every
     engine is warmed up (graphs captured, kernels loaded) *before* the clock starts.
+
+    ``threaded``: step each engine on its own :class:`EngineThread` while this loop places arrivals and
+    collects finished jobs. Default: on a wall clock with several main engines (GPU replicas), whose steps
+    would otherwise run one after another; never on a virtual clock (the simulator orders events itself).
 
     ``on_finish(jobs)``: called with the jobs finished by the engine steps, each job once, before the next
     predictions are taken (run-time recalibration). On a virtual clock a step's jobs finish at the step's end,
@@ -1090,6 +1157,10 @@ def serve(requests: Sequence[Any], policy, engines: Sequence[Engine], clock, pre
     """
     from tqdm.auto import tqdm
 
+    if threaded is None:
+        threaded = not clock.virtual and sum(e.kind == "main" for e in engines) > 1
+    if threaded and clock.virtual:
+        raise ValueError("engine threads need a wall clock (the simulator steps engines in event order)")
     for e in engines:
         e.backend.warmup()
     n = len(requests)
@@ -1110,16 +1181,43 @@ def serve(requests: Sequence[Any], policy, engines: Sequence[Engine], clock, pre
             finished = [j for j in finished if id(j) not in gone]
             on_finish(due)
 
+    out: queue_mod.Queue = queue_mod.Queue()
+    runners = [EngineThread(e, clock, out) for e in engines] if threaded else []
+
+    def place_ready(now: float) -> None:
+        for t_ready, r in predictor.take_ready(now):
+            job = Job(req=r, ready_s=float(t_ready))
+            eid = policy.place(job, engines, now)
+            if eid not in by_id:
+                raise RuntimeError(f"policy {policy.name} placed {r.request_id} on unknown engine {eid}")
+            by_id[eid].add(job)
+
     try:
-        while len(done) < n:
+        for t in runners:
+            t.start()
+        while runners and len(done) < n:  # threaded: this loop only places and collects
+            hand_over(clock.now())
+            place_ready(clock.now())
+            try:
+                got = [out.get(timeout=0.001)]
+            except queue_mod.Empty:
+                got = []
+            while True:
+                try:
+                    got.append(out.get_nowait())
+                except queue_mod.Empty:
+                    break
+            for fin in got:
+                if fin is None:
+                    bad = next(t for t in runners if t.error is not None)
+                    raise bad.error
+                done.extend(fin)
+                finished.extend(fin)
+                bar.update(len(fin))
+        while not runners and len(done) < n:
             now = clock.now()
             hand_over(now)
-            for t_ready, r in predictor.take_ready(now):
-                job = Job(req=r, ready_s=float(t_ready))
-                eid = policy.place(job, engines, now)
-                if eid not in by_id:
-                    raise RuntimeError(f"policy {policy.name} placed {r.request_id} on unknown engine {eid}")
-                by_id[eid].add(job)
+            place_ready(now)
             stepped = False
             for e in engines:
                 now = clock.now()
@@ -1140,9 +1238,11 @@ def serve(requests: Sequence[Any], policy, engines: Sequence[Engine], clock, pre
                 clock.sleep_until(clock.now() + 0.001)
         hand_over(clock.now(), final=True)
     finally:
+        for t in runners:
+            t.stop()
         predictor.stop()
         bar.close()
     steps = {e.id: pd.DataFrame(e.steps, columns=list(STEP_COLUMNS)) for e in engines}
     return done, {"steps": steps, "predictor_batches": pd.DataFrame(
         predictor.batches, columns=["t_s", "dt_s", "n"]), "busy_s": {e.id: e.busy_s for e in engines},
-        "probe_s": {e.id: float(getattr(e.backend, "probe_s", 0.0)) for e in engines}}
+        "probe_s": {e.id: float(getattr(e.backend, "probe_s", 0.0)) for e in engines}, "threaded": bool(threaded)}

@@ -166,6 +166,10 @@ def run_experiment(cfg: Mapping[str, Any], run_dir: Path, profile_path: Path, pr
     if getattr(policy, "uses_lm_state", False) and (engine != "continuous" or mode != "real"):
         raise UserError(f"policy {policy.name} reads the served LM's prefill states on the continuous slot engine: "
                         "it needs mode=real and a decoder-only LM (scheduler.engine=continuous)")
+    if len(platform.get("devices") or [None]) > 1 and engine != "continuous":
+        raise UserError(f"platform {platform.get('name')} has {len(platform['devices'])} devices: GPU replicas are "
+                        f"served by the continuous engine only, and {lm_spec.get('name')} runs on the static path "
+                        "(scheduler.engine=static, or an encoder-decoder)")
     if engine == "continuous":
         from rtlm_lab.scheduler.continuous import engine_config
 
@@ -186,14 +190,15 @@ def run_experiment(cfg: Mapping[str, Any], run_dir: Path, profile_path: Path, pr
         predictors, train, held = load_or_fit(profile_path, profile, float(sched.get("heldout_frac", 0.4)), seed,
                                               cache_dir=data_dir() / "cache" / "scheduler",
                                               need_model=online or mode == "sim")
-    # static path: the reply length a policy without a length prediction assumes when it places a request on
-    # the main or an offload worker (what an operator knows from past traffic: the train pool's mean)
+    # the reply length a policy without a length prediction assumes when it places a request on one of
+    # several workers (main, CPU offload, GPU replicas): what an operator knows from past traffic, the train
+    # pool's mean
     if train is not None and "n_output_tokens" in train and len(train):
         policy.typical_tokens = float(train["n_output_tokens"].mean())
     run_dir.mkdir(parents=True, exist_ok=True)
-    n_offload = int(platform.get("offload_workers", 0))  # static path: the same workers for every policy
+    n_offload = int(platform.get("offload_workers", 0))  # the same workers for every policy
     extra: dict[str, Any] = {}
-    if engine != "continuous" and n_offload:
+    if n_offload or len(platform.get("devices") or [None]) > 1:
         extra["placement_typical_tokens"] = float(policy.typical_tokens)
 
     # real runs that predict: scheduler.predictor_process puts the predictors in their own process (predproc.py)

@@ -84,10 +84,17 @@ class Policy:
     pred_column: str | None = None          # the prediction (tokens) the policy believes in, if any
     token_s = 0.01                          # seconds per decoding step at typical load (set by the harness)
 
-    def __init__(self, max_batch: int = 1, **params: Any):
+    PLACEMENTS = ("jsq", "round_robin", "predicted")
+    default_placement = "jsq"
+
+    def __init__(self, max_batch: int = 1, placement: str | None = None, **params: Any):
         if int(max_batch) < 1:
             raise UserError(f"policy.max_batch must be >= 1 (got {max_batch})")
         self.max_batch = int(max_batch)
+        self.placement = str(placement or self.default_placement)
+        if self.placement not in self.PLACEMENTS:
+            raise UserError(f"policy.placement must be one of {', '.join(self.PLACEMENTS)} (got {placement!r})")
+        self._rr = 0
         self.params = params
 
     def priority(self, req: Request, now: float) -> float:
@@ -191,7 +198,8 @@ class Policy:
         return None
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "max_batch": self.max_batch, "preemptive": self.preemptive, **self.params}
+        return {"name": self.name, "max_batch": self.max_batch, "preemptive": self.preemptive,
+                "placement": self.placement, **self.params}
 
     # ------------------------------------------------------------------ continuous-batching engine
     def key(self, job, now: float) -> float:
@@ -199,8 +207,23 @@ class Policy:
         return self.priority(job.req, now)
 
     def place(self, job, engines, now: float) -> str:
-        """Engine for an arriving request: shortest expected delay, i.e. join-the-shortest-queue weighted by
-        each engine's measured capacity ((outstanding + 1) / capacity); for identical engines it is JSQ."""
+        """Engine for an arriving request (several engines: GPU replicas, CPU offload workers), by ``placement``:
+
+        * ``jsq``: shortest expected delay, i.e. join-the-shortest-queue weighted by each engine's measured
+          capacity ((outstanding + 1) / capacity); for identical engines it is JSQ;
+        * ``round_robin``: the main engines (the replicas) in turn, blind to load; offload workers get none;
+        * ``predicted``: the earliest predicted completion (each engine's step model, its queue included) with
+          this policy's own length knowledge (:meth:`placement_tokens`): RT-LM's strategic placement.
+        """
+        if len(engines) == 1:
+            return engines[0].id
+        if self.placement == "round_robin":
+            mains = [e for e in engines if e.kind == "main"] or list(engines)
+            e = mains[self._rr % len(mains)]
+            self._rr += 1
+            return e.id
+        if self.placement == "predicted":
+            return min(engines, key=lambda e: (e.predicted_completion(job, now), e.id)).id
         return min(engines, key=lambda e: ((e.outstanding + 1) / max(getattr(e, "capacity_rps", 1.0), 1e-9),
                                            e.id)).id
 
@@ -281,6 +304,7 @@ class RTLM(Policy):
     name = "rtlm"
     needs = ("pred_rtlm", "uncertainty")
     pred_column = "pred_rtlm"
+    default_placement = "predicted"
 
     def __init__(self, max_batch: int = 8, uncertainty_weight: float = 0.5, aging: float = 0.02,
                  consolidation: bool = True, length_window: float = 2.0, batch_wait_s: float = 0.05,
@@ -327,10 +351,11 @@ class RTLM(Policy):
         return rem * self.token_s * (1.0 + self.uncertainty_weight * u) - self.aging * max(0.0, now - job.req.arrival_s)
 
     def place(self, job, engines, now):
-        """Strategic offloading: the engine with the earliest predicted completion (queue included)."""
-        if not self.offload or len(engines) == 1:
-            return super().place(job, engines, now)
-        return min(engines, key=lambda e: (e.predicted_completion(job, now), e.id)).id
+        """Strategic offloading: the engine with the earliest predicted completion (queue included; the
+        default ``placement: predicted``); ``offload: false`` places as the baselines do (``jsq``)."""
+        if not self.offload and self.placement == "predicted":
+            return Policy(placement="jsq").place(job, engines, now)
+        return super().place(job, engines, now)
 
     def _close(self, a: Request, b: Request) -> bool:
         pa, pb = max(1.0, a.pred["pred_rtlm"]), max(1.0, b.pred["pred_rtlm"])

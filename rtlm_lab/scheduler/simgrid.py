@@ -48,7 +48,14 @@ RUN_RE = re.compile(r"poisson-rho(?P<rho>[0-9.]+)-n(?P<n>\d+)$")
 
 
 def cell_name(cell: Mapping[str, Any]) -> str:
-    return f"sim__{cell['platform']}__{cell['lm']}"
+    """``sim__<platform>__<lm>``, plus ``__<tag>`` for a cell with a ``tag`` (the same LM x platform under
+    other overrides, e.g. another placement: its runs live under ``<root>/<tag>``)."""
+    return f"sim__{cell['platform']}__{cell['lm']}" + (f"__{cell['tag']}" if cell.get("tag") else "")
+
+
+def cell_root(root: Path, cell: Mapping[str, Any]) -> Path:
+    """Where the cell's runs live: the grid root, or ``<root>/<tag>`` for a tagged cell."""
+    return Path(root) / str(cell["tag"]) if cell.get("tag") else Path(root)
 
 
 COST_COLUMN = {"rtlm": "pred_rtlm", "sjf_proxy": "pred_proxy", "ltr": "ltr_score"}  # what each policy predicts
@@ -103,7 +110,7 @@ def cell_command(cell: Mapping[str, Any], grid: Mapping[str, Any], root: Path) -
 
 def cell_runs(root: Path, cell: Mapping[str, Any], n_requests: int) -> list[Path]:
     """The cell's finished run dirs under ``root`` (``<root>/schedule/<lm>/<platform>/sim/...``)."""
-    base = Path(root) / "schedule" / str(cell["lm"]) / str(cell["platform"]) / "sim"
+    base = cell_root(root, cell) / "schedule" / str(cell["lm"]) / str(cell["platform"]) / "sim"
     return sorted(p.parent for p in base.glob(f"poisson-rho*-n{int(n_requests)}/*/s*/metrics.json"))
 
 
@@ -127,7 +134,7 @@ def run_cell(cell: Mapping[str, Any], grid: Mapping[str, Any], root: Path) -> di
         # RTLM_OUTPUT_DIR: the run dirs go under the grid's root, and this machine's own capacity / service
         # measurements (outputs/schedule/) are not found there: only the committed ones are read
         rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT,
-                            env={**os.environ, "RTLM_OUTPUT_DIR": str(root)}).returncode
+                            env={**os.environ, "RTLM_OUTPUT_DIR": str(cell_root(root, cell))}).returncode
     return {"cell": name, "ran": True, "rc": rc, "seconds": time.perf_counter() - t0}
 
 
@@ -197,14 +204,20 @@ def collect_grid(grid: Mapping[str, Any], root: Path) -> tuple[list[Path], dict[
     return dirs, groups
 
 
+def _tag(group: str, lm: str, platform: str) -> str:
+    """`` [<tag>]`` for a tagged cell's group (see :func:`cell_name`), else empty."""
+    base = f"sim__{platform}__{lm}"
+    return f" [{group[len(base) + 2:]}]" if group.startswith(base + "__") else ""
+
+
 def headline(table: pd.DataFrame, rho: float = 0.9,
              policies: Sequence[str] = ("rtlm", "sjf_proxy", "ltr", "sjf_input", "oracle_srpt", "oracle_sjf")
              ) -> pd.DataFrame:
     """Mean response time / FCFS (95% CI) at ``rho``: one row per cell, one column per policy."""
     t = table[np.isclose(table["nominal_rho"], rho)]
     rows = []
-    for (lm, platform, eng), g in t.groupby(["lm", "platform", "engine_key"], sort=True):
-        row = {"LM": lm, "platform": platform, "engine": eng}
+    for (lm, platform, eng, group), g in t.groupby(["lm", "platform", "engine_key", "group"], sort=True):
+        row = {"LM": lm + _tag(group, lm, platform), "platform": platform, "engine": eng}
         for p in policies:
             r = g[g["policy"] == p]
             row[p] = ("" if r.empty else
@@ -225,12 +238,12 @@ def plot(table: pd.DataFrame, path: Path,
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter
 
-    cells = sorted(table.groupby(["platform", "lm"]).groups)
+    cells = sorted(table.groupby(["platform", "lm", "group"]).groups)
     ncol = 5
     nrow = int(math.ceil(len(cells) / ncol))
     fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol, 2.8 * nrow), sharex=True, squeeze=False)
-    for ax, (platform, lm) in zip(axes.ravel(), cells):
-        g = table[(table["platform"] == platform) & (table["lm"] == lm)]
+    for ax, (platform, lm, group) in zip(axes.ravel(), cells):
+        g = table[table["group"] == group]
         for p in policies:
             r = g[g["policy"] == p].sort_values("nominal_rho")
             if r.empty:
@@ -242,7 +255,7 @@ def plot(table: pd.DataFrame, path: Path,
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # the ratios span < 1 decade mostly
-        ax.set_title(f"{lm} / {platform}", fontsize=9)
+        ax.set_title(f"{lm}{_tag(group, lm, platform)} / {platform}", fontsize=9)
         ax.grid(alpha=0.3, which="both")
     for ax in axes.ravel()[len(cells):]:
         ax.axis("off")

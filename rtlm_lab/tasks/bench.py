@@ -1,17 +1,21 @@
-"""``rtlm-bench``: one micro-benchmark, ``bench=uncertainty|regressor|decode|engine|predictor`` (see ``conf/bench/``).
+"""``rtlm-bench``: one micro-benchmark, ``bench=uncertainty|regressor|decode|engine|predictor|replicas`` (see
+``conf/bench/``).
 
 * ``bench=uncertainty``: :func:`rtlm_lab.uncertainty.bench.bench` -> ``outputs/bench/uncertainty.json``;
 * ``bench=regressor``: :func:`rtlm_lab.regressor.bench.bench` -> ``outputs/bench/regressor.json``;
 * ``bench=decode``: :func:`rtlm_lab.lm.bench_decode.bench` on ``platform`` -> ``outputs/bench/decode_<platform>.json``;
 * ``bench=engine``: :func:`rtlm_lab.lm.bench_engine.bench_engine` on ``platform`` -> ``outputs/bench/engine.json``;
 * ``bench=predictor``: :func:`rtlm_lab.scheduler.bench_predictor.bench` -> ``outputs/bench/predictor_<platform>.json``
-  (the predictors in the serving process vs in their own, beside a busy engine).
+  (the predictors in the serving process vs in their own, beside a busy engine);
+* ``bench=replicas``: :func:`rtlm_lab.scheduler.bench_replicas.bench` on ``platform`` ->
+  ``outputs/bench/replicas_<platform>.json`` (one engine vs replicas with a thread each vs stepped in turn).
 
 Examples::
 
     rtlm-bench bench=uncertainty bench.n=500
     rtlm-bench bench=decode platform=cuda bench.lms=[gemma3_270m,smollm2_135m]
     rtlm-bench bench=engine platform=cpu bench.lms=[dialogpt_ccc] bench.concurrency=[1,8]
+    rtlm-bench bench=replicas platform=cuda 'bench.devices=[cuda:0,cuda:0]'
 """
 
 from __future__ import annotations
@@ -40,6 +44,12 @@ def bench(cfg: DictConfig):
         platform = OmegaConf.to_container(cfg.platform, resolve=True)
         return run(int(b.n_single), str(b.lm), b.out, config={**config, "platform": platform["name"]}, platform=platform,
                    process_threads=int(b.process_threads) if b.get("process_threads") else None)
+    if b.name == "replicas":
+        from rtlm_lab.scheduler.bench_replicas import bench as run
+
+        platform = OmegaConf.to_container(cfg.platform, resolve=True)
+        return run(str(b.lm), platform, list(b.devices) if b.get("devices") else None, int(b.n), int(b.max_seqs),
+                   b.out, config={**config, "platform": platform["name"]})
     if b.name == "engine":
         from rtlm_lab.lm.bench_engine import bench_engine
 
