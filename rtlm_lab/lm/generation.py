@@ -146,7 +146,11 @@ class ChatLM:
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            stream = torch.cuda.current_stream(self.device)
+            if stream == torch.cuda.default_stream(self.device):
+                torch.cuda.synchronize(self.device)
+            else:  # an engine thread's own stream (serve(threaded=True)): this engine's kernels, not a replica's
+                stream.synchronize()
 
     # ------------------------------------------------------------------ generation
     @torch.inference_mode()

@@ -1118,6 +1118,11 @@ class EngineThread(threading.Thread):
                 import torch
 
                 torch.cuda.set_device(dev)
+                # a stream of its own (the current stream is per thread): the sync that ends a step waits for
+                # this engine's kernels only, not for another replica's on the same GPU. The warm-up ran on the
+                # default stream before the clock: it is finished first.
+                torch.cuda.synchronize(dev)
+                torch.cuda.set_stream(torch.cuda.Stream(dev))
             while not self.halt.is_set():
                 if not e.has_work():
                     e.wake.wait(0.05)
