@@ -56,6 +56,7 @@ bench: setup
 	$(BIN)/python -m rtlm_lab.tasks.bench bench=predictor platform=cpu
 	$(BIN)/python -m rtlm_lab.tasks.bench bench=decode platform=cpu 'bench.lms=[gemma3_270m]' bench.n=8 bench.batch=4
 	$(BIN)/python -m rtlm_lab.tasks.bench bench=engine platform=cpu 'bench.lms=[dialogpt_ccc,smollm2_135m]' 'bench.concurrency=[1,8]' bench.max_new_tokens=48 bench.n_check=8
+	$(BIN)/python -m rtlm_lab.tasks.bench bench=replicas platform=cpu
 
 # The notebooks name the kernel "python3", which is this venv's Python when JupyterLab runs from .venv; the
 # registered "rtlm_lab" kernel (~/.local/share/jupyter/kernels/) is this venv for any other Jupyter (or VS Code).

@@ -14,7 +14,9 @@
   ``target=sim_error_cpu_gemma3_270m`` (the 2-core CPU): the same builder calibrated on a same-session
   saturation run's steps (``target.calibration_steps``) instead of real runs under arrivals;
 * ``target=sim_grid``: :func:`rtlm_lab.scheduler.simgrid.build` (every policy and ablation x rho x seed, five LMs
-  x two platforms, in sim mode on the committed engine measurements; ``sim_grid.csv``, labelled sim).
+  x two platforms, in sim mode on the committed engine measurements; ``sim_grid.csv``, labelled sim);
+  ``target=sim_x2``: the same builder over two GPU replicas (``platform=cuda_x2``), one cell per placement
+  (``sim_x2.csv``).
 
 Examples::
 
@@ -27,6 +29,7 @@ Examples::
     rtlm-reference target=sim_error_gemma3_270m   # sim_error_h200_gemma3_270m.csv
     rtlm-reference target=sim_error_cpu_gemma3_270m   # sim_error_cpu_gemma3_270m.csv
     rtlm-reference target=sim_grid    # sim_grid.csv: the simulation grid (resumable)
+    rtlm-reference target=sim_x2      # sim_x2.csv: two GPU replicas in sim, one cell per placement
 """
 
 from __future__ import annotations
