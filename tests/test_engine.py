@@ -176,7 +176,7 @@ def test_bad_placement_is_a_user_error():
 
     with pytest.raises(UserError, match="policy.placement must be one of jsq, round_robin, predicted"):
         make_policy("fcfs", {"placement": "random"})
-    assert make_policy("rtlm").placement == "predicted" and make_policy("rtlm_no_offload").placement == "predicted"
+    assert make_policy("rtlm").placement == "predicted" and make_policy("rtlm_no_offload").placement == "jsq"
     assert make_policy("rtlm", {"placement": "round_robin"}).describe()["placement"] == "round_robin"
 
 

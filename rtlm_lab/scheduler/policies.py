@@ -323,6 +323,8 @@ class RTLM(Policy):
         self.length_window = float(length_window)
         self.batch_wait_s = float(batch_wait_s)
         self.offload = bool(offload)
+        if not self.offload and self.placement == "predicted":  # strategic placement is part of offloading:
+            self.placement = "jsq"                                # without it, RT-LM places as FCFS does
         if not 0 <= wait_fraction:
             raise UserError(f"policy.wait_fraction must be >= 0 (got {wait_fraction})")
         self.work_conserving = bool(work_conserving)
@@ -350,12 +352,6 @@ class RTLM(Policy):
         u = job.req.uncertainty if math.isfinite(job.req.uncertainty) else 0.0
         return rem * self.token_s * (1.0 + self.uncertainty_weight * u) - self.aging * max(0.0, now - job.req.arrival_s)
 
-    def place(self, job, engines, now):
-        """Strategic offloading: the engine with the earliest predicted completion (queue included; the
-        default ``placement: predicted``); ``offload: false`` places as the baselines do (``jsq``)."""
-        if not self.offload and self.placement == "predicted":
-            return Policy(placement="jsq").place(job, engines, now)
-        return super().place(job, engines, now)
 
     def _close(self, a: Request, b: Request) -> bool:
         pa, pb = max(1.0, a.pred["pred_rtlm"]), max(1.0, b.pred["pred_rtlm"])
