@@ -67,7 +67,7 @@ def run_mode(mode: str, lm_name: str, platform: Mapping[str, Any], devices: Sequ
 
     from rtlm_lab.lm.loader import lm_config, load_lm
     from rtlm_lab.paths import reference_dir
-    from rtlm_lab.scheduler.continuous import engine_config, make_backend
+    from rtlm_lab.scheduler.continuous import _close, engine_config, make_backend
     from rtlm_lab.scheduler.engine import Engine, PredictorServer, WallClock, serve
     from rtlm_lab.scheduler.policies import Request, make_policy
 
@@ -88,14 +88,14 @@ def run_mode(mode: str, lm_name: str, platform: Mapping[str, Any], devices: Sequ
     reqs = [Request(request_id=f"q{i}", text=t, context="", arrival_s=0.0, n_input_tokens=1, true_tokens=1)
             for i, t in enumerate(texts)]
     clock = WallClock()
-    jobs, facts = serve(reqs, pol, engines, clock, PredictorServer(reqs, (), clock),
-                        threaded=(mode == "threaded") if len(engines) > 1 else False)
+    try:
+        jobs, facts = serve(reqs, pol, engines, clock, PredictorServer(reqs, (), clock),
+                            threaded=(mode == "threaded") if len(engines) > 1 else False)
+    finally:
+        _close(engines)
     wall = max(j.finish_s for j in jobs)
     tokens = sum(j.generated for j in jobs)
     steps = facts["steps"]
-    for e in engines:
-        if hasattr(e.backend, "close"):
-            e.backend.close()
     return {"mode": mode, "devices": devs, "n_engines": len(engines), "threaded": bool(facts["threaded"]),
             "tok_s": tokens / wall, "tokens": int(tokens), "makespan_s": wall,
             "steps": {k: int(len(v)) for k, v in steps.items()},

@@ -166,8 +166,9 @@ def run_experiment(cfg: Mapping[str, Any], run_dir: Path, profile_path: Path, pr
     if getattr(policy, "uses_lm_state", False) and (engine != "continuous" or mode != "real"):
         raise UserError(f"policy {policy.name} reads the served LM's prefill states on the continuous slot engine: "
                         "it needs mode=real and a decoder-only LM (scheduler.engine=continuous)")
-    if len(platform.get("devices") or [None]) > 1 and engine != "continuous":
-        raise UserError(f"platform {platform.get('name')} has {len(platform['devices'])} devices: GPU replicas are "
+    n_devices = len(platform.get("devices") or [None])  # GPU replicas (platform.devices), else one
+    if n_devices > 1 and engine != "continuous":
+        raise UserError(f"platform {platform.get('name')} has {n_devices} devices: GPU replicas are "
                         f"served by the continuous engine only, and {lm_spec.get('name')} runs on the static path "
                         "(scheduler.engine=static, or an encoder-decoder)")
     if engine == "continuous":
@@ -198,7 +199,7 @@ def run_experiment(cfg: Mapping[str, Any], run_dir: Path, profile_path: Path, pr
     run_dir.mkdir(parents=True, exist_ok=True)
     n_offload = int(platform.get("offload_workers", 0))  # the same workers for every policy
     extra: dict[str, Any] = {}
-    if n_offload or len(platform.get("devices") or [None]) > 1:
+    if n_offload or n_devices > 1:
         extra["placement_typical_tokens"] = float(policy.typical_tokens)
 
     # real runs that predict: scheduler.predictor_process puts the predictors in their own process (predproc.py)
