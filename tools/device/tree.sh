@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Keep what a device call sends under its 64 MiB (the tool counts what the git index tracks, plus carried paths).
+#   bash tools/device/tree.sh min      all of outputs/reference aside (staging calls: ~1.5 MB + one 65 MB part)
+#   bash tools/device/tree.sh job      outputs/reference back but for scheduler/runs, report and the BlenderBot-ccc
+#                                      weights (job calls: the GODEL-/DialoGPT-ccc weights and profiles travel)
+#   bash tools/device/tree.sh restore  everything back where it was, the index as HEAD has it
+# "Aside" = moved to /tmp/aside/ with a symlink left in its place (local jobs keep reading it; a link travels as
+# a link) and `git rm --cached` (the index stops tracking it). Commit nothing until `restore`.
+set -euo pipefail
+A=/tmp/aside
+R=outputs/reference
+JOB_ASIDE="$R/scheduler/runs $R/report $R/models/blenderbot_ccc"
+aside() {
+    for p in "$@"; do
+        [ -L "$p" ] && continue
+        mkdir -p "$A/$(dirname "$p")" && mv "$p" "$A/$p" && ln -s "$A/$p" "$p"
+        git rm -r -q --cached "$p"
+    done
+}
+back() {
+    for p in "$@"; do
+        [ -L "$p" ] || continue
+        rm "$p" && mv "$A/$p" "$p"
+    done
+}
+case "${1:-}" in
+min) aside $R ;;
+job) back $R; aside $JOB_ASIDE ;;
+restore) back $JOB_ASIDE; back $R; git reset -q ;;
+*) echo "usage: tree.sh min|job|restore"; exit 2 ;;
+esac
+git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -1
