@@ -13,6 +13,7 @@ JOB_ASIDE="$R/scheduler/runs $R/report $R/models/blenderbot_ccc"
 aside() {
     for p in "$@"; do
         [ -L "$p" ] && continue
+        [ -e "$A/$p" ] && { echo "tree.sh: $A/$p exists already (restore first, or clear it)"; exit 1; }
         mkdir -p "$A/$(dirname "$p")" && mv "$p" "$A/$p" && ln -s "$A/$p" "$p"
         git rm -r -q --cached "$p"
     done
@@ -22,6 +23,7 @@ back() {
         [ -L "$p" ] || continue
         rm "$p" && mv "$A/$p" "$p"
     done
+    find "$A" -depth -type d -empty -delete 2>/dev/null || true  # no empty folder left to catch the next mv
 }
 case "${1:-}" in
 min) aside $R ;;
