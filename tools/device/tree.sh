@@ -21,7 +21,7 @@ aside() {
 back() {
     for p in "$@"; do
         [ -L "$p" ] || continue
-        rm "$p" && mv "$A/$p" "$p"
+        rm "$p" && mv "$A/$p" "$p" && git reset -q -- "$p"
     done
     find "$A" -depth -type d -empty -delete 2>/dev/null || true  # no empty folder left to catch the next mv
 }
