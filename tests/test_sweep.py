@@ -195,6 +195,36 @@ def test_by_platform_overrides_and_portable_hash(tmp_path):
     assert h != config_sha256(cell_config(sweep, "gemma3_270m", "cpu", a))  # absolute paths differ
 
 
+def test_by_cell_overrides_pick_the_cells_measured_engine(tmp_path):
+    """`sweep.by_cell["<lm>/<platform>"]` is merged after by_platform, for that cell alone; notebook 03's
+    `platform.*` overrides decide which measured engine a simulation replays (its key, as the harness's)."""
+    from rtlm_lab.errors import UserError
+    from rtlm_lab.scheduler.continuous import engine_config, engine_key
+    from rtlm_lab.tasks.sweep import _sim_capacity_file, cell_config, platform_sweep
+
+    over = ["platform.engine.max_seqs=64", "platform.offload_workers=0"]
+    sweep = {"name": "x", "lms": ["gemma3_270m", "dialogpt_ccc"], "platforms": ["cpu", "cuda"],
+             "scheduler_mode": "sim", "profile_dir": str(REF), "profile_name": "{lm}__{platform}.parquet", "seed": 0,
+             "nb01": {}, "nb02": {}, "nb03": {"n_requests": 12},
+             "by_platform": {"cuda": {"nb03": {"n_requests": 6}}},
+             "by_cell": {"gemma3_270m/cuda": {"nb03": {"overrides": over}}}}
+    assert platform_sweep(sweep, "cuda", "gemma3_270m")["nb03"] == {"n_requests": 6, "overrides": over}
+    assert platform_sweep(sweep, "cuda", "dialogpt_ccc")["nb03"] == {"n_requests": 6}
+    assert platform_sweep(sweep, "cpu", "gemma3_270m")["nb03"] == {"n_requests": 12}
+    with pytest.raises(UserError, match=r"by_cell\['gemma3_270m/cuda'\] sets lms"):
+        platform_sweep({**sweep, "by_cell": {"gemma3_270m/cuda": {"lms": []}}}, "cuda", "gemma3_270m")
+    # the engine the overrides name: 64 rows, no CPU workers -> the committed H200 measurement's key
+    cap = _sim_capacity_file("gemma3_270m", "cuda", over)
+    assert cap is not None and cap.name == "gemma3_270m__cuda__b3ef326a.json"
+    want = engine_key("gemma3_270m", "cuda", {**engine_config({"engine": {"max_seqs": 64, "max_batch_tokens": 8192,
+                                                                           "page_size": 256}})})
+    assert cap.stem == want
+    cfg = cell_config(sweep, "gemma3_270m", "cuda", tmp_path / "c")
+    assert cfg["engine_capacity"]["file"] == cap.name and cfg["engine_capacity"]["committed"]
+    # without them the platform's default engine (256 rows + its 2 CPU workers) is another key
+    assert _sim_capacity_file("gemma3_270m", "cuda") != cap
+
+
 def test_demo_sweep_reads_the_demo_profile_and_runs_notebook_03_in_real_mode(tmp_path, monkeypatch):
     """`make demo` = `rtlm-profile experiment=demo` then `rtlm-sweep sweep_size=demo`: the sweep reads the profile
     the first command writes (under RTLM_OUTPUT_DIR), and notebook 03 serves a small real run (fcfs vs rtlm on

@@ -8,7 +8,8 @@ notebook reads the cell's profile ``<sweep.profile_dir>/<sweep.profile_name>`` (
 reference profile); notebook 03 runs in ``sweep.scheduler_mode`` (``sim`` by default, or ``real``).
 ``sweep.by_platform.<platform>`` overrides any of ``scheduler_mode``, ``nb01``, ``nb02``, ``nb03`` for that
 platform's cells (the reference sweep, ``sweep_size=reference``, runs notebook 03 in real mode on cuda and
-simulates the cpu cells).
+simulates the cpu cells), and ``sweep.by_cell["<lm>/<platform>"]`` the same for one cell, after it (the
+reference sweep gives each cuda cell the engine budget of its reference runs: 64 rows, 128 for SmolLM2).
 
 Each finished cell dir gets its own ``manifest.json`` (every artefact with its sha256 and size,
 :func:`rtlm_lab.io.write_run_manifest`; the sweep manifest keeps that file's sha256); the executed notebooks
@@ -77,16 +78,25 @@ def profile_path(sweep: dict, lm: str, platform: str) -> Path:
 CELL_KEYS = ("scheduler_mode", "nb01", "nb02", "nb03")
 
 
-def platform_sweep(sweep: dict, platform: str) -> dict:
+def platform_sweep(sweep: dict, platform: str, lm: str | None = None) -> dict:
     """``sweep`` with ``by_platform[platform]`` applied by ``OmegaConf.merge``: ``scheduler_mode`` replaced,
-    ``nb01``-``nb03`` merged key by key (a value given there wins over the sweep-wide one; lists are replaced)."""
+    ``nb01``-``nb03`` merged key by key (a value given there wins over the sweep-wide one; lists are replaced);
+    with ``lm``, then ``by_cell["<lm>/<platform>"]`` the same way (one cell's own settings, e.g. the engine
+    budget its reference runs used)."""
+    out = _merge_cell_keys(sweep, (sweep.get("by_platform") or {}).get(platform), f"sweep.by_platform.{platform}")
+    if lm is not None:
+        key = f"{lm}/{platform}"
+        out = _merge_cell_keys(out, (sweep.get("by_cell") or {}).get(key), f"sweep.by_cell['{key}']")
+    return out
+
+
+def _merge_cell_keys(sweep: dict, over: dict | None, where: str) -> dict:
     from omegaconf import OmegaConf
 
-    over = dict((sweep.get("by_platform") or {}).get(platform) or {})
+    over = dict(over or {})
     unknown = sorted(set(over) - set(CELL_KEYS))
     if unknown:
-        raise UserError(f"sweep.by_platform.{platform} sets {', '.join(unknown)}; it may set only "
-                        f"{', '.join(CELL_KEYS)}")
+        raise UserError(f"{where} sets {', '.join(unknown)}; it may set only {', '.join(CELL_KEYS)}")
     nb = lambda k, d: (d.get(k) or {}) if k.startswith("nb") else d.get(k)  # noqa: E731 - `nb03: null` = {}
     base = {k: nb(k, sweep) for k in over}
     merged = OmegaConf.to_container(OmegaConf.merge(base, {k: nb(k, over) for k in over}), resolve=False)
@@ -95,7 +105,7 @@ def platform_sweep(sweep: dict, platform: str) -> dict:
 
 def notebook_parameters(sweep: dict, lm: str, platform: str, cell_dir: Path, profile: Path) -> dict[str, dict]:
     """papermill parameters of the three notebooks of one cell (``output_dir`` / ``out_dir`` = its folder).
-    ``sweep`` is the platform's view (:func:`platform_sweep`)."""
+    ``sweep`` is the cell's view (:func:`platform_sweep` with ``lm``)."""
     seed = int(sweep.get("seed", 0))
     nb01 = {"lm": lm, "platform": platform, "profile": str(profile), "seed": seed,
             "output_dir": str(cell_dir / NOTEBOOKS[0]), **dict(sweep.get("nb01") or {})}
@@ -111,7 +121,7 @@ def notebook_parameters(sweep: dict, lm: str, platform: str, cell_dir: Path, pro
 
 def cell_config(sweep: dict, lm: str, platform: str, cell_dir: Path) -> dict[str, Any]:
     """Everything a cell's results depend on (its hash decides whether a rerun may skip it)."""
-    sweep = platform_sweep(sweep, platform)
+    sweep = platform_sweep(sweep, platform, lm)
     prof = profile_path(sweep, lm, platform)
     mode = str(sweep.get("scheduler_mode", "sim"))
     cfg = {
@@ -123,7 +133,7 @@ def cell_config(sweep: dict, lm: str, platform: str, cell_dir: Path) -> dict[str
         "studies_sha256": {str(p): sha256_file(ROOT / p) for p in STUDIES},
     }
     if mode == "sim":  # on the continuous engine a simulation replays the measured engine capacity file
-        cap = _sim_capacity_file(lm, platform)
+        cap = _sim_capacity_file(lm, platform, (sweep.get("nb03") or {}).get("overrides") or ())
         if cap is not None:
             committed = cap.resolve().is_relative_to((ROOT / "outputs" / "reference").resolve())
             cfg["engine_capacity"] = {"file": cap.name, "committed": committed, "sha256": sha256_file(cap)}
@@ -143,8 +153,10 @@ def cell_config(sweep: dict, lm: str, platform: str, cell_dir: Path) -> dict[str
 STUDIES = ("rtlm_lab/uncertainty/study.py", "rtlm_lab/regressor/study.py", "rtlm_lab/scheduler/study.py")
 
 
-def _sim_capacity_file(lm: str, platform: str) -> Path | None:
-    """The capacity file a continuous-engine simulation of this cell would replay (None: static path, or none)."""
+def _sim_capacity_file(lm: str, platform: str, overrides=()) -> Path | None:
+    """The capacity file a continuous-engine simulation of this cell would replay (None: static path, or none);
+    ``overrides`` are notebook 03's (``platform.engine.max_seqs=64``, ``platform.offload_workers=0``: the engine
+    key follows them as the harness's does)."""
     try:
         from omegaconf import OmegaConf
 
@@ -153,8 +165,13 @@ def _sim_capacity_file(lm: str, platform: str) -> Path | None:
         lm_cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "lm" / f"{lm}.yaml"))
         if str(lm_cfg.get("arch", "causal")) == "seq2seq":
             return None
-        pf = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "platform" / f"{platform}.yaml"))
+        pf = OmegaConf.load(ROOT / "conf" / "platform" / f"{platform}.yaml")
+        dots = [o.removeprefix("platform.") for o in overrides if str(o).startswith("platform.")]
+        pf = OmegaConf.to_container(OmegaConf.merge(pf, OmegaConf.from_dotlist(dots)))
         ecfg = engine_config(pf)
+        n_off = int(pf.get("offload_workers", 0) or 0)
+        if n_off:  # as run_continuous keys it: the CPU offload workers are part of the measured set
+            ecfg = {**ecfg, "offload_workers": n_off, "offload_threads": int(pf.get("offload_threads", 4))}
         name = str(lm_cfg.get("name", lm))
     except Exception:  # noqa: BLE001 - an unknown lm / platform fails in the cell itself, with its message
         return None
@@ -279,11 +296,14 @@ def run_sweep(cfg: DictConfig | dict, sweep_dir: Path | None = None,
     if unknown:
         log.debug("sweep.by_platform names platform(s) not in this sweep: %s", ", ".join(unknown))
     for pf in platforms:
-        own = (sweep.get("by_platform") or {}).get(pf) or {}
-        mode = platform_sweep(sweep, pf).get("scheduler_mode", "sim")
-        if str(mode) not in ("sim", "real"):
-            where = f"sweep.by_platform.{pf}" if "scheduler_mode" in own else "sweep"
-            raise UserError(f"{where}.scheduler_mode must be sim or real (got {mode!r})")
+        for lm in lms:
+            cell = (sweep.get("by_cell") or {}).get(f"{lm}/{pf}") or {}
+            own = (sweep.get("by_platform") or {}).get(pf) or {}
+            mode = platform_sweep(sweep, pf, lm).get("scheduler_mode", "sim")
+            if str(mode) not in ("sim", "real"):
+                where = (f"sweep.by_cell['{lm}/{pf}']" if "scheduler_mode" in cell
+                         else f"sweep.by_platform.{pf}" if "scheduler_mode" in own else "sweep")
+                raise UserError(f"{where}.scheduler_mode must be sim or real (got {mode!r})")
     sweep_dir = Path(sweep_dir) if sweep_dir else sweep_dir_of(str(sweep["name"]))
     sweep_dir.mkdir(parents=True, exist_ok=True)
     for k, v in (("RTLM_ROOT", str(ROOT)), ("HF_HUB_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
