@@ -78,6 +78,20 @@ def make_backend(lm, ecfg: Mapping[str, Any], max_seqs: int | None = None):
     return SlotBackend(lm, n, ecfg["max_batch_tokens"])
 
 
+def measured_engine_config(platform: Mapping[str, Any]) -> dict[str, Any]:
+    """The config a measured capacity is keyed by (:func:`capacity_cache`): the engine budgets, plus the size
+    of the measured set: ``n_engines`` for GPU replicas (``platform.devices``), the CPU offload workers (part of
+    the set for every policy)."""
+    ecfg = engine_config(platform)
+    n_dev = len(platform.get("devices") or [None])
+    if n_dev > 1:  # replicas: capacity is measured (and cached) for the whole set
+        ecfg = {**ecfg, "n_engines": n_dev}
+    n_off = int(platform.get("offload_workers", 0) or 0)
+    if n_off:
+        ecfg = {**ecfg, "offload_workers": n_off, "offload_threads": int(platform.get("offload_threads", 4))}
+    return ecfg
+
+
 def engine_key(lm: str, platform: str, ecfg: Mapping[str, Any]) -> str:
     h = hashlib.sha256(json.dumps(dict(ecfg), sort_keys=True, default=str).encode()).hexdigest()[:8]
     return f"{lm}__{platform}__{h}"
@@ -314,18 +328,14 @@ def run_continuous(cfg: Mapping[str, Any], run_dir: Path, profile: pd.DataFrame,
     workload = dict(cfg["workload"])
     seed = int(cfg.get("seed", 0))
     check_workload(workload)
-    ecfg = engine_config(platform)
+    ecfg = measured_engine_config(platform)
     policy = make_policy(str(cfg["policy"]["name"]), cfg["policy"])
     pool = _pool(held)
     uses_state = bool(getattr(policy, "uses_lm_state", False))
     if uses_state and mode != "real":
         raise UserError(f"policy {policy.name} reads the served LM's own prefill states: it runs in mode=real only")
     devices = [str(d) for d in (platform.get("devices") or [platform.get("device", "cpu")])]
-    if len(devices) > 1:  # replicas: capacity is measured (and cached) for the whole set
-        ecfg = {**ecfg, "n_engines": len(devices)}
     n_off = int(platform.get("offload_workers", 0) or 0)
-    if n_off:  # CPU offload workers: part of the measured set, for every policy
-        ecfg = {**ecfg, "offload_workers": n_off, "offload_threads": int(platform.get("offload_threads", 4))}
     mix = (float(pool["n_input_tokens"].mean()), float(pool["true_tokens"].mean()))
     off_kw = {"n_offload": n_off, "lm_spec": lm_spec, "offload_threads": int(platform.get("offload_threads", 4)),
               "mean_mix": mix}

@@ -160,7 +160,7 @@ def _sim_capacity_file(lm: str, platform: str, overrides=()) -> Path | None:
     try:
         from omegaconf import OmegaConf
 
-        from rtlm_lab.scheduler.continuous import capacity_cache, engine_config, reference_capacity
+        from rtlm_lab.scheduler.continuous import capacity_cache, measured_engine_config, reference_capacity
 
         lm_cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "lm" / f"{lm}.yaml"))
         if str(lm_cfg.get("arch", "causal")) == "seq2seq":
@@ -168,10 +168,7 @@ def _sim_capacity_file(lm: str, platform: str, overrides=()) -> Path | None:
         pf = OmegaConf.load(ROOT / "conf" / "platform" / f"{platform}.yaml")
         dots = [o.removeprefix("platform.") for o in overrides if str(o).startswith("platform.")]
         pf = OmegaConf.to_container(OmegaConf.merge(pf, OmegaConf.from_dotlist(dots)))
-        ecfg = engine_config(pf)
-        n_off = int(pf.get("offload_workers", 0) or 0)
-        if n_off:  # as run_continuous keys it: the CPU offload workers are part of the measured set
-            ecfg = {**ecfg, "offload_workers": n_off, "offload_threads": int(pf.get("offload_threads", 4))}
+        ecfg = measured_engine_config(pf)  # keyed as run_continuous keys its measurement
         name = str(lm_cfg.get("name", lm))
     except Exception:  # noqa: BLE001 - an unknown lm / platform fails in the cell itself, with its message
         return None
