@@ -7,6 +7,8 @@ their weights are random. Real LMs (Gemma, SmolLM2) are loaded in the tests that
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -91,3 +93,10 @@ def tmp_roots(tmp_path, monkeypatch):
     out = tmp_path / "outputs"
     monkeypatch.setenv("RTLM_OUTPUT_DIR", str(out))
     return out
+
+
+def schedule_cli(args, out_dir, timeout=600) -> subprocess.CompletedProcess:
+    """``rtlm-schedule`` in a fresh process (``python -m rtlm_lab.tasks.schedule``), its outputs under ``out_dir``."""
+    env = {**os.environ, "RTLM_OUTPUT_DIR": str(out_dir)}
+    return subprocess.run([sys.executable, "-m", "rtlm_lab.tasks.schedule", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)

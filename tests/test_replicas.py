@@ -6,12 +6,11 @@ stepped in turn)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import schedule_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 ENGINE = ROOT / "outputs" / "reference" / "scheduler" / "engine"
@@ -19,12 +18,6 @@ needs_engine = pytest.mark.skipif(not list(ENGINE.glob("dialogpt_ccc__cuda__*.js
                                   reason="no committed DialoGPT-ccc cuda engine measurement")
 X2 = ["mode=sim", "lm=dialogpt_ccc", "platform=cuda_x2", "platform.engine.max_seqs=64", "workload.n_requests=60",
       "scheduler.overhead_samples=0", "scheduler.figures=false"]
-
-
-def _cli(args, out_dir, timeout=600):
-    env = {**os.environ, "RTLM_OUTPUT_DIR": str(out_dir)}
-    return subprocess.run([sys.executable, "-m", "rtlm_lab.tasks.schedule", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
 
 
 def _one_line(res) -> str:
@@ -38,7 +31,7 @@ def test_two_replicas_in_sim_from_the_one_gpu_measurement(tmp_path):
     """platform=cuda_x2 in sim mode with no two-GPU measurement: each replica is the committed one-GPU engine
     (said in the capacity's source), the capacity is the simulated set's, every request is served once across
     both engines; RT-LM places by predicted completion, FCFS with round_robin alternates exactly."""
-    res = _cli(["-m", *X2, "policy=rtlm,fcfs", "policy.placement=predicted,round_robin"], tmp_path)
+    res = schedule_cli(["-m", *X2, "policy=rtlm,fcfs", "policy.placement=predicted,round_robin"], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     runs = {}
     for p in (tmp_path / "schedule").rglob("metrics.json"):
@@ -61,7 +54,7 @@ def test_two_replicas_in_sim_from_the_one_gpu_measurement(tmp_path):
     (["lm=blenderbot_ccc", "policy=fcfs"], "GPU replicas are served by the continuous engine only"),
 ])
 def test_replica_config_mistakes_are_one_line(tmp_path, args, needle):
-    res = _cli([*X2, *args], tmp_path, timeout=300)
+    res = schedule_cli([*X2, *args], tmp_path, timeout=300)
     assert needle in _one_line(res)
     assert not list(tmp_path.rglob("metrics.json"))
 

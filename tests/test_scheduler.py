@@ -10,16 +10,13 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from conftest import ROOT, tiny_spec
+from conftest import ROOT, schedule_cli, tiny_spec
 from rtlm_lab.errors import UserError
 from rtlm_lab.scheduler.core import RECORD_COLUMNS, WorkerSpec
 from rtlm_lab.scheduler.policies import (POLICIES, RTLM, Assignment, Policy, Request, WorkerView, make_policy)
@@ -634,14 +631,8 @@ def test_static_decoder_falls_back_for_long_prompts(tiny_lm, texts):
 
 
 # ================================================================================================ CLI
-def _schedule_cli(args, out_dir, timeout=600):
-    env = {**os.environ, "RTLM_OUTPUT_DIR": str(out_dir)}
-    return subprocess.run([sys.executable, "-m", "rtlm_lab.tasks.schedule", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
 def test_cli_unknown_policy_is_one_line(tmp_path):
-    res = _schedule_cli(["policy=nope"], tmp_path, timeout=120)
+    res = schedule_cli(["policy=nope"], tmp_path, timeout=120)
     assert res.returncode == 2, res.stderr
     lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and "unknown policy 'nope'" in lines[0], res.stderr
@@ -654,7 +645,7 @@ def test_cli_sim_writes_results_and_skips_reruns(tmp_path):
         pytest.skip("no committed gemma3_270m/cpu profile")
     args = ["mode=sim", "lm=gemma3_270m", "platform=cpu", "policy=rtlm", "workload.n_requests=20",
             "scheduler.overhead_samples=2", "scheduler.figures=false"]
-    res = _schedule_cli(args, tmp_path)
+    res = schedule_cli(args, tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     (metrics_path,) = (tmp_path / "schedule").rglob("metrics.json")
     run_dir = metrics_path.parent
@@ -669,7 +660,7 @@ def test_cli_sim_writes_results_and_skips_reruns(tmp_path):
     assert m["engine"] == "continuous" and list(records.columns) == list(RECORDS)  # auto: Gemma is decoder-only
     assert trace["arrival_s"].is_monotonic_increasing and trace["pred_rtlm"].notna().all()
     assert math.isfinite(m["mean_rt_s"]) and m["policy"]["name"] == "rtlm"
-    again = _schedule_cli(args, tmp_path)
+    again = schedule_cli(args, tmp_path)
     assert again.returncode == 0 and "already done" in again.stdout, again.stderr[-3000:]
     assert json.loads(metrics_path.read_text()) == m
 
@@ -683,7 +674,7 @@ def test_cli_sim_writes_results_and_skips_reruns(tmp_path):
 def test_cli_bad_values_are_one_line(tmp_path, override, needle):
     args = ["mode=sim", "lm=gemma3_270m", "platform=cpu", "policy=fcfs", "workload.n_requests=20",
             "scheduler.overhead_samples=2", "scheduler.figures=false", override]
-    res = _schedule_cli(args, tmp_path, timeout=300)
+    res = schedule_cli(args, tmp_path, timeout=300)
     assert res.returncode == 2, res.stderr[-2000:]
     lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip() and not ln.startswith("[")]
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], res.stderr[-2000:]
@@ -694,7 +685,7 @@ def test_cli_overload_rho_above_one_is_served_and_accounted(tmp_path):
     """rho > 1 is an overload, not an error: every request is still served and recorded once."""
     args = ["mode=sim", "lm=gemma3_270m", "platform=cpu", "policy=fcfs", "workload.n_requests=40",
             "workload.rho=1.5", "scheduler.overhead_samples=2", "scheduler.figures=false"]
-    res = _schedule_cli(args, tmp_path)
+    res = schedule_cli(args, tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     (metrics_path,) = (tmp_path / "schedule").rglob("metrics.json")
     m = json.loads(metrics_path.read_text())
@@ -713,7 +704,7 @@ def test_cli_cuda_without_gpu_fails_before_any_fitting(tmp_path):
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible here")
-    res = _schedule_cli(["mode=real", "lm=dialogpt_ccc", "platform=cuda", "policy=fcfs"], tmp_path, timeout=300)
+    res = schedule_cli(["mode=real", "lm=dialogpt_ccc", "platform=cuda", "policy=fcfs"], tmp_path, timeout=300)
     assert res.returncode == 2, res.stderr[-2000:]
     lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip() and not ln.startswith("[")]
     assert len(lines) == 1 and "needs a CUDA GPU" in lines[0], res.stderr[-2000:]
