@@ -25,10 +25,20 @@ back() {
     done
     find "$A" -depth -type d -empty -delete 2>/dev/null || true  # no empty folder left to catch the next mv
 }
+# While anything is aside, a pre-commit hook refuses commits: `git commit -a` there would record the whole of
+# outputs/reference as deleted (it happened once; undone with `git reset --soft HEAD~1` before restore).
+HOOK="$(git rev-parse --git-path hooks)/pre-commit"
+guard() {
+    [ -e "$HOOK" ] && ! grep -q "tree.sh guard" "$HOOK" && { echo "tree.sh: $HOOK exists: no guard installed"; return; }
+    mkdir -p "$(dirname "$HOOK")"
+    printf '#!/bin/sh\n# tree.sh guard\necho "outputs/reference is aside (tools/device/tree.sh): run tree.sh restore before committing" >&2\nexit 1\n' >"$HOOK"
+    chmod +x "$HOOK"
+}
+unguard() { [ -e "$HOOK" ] && grep -q "tree.sh guard" "$HOOK" && rm "$HOOK"; return 0; }
 case "${1:-}" in
-min) aside $R ;;
-job) back $R; aside $JOB_ASIDE ;;
-restore) back $JOB_ASIDE; back $R; git reset -q ;;
+min) aside $R; guard ;;
+job) back $R; aside $JOB_ASIDE; guard ;;
+restore) back $JOB_ASIDE; back $R; git reset -q; unguard ;;
 *) echo "usage: tree.sh min|job|restore"; exit 2 ;;
 esac
 git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -1
