@@ -124,3 +124,30 @@ def test_adding_runs_to_a_group_keeps_what_earlier_additions_said(tmp_path):
     (tmp_path / "ref/runs/g/provenance.json").write_text("{broken")
     with pytest.raises(UserError, match="not JSON"):
         add_runs(second, "g", root=tmp_path / "ref")
+
+
+def test_prediction_cost_per_request_and_batch_size_reach_the_table(tmp_path):
+    """prediction_ms_per_request = the predictor's busy time over the requests; mean_prediction_batch = requests
+    per predictor call, from n_prediction_calls where the run recorded it, else from the distinct ready times
+    (a call makes its whole batch ready at once); none for a run that predicted nothing."""
+    rng = np.random.default_rng(4)
+    base = rng.uniform(0.5, 1.5, 120)
+    dirs = [_run(tmp_path, "g", "fcfs", 0, base), _run(tmp_path, "g", "ltr", 0, 2 * base),
+            _run(tmp_path, "g", "sjf_proxy", 0, 3 * base)]
+    for d, calls in ((dirs[1], None), (dirs[2], 40)):
+        r = pd.read_parquet(d / "requests.parquet")
+        r["ready_s"] = r["arrival_s"] // 4 * 4 + 3.5  # batches of 4 arrivals, each ready when its call returns
+        r.to_parquet(d / "requests.parquet")
+        m = json.loads((d / "metrics.json").read_text())
+        m.update({"prediction_s": 0.6, "mean_prediction_wait_ms": 1500.0})
+        if calls:
+            m["n_prediction_calls"] = calls
+        (d / "metrics.json").write_text(json.dumps(m))
+    m = json.loads((dirs[0] / "metrics.json").read_text())
+    (dirs[0] / "metrics.json").write_text(json.dumps({**m, "prediction_s": 0.0, "mean_prediction_wait_ms": 0.0}))
+    df = summarize(dirs, n_boot=50).set_index("policy")
+    assert df.loc["ltr", "prediction_ms_per_request"] == pytest.approx(5.0)
+    assert df.loc["ltr", "mean_prediction_batch"] == pytest.approx(4.0)   # 120 requests, 30 ready times
+    assert df.loc["sjf_proxy", "mean_prediction_batch"] == pytest.approx(3.0)  # the recorded 40 calls win
+    assert df.loc["fcfs", "prediction_ms_per_request"] == 0.0
+    assert np.isnan(df.loc["fcfs", "mean_prediction_batch"])

@@ -68,6 +68,24 @@ def _static_extras(m: dict, r: pd.DataFrame) -> dict:
     return out
 
 
+def prediction_load(m: Mapping, r: pd.DataFrame) -> dict[str, float]:
+    """What a run's predictions cost per request and how they were batched: ``prediction_ms_per_request``
+    (the predictor's busy time, ``prediction_s``, over the requests; 0 where nothing predicted) and
+    ``mean_prediction_batch`` (requests per predictor call, on the continuous engine where a predictor ran: from
+    ``n_prediction_calls``, or, in runs made before it was recorded, from the distinct times the requests became
+    ready, since a call makes its whole batch ready at once; NaN elsewhere). A predictor that falls behind the
+    arrivals gets larger batches: read the two together."""
+    n = int(m.get("n_requests") or len(r) or 0)
+    pred_s = m.get("prediction_s")
+    ms = 1e3 * float(pred_s) / n if pred_s is not None and n else math.nan
+    batch = math.nan
+    if m.get("n_prediction_calls"):
+        batch = n / int(m["n_prediction_calls"])
+    elif (m.get("mean_prediction_wait_ms") or 0) > 0 and "ready_s" in r and len(r):
+        batch = len(r) / int(r["ready_s"].round(9).nunique())
+    return {"prediction_ms_per_request": ms, "mean_prediction_batch": batch}
+
+
 def measured(records: pd.DataFrame) -> pd.DataFrame:
     """The rows metrics are computed on: after the warm-up share, in arrival order."""
     r = records[~records["warmup"]] if "warmup" in records else records
@@ -131,6 +149,7 @@ def collect(run_dirs: Iterable[Path], groups: Mapping[str, str] | None = None) -
                          "n_requests", "n_measured", "mean_rt_s", "p50_rt_s", "p99_rt_s", "mean_ttft_ms",
                          "p99_ttft_ms", "throughput_rps", "throughput_tok_s", "slo_miss_rate", "realized_rho",
                          "capacity_rps", "prediction_share", "mean_running_seqs")},
+                     **prediction_load(m, r),
                      "utilization": float(np.mean(list(util.values()))) if util else math.nan})
     if not rows:
         raise UserError("no finished runs to summarize")
@@ -168,7 +187,8 @@ def summarize(run_dirs: Sequence[Path], baseline: str = "fcfs", oracle: str | No
                         "gpu": ",".join(sorted(set(gp["gpu"].astype(str)) - {""}))})
             for c in ("n_requests", "n_measured", "mean_rt_s", "p50_rt_s", "p99_rt_s", "mean_ttft_ms", "p99_ttft_ms",
                       "throughput_rps", "throughput_tok_s", "slo_miss_rate", "realized_rho", "utilization",
-                      "capacity_rps", "prediction_share", "mean_running_seqs"):
+                      "capacity_rps", "prediction_share", "prediction_ms_per_request", "mean_prediction_batch",
+                      "mean_running_seqs"):
                 row[c] = float(gp[c].mean())
             for ref, tag in ((baseline, "fcfs"), (g_oracle, "oracle")):
                 gr = g[g["policy"] == ref]
@@ -207,7 +227,11 @@ def format_summary(df: pd.DataFrame) -> str:
                      "mean / FCFS": ci(r, "mean_rt_vs_fcfs"), "p99 / FCFS": ci(r, "p99_rt_vs_fcfs"),
                      "mean / oracle": ci(r, "mean_rt_vs_oracle") + (f" ({r['oracle']})" if r.get("oracle") else ""),
                      "prediction share": (f"{100 * r['prediction_share']:.2f}%"
-                                          if math.isfinite(r["prediction_share"]) else "")})
+                                          if math.isfinite(r["prediction_share"]) else ""),
+                     "prediction ms/req": (round(r["prediction_ms_per_request"], 2)
+                                           if math.isfinite(r.get("prediction_ms_per_request", math.nan)) else ""),
+                     "req/prediction call": (round(r["mean_prediction_batch"], 1)
+                                             if math.isfinite(r.get("mean_prediction_batch", math.nan)) else "")})
     return pd.DataFrame(rows).to_markdown(index=False)
 
 

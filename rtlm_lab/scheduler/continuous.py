@@ -534,6 +534,7 @@ def run_metrics(records: pd.DataFrame, steps: pd.DataFrame, facts: Mapping[str, 
         "mean_running_seqs": float(steps["n_seqs"].mean()) if len(steps) else math.nan,
         "n_steps": int(len(steps)),
         "prediction_s": pred_busy, "prediction_share": pred_busy / max(sum(busy.values()), 1e-9),
+        "n_prediction_calls": int(len(facts["predictor_batches"])),  # the predictor's batched calls
         "n_preempted": int((records["steps_paused"] > 0).sum()),
         "pred_mae_tokens": float((r["pred_tokens"] - r["actual_tokens"]).abs().mean())
         if r["pred_tokens"].notna().any() else math.nan,
