@@ -229,9 +229,9 @@ def format_summary(df: pd.DataFrame) -> str:
                      "prediction share": (f"{100 * r['prediction_share']:.2f}%"
                                           if math.isfinite(r["prediction_share"]) else ""),
                      "prediction ms/req": (round(r["prediction_ms_per_request"], 2)
-                                           if math.isfinite(r.get("prediction_ms_per_request", math.nan)) else ""),
+                                           if math.isfinite(r["prediction_ms_per_request"]) else ""),
                      "req/prediction call": (round(r["mean_prediction_batch"], 1)
-                                             if math.isfinite(r.get("mean_prediction_batch", math.nan)) else "")})
+                                             if math.isfinite(r["mean_prediction_batch"]) else "")})
     return pd.DataFrame(rows).to_markdown(index=False)
 
 
