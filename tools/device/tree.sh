@@ -3,6 +3,8 @@
 #   bash tools/device/tree.sh min      all of outputs/reference aside (staging calls: ~1.5 MB + one 65 MB part)
 #   bash tools/device/tree.sh job      outputs/reference back but for scheduler/runs, report and the BlenderBot-ccc
 #                                      weights (job calls: the GODEL-/DialoGPT-ccc weights and profiles travel)
+#   bash tools/device/tree.sh sweep    outputs/reference back but for scheduler/runs and report (~41 MB: every lab
+#                                      LM's weights, the profiles and regressors `rtlm-sweep`'s cuda cells read)
 #   bash tools/device/tree.sh restore  everything back where it was, the index as HEAD has it
 # "Aside" = moved to /tmp/aside/ with a symlink left in its place (local jobs keep reading it; a link travels as
 # a link) and `git rm --cached` (the index stops tracking it). Commit nothing until `restore`.
@@ -10,6 +12,7 @@ set -euo pipefail
 A=/tmp/aside
 R=outputs/reference
 JOB_ASIDE="$R/scheduler/runs $R/report $R/models/blenderbot_ccc"
+SWEEP_ASIDE="$R/scheduler/runs $R/report"
 aside() {
     for p in "$@"; do
         [ -L "$p" ] && continue
@@ -38,7 +41,8 @@ unguard() { [ -e "$HOOK" ] && grep -q "tree.sh guard" "$HOOK" && rm "$HOOK"; ret
 case "${1:-}" in
 min) aside $R; guard ;;
 job) back $R; aside $JOB_ASIDE; guard ;;
+sweep) back $R; back $JOB_ASIDE; aside $SWEEP_ASIDE; guard ;;
 restore) back $JOB_ASIDE; back $R; git reset -q; unguard ;;
-*) echo "usage: tree.sh min|job|restore"; exit 2 ;;
+*) echo "usage: tree.sh min|job|sweep|restore"; exit 2 ;;
 esac
 git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -1
