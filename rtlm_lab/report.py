@@ -33,7 +33,7 @@ HEADLINE_COLUMNS = [
     ("lm", "lm"), ("platform", "platform"), ("status", "status"), ("n", "n requests"),
     ("spearman_total", "Spearman(total unc., out tokens)"), ("spearman_total_ci", "Spearman 95% CI"),
     ("tau_rtlm", "tau RT-LM"), ("tau_rtlm_ci", "tau 95% CI"), ("best_baseline", "best baseline"),
-    ("tau_best_baseline", "tau baseline"), ("scheduler_mode", "sched"),
+    ("tau_best_baseline", "tau baseline"), ("scheduler_mode", "sched"), ("measured_on", "real runs on"),
     ("rtlm_mean_rt_vs_fcfs", "RT-LM mean RT / FCFS"), ("rtlm_p99_rt_vs_fcfs", "RT-LM p99 / FCFS"),
     ("sjf_proxy_mean_rt_vs_fcfs", "SJF-proxy mean / FCFS"), ("oracle_mean_rt_vs_fcfs", "oracle mean / FCFS"),
 ]
@@ -91,6 +91,7 @@ def cell_headline(cell_dir: Path, metrics: Mapping[str, dict | None] | None = No
             out["best_baseline"], out["tau_best_baseline"] = best["method"], _num(best["kendall_tau"])
     if m3:
         out["scheduler_mode"] = m3.get("mode")
+        out["measured_on"] = measured_on(m3)
         norm = {r["policy"]: r for r in (m3.get("normalized") or {}).get("fcfs") or []}
         # the oracle: preemptive SRPT on the continuous engine (the lower bound there), SJF on the static path
         oracle = m3.get("oracle") or ("oracle_srpt" if m3.get("engine") == "continuous" else "oracle_sjf")
@@ -100,6 +101,17 @@ def cell_headline(cell_dir: Path, metrics: Mapping[str, dict | None] | None = No
                 if pol == "rtlm":
                     out["rtlm_p99_rt_vs_fcfs"] = _num(norm[pol].get("p99_rt_s_vs_fcfs"))
     return out
+
+
+def measured_on(m3: Mapping[str, Any]) -> str | None:
+    """The hardware a real-mode notebook 03 served its requests on, from its provenance: the GPU's name on
+    cuda (an H100 and an H200 give different numbers), the core count on the CPU; ``None`` for a simulation."""
+    if m3.get("mode") != "real":
+        return None
+    machine = (m3.get("provenance") or {}).get("machine") or {}
+    if m3.get("platform") != "cpu" and machine.get("gpu"):
+        return str(machine["gpu"])
+    return f"{machine['cpu_count']}-core cpu" if machine.get("cpu_count") else None
 
 
 def collect(sweep_dir: Path) -> dict[str, Any]:

@@ -345,3 +345,17 @@ def test_report_copy_is_a_sweep_dir_that_rebuilds_the_same_tables(tmp_path):
     assert head[("smollm2_135m", "cpu")]["status"] == "failed"
     md = " ".join(again["md"].read_text().split())
     assert "no profile here" in md and "| gemma3_270m | cpu | done | 40 |" in md
+
+
+def test_report_names_the_hardware_of_real_cells_only():
+    """The headline's "real runs on" column: the GPU's name for a real cuda cell (from notebook 03's
+    provenance), the core count for a real cpu cell, nothing for a simulated one."""
+    from rtlm_lab.report import cell_headline
+
+    def head(mode, platform, machine):
+        m3 = {"mode": mode, "platform": platform, "provenance": {"machine": machine}, "normalized": {}}
+        return cell_headline(Path("."), {"03_scheduler": m3})["measured_on"]
+
+    assert head("real", "cuda", {"gpu": "NVIDIA H100 80GB HBM3", "cpu_count": 16}) == "NVIDIA H100 80GB HBM3"
+    assert head("real", "cpu", {"gpu": "NVIDIA H200", "cpu_count": 2}) == "2-core cpu"
+    assert head("sim", "cuda", {"gpu": "NVIDIA H200", "cpu_count": 16}) is None
