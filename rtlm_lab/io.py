@@ -134,6 +134,14 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+def run_gpu(m: Any) -> str:
+    """The GPU a real cuda run ran on, from its metrics: the continuous engine names it there, the static path
+    (and a sweep's notebook 03) only in its provenance's machine facts. Sim runs and CPU runs name none ("")."""
+    if m.get("mode", "real") != "real" or m.get("platform") == "cpu":
+        return ""
+    return m.get("gpu") or ((m.get("provenance") or {}).get("machine") or {}).get("gpu", "") or ""
+
+
 def provenance(config: Any = None, **extra: Any) -> dict[str, Any]:
     """Provenance block stored beside every artefact: config, commit, date, machine, versions."""
     if config is not None and not isinstance(config, dict):

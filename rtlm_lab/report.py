@@ -106,11 +106,13 @@ def cell_headline(cell_dir: Path, metrics: Mapping[str, dict | None] | None = No
 def measured_on(m3: Mapping[str, Any]) -> str | None:
     """The hardware a real-mode notebook 03 served its requests on, from its provenance: the GPU's name on
     cuda (an H100 and an H200 give different numbers), the core count on the CPU; ``None`` for a simulation."""
+    from rtlm_lab.io import run_gpu
+
     if m3.get("mode") != "real":
         return None
+    if gpu := run_gpu(m3):  # the results table's rule for a run's GPU
+        return str(gpu)
     machine = (m3.get("provenance") or {}).get("machine") or {}
-    if m3.get("platform") != "cpu" and machine.get("gpu"):
-        return str(machine["gpu"])
     return f"{machine['cpu_count']}-core cpu" if machine.get("cpu_count") else None
 
 

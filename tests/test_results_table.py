@@ -97,13 +97,13 @@ def test_static_path_runs_get_their_own_engine_key_realized_rho_and_ttft(tmp_pat
 def test_every_real_cuda_row_names_its_gpu_and_sim_or_cpu_rows_none():
     """The continuous engine writes the GPU into metrics.json, the static path only into its provenance's machine
     facts: both must reach the table's platform column ("say which GPU every row comes from")."""
-    from rtlm_lab.scheduler.analysis import _gpu
+    from rtlm_lab.io import run_gpu
     machine = {"provenance": {"machine": {"gpu": "NVIDIA H200"}}}
-    assert _gpu({"mode": "real", "platform": "cuda", "gpu": "NVIDIA H100 80GB HBM3"}) == "NVIDIA H100 80GB HBM3"
-    assert _gpu({"mode": "real", "platform": "cuda", "engine": "static", **machine}) == "NVIDIA H200"
-    assert _gpu({"mode": "sim", "platform": "cuda", **machine}) == ""
-    assert _gpu({"mode": "real", "platform": "cpu", **machine}) == ""
-    assert _gpu({"mode": "real", "platform": "cuda"}) == ""
+    assert run_gpu({"mode": "real", "platform": "cuda", "gpu": "NVIDIA H100 80GB HBM3"}) == "NVIDIA H100 80GB HBM3"
+    assert run_gpu({"mode": "real", "platform": "cuda", "engine": "static", **machine}) == "NVIDIA H200"
+    assert run_gpu({"mode": "sim", "platform": "cuda", **machine}) == ""
+    assert run_gpu({"mode": "real", "platform": "cpu", **machine}) == ""
+    assert run_gpu({"mode": "real", "platform": "cuda"}) == ""
 
 
 def test_adding_runs_to_a_group_keeps_what_earlier_additions_said(tmp_path):

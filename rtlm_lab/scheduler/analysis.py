@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from rtlm_lab.errors import UserError
+from rtlm_lab.io import run_gpu
 from rtlm_lab.scheduler.workload import realized_arrival_rate
 
 GROUP = ("group", "lm", "platform", "engine_key", "nominal_rho")  # group: the runs/<group>/ folder (one session)
@@ -124,12 +125,12 @@ def ratio_ci(a: Sequence[np.ndarray], b: Sequence[np.ndarray], stat: str = "mean
     return point, float(lo), float(hi)
 
 
-def _gpu(m: Mapping) -> str:
-    """The GPU a real cuda run ran on: the continuous engine names it in its metrics, the static path only in its
-    provenance's machine facts. Sim runs and CPU runs name none."""
-    if m.get("mode", "real") != "real" or m.get("platform") == "cpu":
-        return ""
-    return m.get("gpu") or ((m.get("provenance") or {}).get("machine") or {}).get("gpu", "") or ""
+# A run's metrics that the results table averages over seeds, in summary.csv's column order: read from each
+# run's metrics.json by collect(), but for DERIVED_METRICS, which collect() computes from the run's records.
+RUN_METRICS = ("n_requests", "n_measured", "mean_rt_s", "p50_rt_s", "p99_rt_s", "mean_ttft_ms", "p99_ttft_ms",
+               "throughput_rps", "throughput_tok_s", "slo_miss_rate", "realized_rho", "utilization", "capacity_rps",
+               "prediction_share", "prediction_ms_per_request", "mean_prediction_batch", "mean_running_seqs")
+DERIVED_METRICS = ("utilization", "prediction_ms_per_request", "mean_prediction_batch")
 
 
 def collect(run_dirs: Iterable[Path], groups: Mapping[str, str] | None = None) -> pd.DataFrame:
@@ -144,11 +145,8 @@ def collect(run_dirs: Iterable[Path], groups: Mapping[str, str] | None = None) -
         rows.append({"run_dir": str(d), "group": (groups or {}).get(str(d), Path(d).parent.name), "lm": m["lm"], "platform": m["platform"], "mode": m.get("mode", "real"),
                      "engine_key": _engine_key(m), "nominal_rho": float(m.get("nominal_rho", m.get("rho", math.nan))),
                      "policy": m["policy"]["name"] if isinstance(m["policy"], dict) else str(m["policy"]),
-                     "seed": int(m.get("seed", 0)), "gpu": _gpu(m),
-                     **{k: m.get(k, math.nan) for k in (
-                         "n_requests", "n_measured", "mean_rt_s", "p50_rt_s", "p99_rt_s", "mean_ttft_ms",
-                         "p99_ttft_ms", "throughput_rps", "throughput_tok_s", "slo_miss_rate", "realized_rho",
-                         "capacity_rps", "prediction_share", "mean_running_seqs")},
+                     "seed": int(m.get("seed", 0)), "gpu": run_gpu(m),
+                     **{k: m.get(k, math.nan) for k in RUN_METRICS if k not in DERIVED_METRICS},
                      **prediction_load(m, r),
                      "utilization": float(np.mean(list(util.values()))) if util else math.nan})
     if not rows:
@@ -185,10 +183,7 @@ def summarize(run_dirs: Sequence[Path], baseline: str = "fcfs", oracle: str | No
             row = dict(keys)
             row.update({"policy": pol, "oracle": g_oracle if g_oracle in ran else "", "n_seeds": int(gp["seed"].nunique()), "seeds": ",".join(map(str, sorted(gp["seed"]))),
                         "gpu": ",".join(sorted(set(gp["gpu"].astype(str)) - {""}))})
-            for c in ("n_requests", "n_measured", "mean_rt_s", "p50_rt_s", "p99_rt_s", "mean_ttft_ms", "p99_ttft_ms",
-                      "throughput_rps", "throughput_tok_s", "slo_miss_rate", "realized_rho", "utilization",
-                      "capacity_rps", "prediction_share", "prediction_ms_per_request", "mean_prediction_batch",
-                      "mean_running_seqs"):
+            for c in RUN_METRICS:
                 row[c] = float(gp[c].mean())
             for ref, tag in ((baseline, "fcfs"), (g_oracle, "oracle")):
                 gr = g[g["policy"] == ref]
