@@ -329,7 +329,8 @@ def copy_cells(cells: Sequence[dict], sweep_dir: Path, out_dir: Path) -> None:
     """Copy each done cell's ``metrics.json`` files and headline figures (not the executed notebooks, not the
     scheduler's per-request files) to ``out_dir/<lm>/<platform>/``, plus the sweep's ``manifest.json``: a
     small copy of a sweep's results (to keep or commit), laid out as a sweep dir, so
-    that ``rtlm-report`` rebuilds the same tables from it. Cells' ``dir`` then point at the copies."""
+    that ``rtlm-report`` rebuilds the same tables from it. Cells' ``dir`` then point at the copies. A file of
+    those names that an earlier copy left and the cell no longer has is removed."""
     from rtlm_lab.io import copy_file_atomic
 
     if (sweep_dir / "manifest.json").is_file():
@@ -343,6 +344,8 @@ def copy_cells(cells: Sequence[dict], sweep_dir: Path, out_dir: Path) -> None:
             for name in ("metrics.json", *(f"{s}.png" for s in stems)):
                 if (c["dir"] / nb / name).is_file():
                     copy_file_atomic(c["dir"] / nb / name, dst / nb / name)
+                else:  # a rerun cell that no longer makes it: an earlier copy's file would be linked as its own
+                    (dst / nb / name).unlink(missing_ok=True)
         c["dir"] = dst
 
 

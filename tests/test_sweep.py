@@ -359,3 +359,21 @@ def test_report_names_the_hardware_of_real_cells_only():
     assert head("real", "cuda", {"gpu": "NVIDIA H100 80GB HBM3", "cpu_count": 16}) == "NVIDIA H100 80GB HBM3"
     assert head("real", "cpu", {"gpu": "NVIDIA H200", "cpu_count": 2}) == "2-core cpu"
     assert head("sim", "cuda", {"gpu": "NVIDIA H200", "cpu_count": 16}) is None
+
+
+def test_report_copy_drops_a_figure_the_rerun_cell_no_longer_makes(tmp_path):
+    """A cell rerun in another mode can stop making a figure (notebook 03 real at one rho draws no rt_vs_rho):
+    copying it over an earlier copy removes that figure there, so the report does not link the old one."""
+    from rtlm_lab.report import build_report
+
+    sweep, out = tmp_path / "sweeps" / "fake", tmp_path / "ref"
+    cell = sweep / "gemma3_270m" / "cpu"
+    _fake_cell(cell, 0.31, 0.42, 0.5)
+    (cell / "03_scheduler" / "rt_vs_rho.png").write_bytes(b"\x89PNG old sim")
+    build_report(sweep, out_dir=out, copy=True)
+    assert (out / "gemma3_270m" / "cpu" / "03_scheduler" / "rt_vs_rho.png").is_file()
+    (cell / "03_scheduler" / "rt_vs_rho.png").unlink()  # the rerun cell's notebook 03 no longer draws it
+    again = build_report(sweep, out_dir=out, copy=True)
+    assert not (out / "gemma3_270m" / "cpu" / "03_scheduler" / "rt_vs_rho.png").exists()
+    assert (out / "gemma3_270m" / "cpu" / "03_scheduler" / "response_cdf.png").is_file()
+    assert "rt_vs_rho" not in again["md"].read_text()
