@@ -136,9 +136,17 @@ DERIVED_METRICS = ("utilization", "prediction_ms_per_request", "mean_prediction_
 def collect(run_dirs: Iterable[Path], groups: Mapping[str, str] | None = None) -> pd.DataFrame:
     """One row per run: its group keys, policy, seed and headline metrics (units in the names). ``groups``:
     run dir (as given) -> group name, where the parent folder's name is not the group (e.g. the sim grid)."""
-    rows = []
+    return _collect(run_dirs, groups)[0]
+
+
+def _collect(run_dirs: Iterable[Path], groups: Mapping[str, str] | None = None
+             ) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    """:func:`collect`'s table and each run's measured response times in arrival order (run dir as given ->
+    seconds), from one read of each run (the sim grid's 650 runs made a second read cost seconds)."""
+    rows, rt = [], {}
     for d in run_dirs:
         m, r = load_run(d)
+        rt[str(d)] = measured(r)["response_s"].to_numpy(float)
         if m.get("engine") == "static":
             m = {**m, **_static_extras(m, r)}
         util = m.get("worker_utilization") or {}
@@ -151,7 +159,7 @@ def collect(run_dirs: Iterable[Path], groups: Mapping[str, str] | None = None) -
                      "utilization": float(np.mean(list(util.values()))) if util else math.nan})
     if not rows:
         raise UserError("no finished runs to summarize")
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows), rt
 
 
 ORACLES = ("oracle_srpt", "oracle_sjf")  # the continuous engine's oracle, then the static path's
@@ -165,10 +173,7 @@ def summarize(run_dirs: Sequence[Path], baseline: str = "fcfs", oracle: str | No
     ``oracle_sjf`` on the static path, where a batch is not preempted; as ``study.run_study`` picks), else the
     other; column ``oracle`` names it. ``groups``: as :func:`collect`; ``progress``: a bar over group x policy
     (the bootstrap takes minutes over the sim grid's 650 rows)."""
-    runs = collect(run_dirs, groups)
-    rt: dict[str, np.ndarray] = {}
-    for d in runs["run_dir"]:
-        rt[d] = measured(load_run(Path(d))[1])["response_s"].to_numpy(float)
+    runs, rt = _collect(run_dirs, groups)
     from tqdm.auto import tqdm
 
     out = []
