@@ -133,16 +133,12 @@ RUN_METRICS = ("n_requests", "n_measured", "mean_rt_s", "p50_rt_s", "p99_rt_s", 
 DERIVED_METRICS = ("utilization", "prediction_ms_per_request", "mean_prediction_batch")
 
 
-def collect(run_dirs: Iterable[Path], groups: Mapping[str, str] | None = None) -> pd.DataFrame:
-    """One row per run: its group keys, policy, seed and headline metrics (units in the names). ``groups``:
-    run dir (as given) -> group name, where the parent folder's name is not the group (e.g. the sim grid)."""
-    return _collect(run_dirs, groups)[0]
-
-
-def _collect(run_dirs: Iterable[Path], groups: Mapping[str, str] | None = None
-             ) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
-    """:func:`collect`'s table and each run's measured response times in arrival order (run dir as given ->
-    seconds), from one read of each run (the sim grid's 650 runs made a second read cost seconds)."""
+def collect(run_dirs: Iterable[Path], groups: Mapping[str, str] | None = None
+            ) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    """One row per run: its group keys, policy, seed and headline metrics (units in the names); and each run's
+    measured response times in arrival order (run dir as given -> seconds), for the bootstrap, from the same
+    read of its files. ``groups``: run dir (as given) -> group name, where the parent folder's name is not the
+    group (e.g. the sim grid)."""
     rows, rt = [], {}
     for d in run_dirs:
         m, r = load_run(d)
@@ -173,7 +169,7 @@ def summarize(run_dirs: Sequence[Path], baseline: str = "fcfs", oracle: str | No
     ``oracle_sjf`` on the static path, where a batch is not preempted; as ``study.run_study`` picks), else the
     other; column ``oracle`` names it. ``groups``: as :func:`collect`; ``progress``: a bar over group x policy
     (the bootstrap takes minutes over the sim grid's 650 rows)."""
-    runs, rt = _collect(run_dirs, groups)
+    runs, rt = collect(run_dirs, groups)
     from tqdm.auto import tqdm
 
     out = []
