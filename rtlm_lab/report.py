@@ -452,3 +452,63 @@ def resolve_sweep_dir(arg: str) -> Path:
     from rtlm_lab.errors import UserError
 
     raise UserError(f"no sweep dir {arg!r} (neither a folder nor {named}); run `rtlm-sweep sweep.name={arg}` first")
+
+
+# ------------------------------------------------------------------------ the scheduler tables in the pages
+# The analysis builds tables (rtlm_lab.scheduler.analysis); only this side writes them into the pages, between
+# `<!-- NAME:begin -->` and `<!-- NAME:end -->` markers that a page may hold or not.
+def markers(name: str) -> tuple[str, str]:
+    return f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+
+
+def fill_markers(doc: str | Path, name: str, body: str) -> bool:
+    """Put ``body`` between ``name``'s markers in ``doc`` (atomically); ``False`` (nothing written) where the file
+    or either marker is missing."""
+    from rtlm_lab.io import write_text_atomic
+
+    doc = Path(doc)
+    if not doc.is_file():
+        return False
+    text = doc.read_text()
+    begin, end = markers(name)
+    if begin not in text or end not in text or text.index(begin) > text.index(end):
+        return False
+    a, b = text.index(begin) + len(begin), text.index(end)
+    write_text_atomic(doc, text[:a] + "\n" + body.strip("\n") + "\n" + text[b:])
+    return True
+
+
+def write_scheduler_docs(df=None, root: str | Path | None = None, repo: str | Path | None = None) -> list[Path]:
+    """The committed scheduler results in the pages: the results table (``df``, as
+    :func:`rtlm_lab.scheduler.analysis.build` returns it; ``None``: read from ``root``'s ``summary.csv``) in full in
+    ``docs/results.md`` and as the headline in ``README.md`` (markers ``scheduler-summary``), and the closing-FCFS
+    drift of ``root``'s groups in ``docs/results.md`` (markers ``fcfs-drift``). ``root``: default
+    ``outputs/reference/scheduler``; ``repo``: the checkout whose pages are written (default: this one). Returns
+    the pages written. From a shell: ``python -c "from rtlm_lab.report import write_scheduler_docs;
+    write_scheduler_docs()"`` after ``rtlm-reference target=scheduler``."""
+    from rtlm_lab.paths import ROOT
+    from rtlm_lab.scheduler.analysis import (fcfs_drift, format_drift, format_headline, format_summary,
+                                             reference_root)
+
+    root = Path(root) if root else reference_root()
+    if df is None:
+        import pandas as pd
+
+        from rtlm_lab.errors import UserError
+
+        if not (root / "summary.csv").is_file():
+            raise UserError(f"no {root / 'summary.csv'}: run `rtlm-reference target=scheduler` first")
+        df = pd.read_csv(root / "summary.csv")
+        for c in ("gpu", "oracle", "seeds"):  # empty text columns read back as NaN
+            if c in df:
+                df[c] = df[c].fillna("").astype(str)
+    repo = Path(repo) if repo else ROOT
+    results, readme = repo / "docs" / "results.md", repo / "README.md"
+    done = []
+    if fill_markers(results, "scheduler-summary", format_summary(df)):
+        done.append(results)
+    if fill_markers(results, "fcfs-drift", format_drift(fcfs_drift(root))) and results not in done:
+        done.append(results)
+    if fill_markers(readme, "scheduler-summary", format_headline(df)):
+        done.append(readme)
+    return done

@@ -151,3 +151,60 @@ def test_prediction_cost_per_request_and_batch_size_reach_the_table(tmp_path):
     assert df.loc["sjf_proxy", "mean_prediction_batch"] == pytest.approx(3.0)  # the recorded 40 calls win
     assert df.loc["fcfs", "prediction_ms_per_request"] == 0.0
     assert np.isnan(df.loc["fcfs", "mean_prediction_batch"])
+
+
+def test_build_writes_the_results_files_and_the_report_side_writes_the_pages(tmp_path):
+    """analysis.build writes summary.csv/md under its root and no page; report.write_scheduler_docs fills the
+    pages' markers: the full table and the FCFS drift in docs/results.md, the headline in README.md. A group's
+    closing FCFS runs (runs/<group>/fcfs_last/) stay out of the table and make the drift table."""
+    from rtlm_lab.report import fill_markers, write_scheduler_docs
+    from rtlm_lab.scheduler.analysis import build, fcfs_drift
+
+    rng = np.random.default_rng(5)
+    root = tmp_path / "scheduler"
+    base = [rng.uniform(0.5, 1.5, 60) for _ in range(2)]
+    for s in range(2):
+        _run(root / "runs", "g", "fcfs", s, base[s])
+        _run(root / "runs", "g", "rtlm", s, 2 * base[s])
+    _run(root / "runs" / "g", "fcfs_last", "fcfs", 1, 1.5 * base[1])  # seed 1's closing FCFS, 1.5x its first
+    pages = [tmp_path / "repo" / "README.md", tmp_path / "repo" / "docs" / "results.md"]
+    pages[1].parent.mkdir(parents=True)
+    pages[0].write_text("# R\n<!-- scheduler-summary:begin -->\nold\n<!-- scheduler-summary:end -->\nafter\n")
+    pages[1].write_text("<!-- scheduler-summary:begin -->\n<!-- scheduler-summary:end -->\n"
+                        "<!-- fcfs-drift:begin -->\n<!-- fcfs-drift:end -->\n")
+    before = [p.read_text() for p in pages]
+    df = build(root, n_boot=50)
+    assert (root / "summary.csv").is_file() and (root / "summary.md").is_file()
+    assert [p.read_text() for p in pages] == before  # the analysis writes no page
+    assert sorted(set(df["policy"])) == ["fcfs", "rtlm"] and set(df["n_seeds"]) == {2}  # fcfs_last not in it
+    assert df.set_index("policy").loc["rtlm", "mean_rt_vs_fcfs"] == pytest.approx(2.0)
+    drift = fcfs_drift(root)
+    assert len(drift) == 1 and drift.iloc[0]["seed"] == 1
+    assert drift.iloc[0]["last_vs_first_mean_rt"] == pytest.approx(1.5)
+    written = write_scheduler_docs(df, root=root, repo=tmp_path / "repo")
+    assert sorted(written) == sorted(pages)
+    readme, results = (p.read_text() for p in pages)
+    assert "old" not in readme and "2.00 [2.00, 2.00]" in readme and readme.endswith("after\n")
+    assert "| g " in results and "closing / first" in results and "1.5" in results
+    assert not fill_markers(pages[0], "fcfs-drift", "x")  # no such markers: nothing written
+    assert not fill_markers(tmp_path / "missing.md", "scheduler-summary", "x")
+
+
+def test_the_pages_rebuild_from_summary_csv_as_committed(tmp_path):
+    """write_scheduler_docs without a table reads the committed summary.csv: the committed README's headline and
+    docs/results.md's full table come out as they are."""
+    import shutil
+
+    from conftest import ROOT
+    from rtlm_lab.report import write_scheduler_docs
+
+    repo = tmp_path / "repo"
+    (repo / "docs").mkdir(parents=True)
+    for page in ("README.md", "docs/results.md"):
+        shutil.copy(ROOT / page, repo / page)
+    before = [(repo / p).read_text() for p in ("README.md", "docs/results.md")]
+    write_scheduler_docs(repo=repo)
+    after = [(repo / p).read_text() for p in ("README.md", "docs/results.md")]
+    assert after[0] == before[0]
+    summary = (ROOT / "outputs/reference/scheduler/summary.md").read_text().strip()
+    assert summary in after[1] and summary in before[1]

@@ -26,7 +26,7 @@ from rtlm_lab.errors import UserError
 from rtlm_lab.io import run_gpu
 from rtlm_lab.scheduler.workload import realized_arrival_rate
 
-GROUP = ("group", "lm", "platform", "engine_key", "nominal_rho")  # group: the runs/<group>/ folder (one session)
+GROUP = ("group", "lm", "platform", "engine_key", "nominal_rho")  # group: the runs/<group>/ folder, made together
 
 
 def load_run(run_dir: Path) -> tuple[dict, pd.DataFrame]:
@@ -289,22 +289,17 @@ def add_runs(run_dirs: Sequence[Path], group: str, root: Path | None = None, not
 
 
 def build(root: Path | None = None, n_boot: int = 2000) -> pd.DataFrame:
-    """``summary.csv`` and ``summary.md`` of every committed run under ``<root>/runs/``."""
-    from rtlm_lab.io import write_text_atomic
+    """``summary.csv`` and ``summary.md`` of every committed run under ``<root>/runs/<group>/<run>/``; returns the
+    table. The pages that show it (README.md, docs/results.md) are written by the report side:
+    :func:`rtlm_lab.report.write_scheduler_docs`."""
+    from rtlm_lab.io import atomic_path, write_text_atomic
 
     root = Path(root) if root else reference_root()
     dirs = sorted(p.parent for p in root.glob("runs/*/*/metrics.json"))
     df = summarize(dirs, n_boot=n_boot)
-    from rtlm_lab.io import atomic_path
-
     with atomic_path(root / "summary.csv") as tmp:
         df.to_csv(tmp, index=False)
-    table = format_summary(df)
-    write_text_atomic(root / "summary.md", table + "\n")
-    update_results_doc(table)
-    from rtlm_lab.paths import ROOT
-
-    update_results_doc(format_headline(df), ROOT / "README.md")
+    write_text_atomic(root / "summary.md", format_summary(df) + "\n")
     return df
 
 
@@ -333,20 +328,53 @@ def format_headline(df: pd.DataFrame) -> str:
     return pd.DataFrame(rows).to_markdown(index=False)
 
 
-BEGIN, END = "<!-- scheduler-summary:begin -->", "<!-- scheduler-summary:end -->"
+# A group's closing FCFS runs (tools/device/box.sh group: FCFS first and again last in every seed) sit in
+# runs/<group>/fcfs_last/, outside the table: they measure how far the machine moved while a seed's runs ran.
+LAST = "fcfs_last"
 
 
-def update_results_doc(table: str, doc: Path | None = None) -> None:
-    """Put the table between the markers of ``docs/results.md`` (or of ``doc``: the README's headline), so
-    the pages show what the committed runs say."""
-    from rtlm_lab.io import write_text_atomic
-    from rtlm_lab.paths import ROOT
+def _mean_step_ms(run_dir: Path) -> float:
+    try:
+        steps = pd.read_parquet(Path(run_dir) / "steps.parquet", columns=["dt_s"])
+    except (OSError, ValueError, KeyError):
+        return math.nan
+    return 1e3 * float(steps["dt_s"].mean()) if len(steps) else math.nan
 
-    doc = Path(doc) if doc else ROOT / "docs" / "results.md"
-    if not doc.is_file():
-        return
-    s = doc.read_text()
-    if BEGIN not in s or END not in s:
-        return
-    a, b = s.index(BEGIN) + len(BEGIN), s.index(END)
-    write_text_atomic(doc, s[:a] + "\n" + table + "\n" + s[b:])
+
+def fcfs_drift(root: Path | None = None) -> pd.DataFrame:
+    """One row per group x seed that has a closing FCFS run (``runs/<group>/fcfs_last/``): the seed's first and
+    closing FCFS runs' mean response time and mean engine step (same trace, same machine, minutes apart),
+    and their ratios. Empty (with the columns) where no group has one."""
+    root = Path(root) if root else reference_root()
+    cols = ["group", "seed", "first_mean_rt_s", "last_mean_rt_s", "last_vs_first_mean_rt", "first_step_ms",
+            "last_step_ms", "last_vs_first_step"]
+    rows = []
+    for f in sorted(root.glob(f"runs/*/{LAST}/*/metrics.json")):
+        last_dir, gdir = f.parent, f.parent.parent.parent
+        m_last, _ = load_run(last_dir)
+        seed = int(m_last.get("seed", 0))
+        first = None
+        for g in sorted(gdir.glob("*/metrics.json")):
+            m, _ = load_run(g.parent)
+            pol = m["policy"]["name"] if isinstance(m["policy"], dict) else str(m["policy"])
+            if pol == "fcfs" and int(m.get("seed", 0)) == seed:
+                first = (g.parent, m)
+                break
+        if first is None:
+            continue
+        a, b = float(first[1]["mean_rt_s"]), float(m_last["mean_rt_s"])
+        sa, sb = _mean_step_ms(first[0]), _mean_step_ms(last_dir)
+        rows.append({"group": gdir.name, "seed": seed, "first_mean_rt_s": a, "last_mean_rt_s": b,
+                     "last_vs_first_mean_rt": b / a if a > 0 else math.nan, "first_step_ms": sa,
+                     "last_step_ms": sb, "last_vs_first_step": sb / sa if sa > 0 else math.nan})
+    return pd.DataFrame(rows, columns=cols)
+
+
+def format_drift(df: pd.DataFrame) -> str:
+    """:func:`fcfs_drift` as markdown."""
+    if df.empty:
+        return "No group has closing FCFS runs yet (`tools/device/box.sh group` makes them)."
+    out = df.rename(columns={"first_mean_rt_s": "first FCFS mean RT s", "last_mean_rt_s": "closing FCFS mean RT s",
+                             "last_vs_first_mean_rt": "closing / first", "first_step_ms": "first step ms",
+                             "last_step_ms": "closing step ms", "last_vs_first_step": "step closing / first"})
+    return out.round(3).to_markdown(index=False)
