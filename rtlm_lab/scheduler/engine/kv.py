@@ -1,0 +1,484 @@
+"""The serving core: a per-slot KV cache, mixed prefill+decode steps, CUDA-graph decode (``backend=kv``).
+
+Built the way vLLM V1's model runner, SGLang and gpt-fast build theirs (DESIGN.md 1c), on the served LM's own
+transformers modules (no second copy of the model code):
+
+* **Per-slot KV.** Per layer, K and V are preallocated as ``[slots, kv_heads, max_len + 1, head_dim]`` (the last
+  position is a scratch column that idle rows of a padded batch write to). A request holds one slot from its
+  first prefill chunk to its finish; its row decodes at its own position (rotary/learned positions from
+  ``position_ids``, masks from lengths: no left padding). A join writes only its own slot, a leave frees the
+  slot, a pause leaves the KV where it is. When a request needs a slot and none is free, the planner evicts a
+  paused request (its KV is dropped and recomputed on resume, as vLLM's recompute preemption): the rule is the
+  engine's (:class:`~rtlm_lab.scheduler.engine.planner.SlotTable`), the same for every policy and the simulator.
+* **Mixed steps.** One forward per step over a flat token layout: the decoding rows (slots ``0..B-1``, ``B`` a
+  power-of-two bucket) then the prompt chunks the planner admitted under ``max_batch_tokens`` (chunked prefill).
+  The layer stack runs on all tokens at once; attention is ours (:func:`slot_attention`, registered with
+  transformers' ``AttentionInterface`` and switched on only inside this engine's forward): it writes each
+  token's K/V into its slot and attends each row over its own slot.
+* **CUDA graphs.** On cuda a step with no prompt chunk (pure decode) replays a graph captured per
+  ``(batch bucket, KV-length bucket)`` in the warm-up; argmax and the stop test run on the device and one
+  device-to-host copy per step brings back the tokens and the finished flags. The CPU runs the same code eagerly.
+* **Pinned lengths** (``pin_lengths``): each request decodes exactly ``true_tokens`` tokens, end-of-turn
+  ignored (vLLM's serving-benchmark convention), so no policy changes the work it serves.
+
+Greedy tokens equal batch-1 ``generate`` on the CPU in fp32 (tests/test_kvengine.py), through joins, leaves,
+pauses, evictions and a sliding-window model (Gemma-3).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import TYPE_CHECKING, Any
+
+from rtlm_lab.errors import UserError
+from rtlm_lab.scheduler.engine.jobs import Job
+from rtlm_lab.scheduler.engine.planner import SlotTable, plan_engine_step
+from rtlm_lab.scheduler.engine.stops import stop_string_ids
+
+if TYPE_CHECKING:
+    from rtlm_lab.scheduler.engine.loop import Engine
+
+ATTN_NAME = "rtlm_slots"
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+
+    if ATTN_NAME not in AttentionInterface._global_mapping:
+        AttentionInterface.register(ATTN_NAME, slot_attention)
+
+
+def _pow2(n: int, lo: int = 1) -> int:
+    return max(lo, 1 << max(0, math.ceil(math.log2(max(1, n)))))
+
+
+class _Step:
+    """What the attention of one forward needs (set by the runner, read by :func:`slot_attention`)."""
+
+    __slots__ = ("B", "Lb", "mask_full", "mask_slide", "w_slot", "w_pos", "chunks")
+
+    def __init__(self, B, Lb, mask_full, mask_slide, w_slot, w_pos, chunks):
+        self.B, self.Lb = B, Lb
+        self.mask_full, self.mask_slide = mask_full, mask_slide   # [B, Lb] bool (decoding rows)
+        self.w_slot, self.w_pos = w_slot, w_pos                   # [N] where each token's K/V goes
+        self.chunks = chunks                                      # [(slot, start, length, offset in the flat tokens)]
+
+
+def slot_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
+                   sliding_window=None, softcap=None, **kwargs):
+    """Attention over per-slot KV for a flat token layout (see the module doc).
+
+    ``query`` ``[1, H, N, D]``, ``key``/``value`` ``[1, Hkv, N, D]`` (this step's tokens, positions applied).
+    Returns ``([1, N, H, D], None)`` as transformers' attention functions do."""
+    import torch
+    import torch.nn.functional as F
+
+    kv, layer = module._rtlm_kv
+    st: _Step = kv.step
+    K, V = kv.k[layer], kv.v[layer]
+    # write this step's keys/values into their slots (a join writes only its own row)
+    K[st.w_slot, :, st.w_pos] = key[0].transpose(0, 1).to(K.dtype)
+    V[st.w_slot, :, st.w_pos] = value[0].transpose(0, 1).to(V.dtype)
+    H, N, D = query.shape[1], query.shape[2], query.shape[3]
+    Hkv = K.shape[1]
+    G = H // Hkv
+    scale = scaling if scaling is not None else D ** -0.5
+    out = query.new_empty((N, H, D))
+    B = st.B
+    if B:
+        mask = st.mask_slide if sliding_window else st.mask_full
+        # grouped-query attention without repeating K/V: [B, Hkv, G, D] x [B, Hkv, D, Lb]
+        q = query[0, :, :B].transpose(0, 1).reshape(B, Hkv, G, D)
+        k = K[:B, :, :st.Lb]
+        s = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+        if softcap:
+            s = torch.tanh(s / softcap) * softcap
+        s = s.masked_fill(~mask[:, None, None, :], float("-inf"))
+        p = torch.softmax(s, dim=-1).to(V.dtype)
+        out[:B] = torch.matmul(p, V[:B, :, :st.Lb]).reshape(B, H, D).to(out.dtype)
+    if softcap and st.chunks:  # SDPA has no soft-capping (no LM of ours uses it)
+        raise UserError("soft-capped attention in a prompt chunk is not supported by the kv engine")
+    for slot, start, c, off in st.chunks:
+        q = query[:, :, off:off + c]
+        k, v = K[slot:slot + 1, :, :start + c], V[slot:slot + 1, :, :start + c]
+        windowed = bool(sliding_window) and start + c > sliding_window
+        if start == 0 and not windowed and not softcap:
+            o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), is_causal=True, scale=scale,
+                                               enable_gqa=G > 1)
+        else:
+            i = torch.arange(start, start + c, device=q.device)[:, None]
+            j = torch.arange(start + c, device=q.device)[None, :]
+            m = j <= i
+            if sliding_window:
+                m &= j > i - sliding_window
+            o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=m, scale=scale,
+                                               enable_gqa=G > 1)
+        out[off:off + c] = o[0].transpose(0, 1)
+    return out[None], None
+
+
+class SlotKV:
+    """The preallocated per-layer K/V of every slot, and the step context the attention reads."""
+
+    def __init__(self, model, n_slots: int, max_len: int, dtype, device):
+        import torch
+
+        cfg = model.config.get_text_config()
+        attn = [m for m in model.modules() if hasattr(m, "layer_idx") and
+                any(hasattr(m, a) for a in ("k_proj", "c_attn", "qkv_proj"))]
+        if not attn:
+            raise UserError(f"{type(model).__name__}: no attention modules with a layer_idx for the kv engine")
+        hkv = int(getattr(cfg, "num_key_value_heads", None) or getattr(cfg, "num_attention_heads", None)
+                  or cfg.n_head)
+        n_heads = int(getattr(cfg, "num_attention_heads", None) or cfg.n_head)
+        hd = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads)
+        self.n_slots, self.max_len = int(n_slots), int(max_len)
+        shape = (self.n_slots, hkv, self.max_len + 1, hd)  # + 1: the scratch column idle rows write to
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in attn]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in attn]
+        for i, m in enumerate(sorted(attn, key=lambda m: m.layer_idx)):
+            m._rtlm_kv = (self, i)
+        self.step: _Step | None = None
+        self.window = getattr(cfg, "sliding_window", None) if "sliding_attention" in (
+            getattr(cfg, "layer_types", None) or ()) else None
+
+    def bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+class KVBackend:
+    """The per-slot engine (see the module doc). Budgets: ``max_seqs`` rows and ``max_batch_tokens`` tokens a
+    step, ``kv_slots`` slots of ``max_len`` tokens (the KV budget; default ``2 x max_seqs`` slots of the LM's
+    prompt budget plus ``max_new_tokens``); all from the platform config."""
+
+    name = "kv"
+
+    def __init__(self, chat_lm, max_seqs: int, max_batch_tokens: int, kv_slots: int | None = None,
+                 max_len: int | None = None, pin_lengths: bool = False, cuda_graphs: bool | None = None):
+        import torch
+
+        if chat_lm.is_encoder_decoder:
+            raise UserError(f"{chat_lm.name} is an encoder-decoder: the kv engine serves decoder-only models; "
+                            "use scheduler.engine=static for it")
+        _register_attention()
+        self.torch = torch
+        self.lm, self.model, self.dev = chat_lm, chat_lm.model, chat_lm.device
+        self.max_seqs, self.max_batch_tokens = int(max_seqs), int(max_batch_tokens)
+        self.max_new = int(chat_lm.spec.get("max_new_tokens", 64))
+        cfg = self.model.config.get_text_config()
+        n_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 1 << 20
+        want = int(max_len or (chat_lm.max_input_tokens(self.max_new) + self.max_new))
+        self.L = int(min(want, n_pos))
+        self.S = int(kv_slots or 2 * self.max_seqs)  # default: room to pause as many rows as run
+        if self.S < self.max_seqs:
+            raise UserError(f"platform.engine.kv_slots ({self.S}) must be >= max_seqs ({self.max_seqs})")
+        self.pin = bool(pin_lengths)
+        self.graphs = bool(cuda_graphs if cuda_graphs is not None else self.dev.type == "cuda")
+        if self.graphs and self.dev.type != "cuda":
+            self.graphs = False
+        dtype = next(self.model.parameters()).dtype
+        self.kv = SlotKV(self.model, self.S, self.L, dtype, self.dev)
+        self.slots = SlotTable(self.S)
+        self.eos = sorted(set(chat_lm.eos_ids) | stop_string_ids(chat_lm))
+        vocab = int(self.model.get_output_embeddings().weight.shape[0])
+        self.is_stop = torch.zeros(max(vocab, max(self.eos or [0]) + 1), dtype=torch.bool, device=self.dev)
+        if self.eos:
+            self.is_stop[torch.tensor(self.eos, device=self.dev)] = True
+        # per-slot state on the device (read by the captured graphs: these tensors never move)
+        z = dict(dtype=torch.long, device=self.dev)
+        self.last = torch.zeros(self.S, **z)       # the token each slot feeds next
+        self.pos = torch.zeros(self.S, **z)        # its position (= tokens in its KV)
+        self.count = torch.zeros(self.S, **z)      # tokens it generated
+        self.limit = torch.full((self.S,), 1, **z)  # tokens it may generate
+        self.active = torch.zeros(self.S, dtype=torch.bool, device=self.dev)  # decodes in this step
+        self.ar = torch.arange(self.L + 1, device=self.dev)
+        self.slot_ids = torch.arange(self.S, device=self.dev)
+        self._act_host = torch.zeros(self.S, dtype=torch.bool, pin_memory=self.dev.type == "cuda")
+        self.ids: dict[str, list[int]] = {}          # prompt token ids
+        self.gen: dict[str, list[int]] = {}          # generated token ids
+        self.done_prefill: dict[str, int] = {}       # tokens of the current (re)prefill already in the KV
+        self.graphs_: dict[tuple[int, int], tuple[Any, Any]] = {}
+        self.pool = None
+        self.n_graph_steps = self.n_eager_steps = 0
+        self.probe = None
+        self.probe_s = 0.0
+        self.cfgs = {id(m.config): m.config for m in self.model.modules() if hasattr(m, "config")}
+
+    # ------------------------------------------------------------------ forward
+    def _attn(self, on: bool) -> None:
+        for c in self.cfgs.values():
+            if on:
+                c._rtlm_prev_attn = c._attn_implementation_internal
+                c._attn_implementation_internal = ATTN_NAME
+            else:
+                c._attn_implementation_internal = c._rtlm_prev_attn
+
+    def _masks(self, B: int, Lb: int):
+        torch = self.torch
+        act, pos = self.active[:B, None], self.pos[:B, None]
+        j = self.ar[None, :Lb]
+        # a real row sees its own positions 0..pos (pos: the one written now); an idle row sees position 0 only
+        full = ((j <= pos) & act) | ((j == 0) & ~act)
+        slide = full
+        if self.kv.window:
+            slide = full & ((j > pos - self.kv.window) | ~act)
+        return full, slide
+
+    def _forward(self, B: int, Lb: int, chunk_ids, chunk_pos, chunk_slot, chunks, keep):
+        """One forward over ``B`` decoding rows then the prompt chunks; returns the logits of ``keep``."""
+        torch = self.torch
+        act = self.active[:B]
+        ids = self.last[:B]
+        rope = torch.where(act, self.pos[:B], 0)
+        w_slot = self.slot_ids[:B]
+        w_pos = torch.where(act, self.pos[:B], self.L)
+        if chunk_ids is not None:
+            ids = torch.cat([ids, chunk_ids])
+            rope = torch.cat([rope, chunk_pos])
+            w_slot = torch.cat([w_slot, chunk_slot])
+            w_pos = torch.cat([w_pos, chunk_pos])
+        full, slide = self._masks(B, Lb) if B else (None, None)
+        self.kv.step = _Step(B, Lb, full, slide, w_slot, w_pos, chunks)
+        self._attn(True)
+        try:
+            out = self.model(input_ids=ids[None], position_ids=rope[None], use_cache=False,
+                             logits_to_keep=keep if keep is not None else 0)
+        finally:
+            self._attn(False)
+            self.kv.step = None
+        return out.logits[0]
+
+    def _decode_body(self, B: int, Lb: int, out):
+        """Pure decode of slots ``0..B-1``: forward, argmax and stop test on the device, state updated in place
+        (captured as one graph on cuda)."""
+        torch = self.torch
+        logits = self._forward(B, Lb, None, None, None, (), None)
+        nxt = logits.argmax(-1)
+        act = self.active[:B]
+        self.last[:B] = torch.where(act, nxt, self.last[:B])
+        self.pos[:B] += act
+        self.count[:B] += act
+        stop = self.count[:B] >= self.limit[:B]
+        if not self.pin:
+            stop |= self.is_stop[nxt]
+        out[0, :B] = nxt
+        out[1, :B] = (stop & act).long()
+
+    def _len_bucket(self, n: int) -> int:
+        return min(self.L + 1, _pow2(n, 64))
+
+    def _graph(self, B: int, Lb: int):
+        torch = self.torch
+        key = (B, Lb)
+        if key not in self.graphs_:
+            out = torch.zeros((2, B), dtype=torch.long, device=self.dev)
+            s = torch.cuda.Stream(self.dev)
+            s.wait_stream(torch.cuda.current_stream(self.dev))
+            saved = [t.clone() for t in (self.last, self.pos, self.count)]
+            with torch.cuda.stream(s):  # warm the kernels once outside the graph
+                self._decode_body(B, Lb, out)
+            torch.cuda.current_stream(self.dev).wait_stream(s)
+            g = torch.cuda.CUDAGraph()
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            with torch.cuda.graph(g, pool=self.pool):
+                self._decode_body(B, Lb, out)
+            for t, v in zip((self.last, self.pos, self.count), saved):
+                t.copy_(v)
+            self.graphs_[key] = (g, out)
+        return self.graphs_[key]
+
+    # ------------------------------------------------------------------ engine interface
+    def warmup(self) -> None:
+        """Every CUDA graph (batch bucket x KV-length bucket) captured, and eager prefill kernels run, before
+        the clock; no state is left behind."""
+        torch = self.torch
+        with torch.inference_mode():
+            if self.graphs:
+                b = 1
+                buckets = []
+                while True:
+                    buckets.append(min(b, self.S))
+                    if b >= self.S:
+                        break
+                    b *= 2
+                lens, n = [], 64
+                while True:
+                    lens.append(self._len_bucket(n))
+                    if lens[-1] >= self.L + 1:
+                        break
+                    n *= 2
+                for B in buckets:
+                    for Lb in lens:
+                        self._graph(B, Lb)
+            # one eager mixed step (a chunk beside a decoding row), then reset
+            ids = torch.tensor([1, 2, 3], device=self.dev)
+            self.active.zero_()
+            self.active[0] = True
+            self._forward(1, self._len_bucket(4), ids, torch.arange(3, device=self.dev),
+                          torch.full((3,), 1, dtype=torch.long, device=self.dev), [(1, 0, 3, 1)],
+                          torch.tensor([0, 3], device=self.dev))
+            self.active.zero_()
+            self.last.zero_(), self.pos.zero_(), self.count.zero_()
+            self.lm._sync()
+
+    def encode(self, req) -> list[int]:
+        return self.lm.encode([req.text], [req.context], self.max_new)["input_ids"][0].tolist()
+
+    def add(self, job: Job) -> None:
+        ids = self.encode(job.req)
+        room = self.L - len(ids)
+        if room < 1:
+            raise UserError(f"{job.rid}: prompt of {len(ids)} tokens leaves no room in max_len={self.L}")
+        self.ids[job.rid] = ids
+        self.gen[job.rid] = []
+        job.prefill_left = job.n_prompt = len(ids)
+        want = max(1, int(job.req.true_tokens)) if self.pin else self.max_new
+        job.limit = int(min(want, room))
+
+    def step(self, engine: "Engine", now: float, clock) -> tuple[float, list[tuple[Job, int, bool]], int]:
+        with self.torch.inference_mode():
+            return self._step(engine, now, clock)
+
+    def _step(self, engine: "Engine", now: float, clock) -> tuple[float, list[tuple[Job, int, bool]], int]:
+        torch = self.torch
+        t0 = time.perf_counter()
+        plan, evicted = plan_engine_step(engine, now, self.slots)
+        if not plan:
+            return 0.0, [], 0
+        for j in evicted:  # recompute later: the prompt and what it generated so far become its prefill
+            self.done_prefill.pop(j.rid, None)
+        decode = [j for j, _ in plan if j.prefill_left <= 0]
+        pre = [(j, t) for j, t in plan if j.prefill_left > 0]
+        act = self._act_host
+        act.zero_()
+        for j in decode:
+            act[j.slot] = True
+        B = _pow2(max(j.slot for j in decode) + 1) if decode else 0
+        B = min(B, self.S)
+        maxpos = max((len(self.ids[j.rid]) + len(self.gen[j.rid]) for j in decode), default=1)
+        Lb = self._len_bucket(maxpos + 1)
+        n_tok = len(decode) + sum(t for _, t in pre)
+        self.active.copy_(act, non_blocking=True)
+        if not pre:
+            if self.graphs:
+                g, out = self._graph(B, Lb)
+                g.replay()
+                self.n_graph_steps += 1
+            else:
+                out = torch.zeros((2, B), dtype=torch.long, device=self.dev)
+                self._decode_body(B, Lb, out)
+                self.n_eager_steps += 1
+            res = out.cpu()  # the step's one device-to-host copy
+            nxt, fin = res[0].tolist(), res[1].tolist()
+            d_tok = {j.rid: (nxt[j.slot], bool(fin[j.slot])) for j in decode}
+            c_tok = {}
+        else:
+            d_tok, c_tok = self._mixed(B, Lb, decode, pre)
+            self.n_eager_steps += 1
+        events: list[tuple[Job, int, bool]] = []
+        for j in decode:
+            t, done = d_tok[j.rid]
+            self.gen[j.rid].append(int(t))
+            events.append((j, 1, done))
+        for j, t in pre:
+            j.prefill_left -= t
+            if j.prefill_left <= 0:
+                tok, done = c_tok[j.rid]
+                self.gen[j.rid].append(int(tok))
+                events.append((j, 1, done))
+            else:
+                events.append((j, 0, False))
+        for j, _, done in events:
+            if done:
+                self.slots.release(j)
+        return time.perf_counter() - t0, events, n_tok
+
+    def _mixed(self, B, Lb, decode, pre):
+        """A step with prompt chunks: one eager forward (decode rows first), argmax/stop on the device."""
+        torch = self.torch
+        flat, pos, slot, chunks, keep_c, fin_jobs = [], [], [], [], [], []
+        off = B
+        for j, t in pre:
+            seq = self.ids[j.rid] + self.gen[j.rid]          # a recompute re-feeds what it generated
+            start = self.done_prefill.get(j.rid, 0)
+            part = seq[start:start + t]
+            flat += part
+            pos += range(start, start + t)
+            slot += [j.slot] * t
+            chunks.append((j.slot, start, t, off))
+            self.done_prefill[j.rid] = start + t
+            if start + t >= len(seq):
+                keep_c.append(off + t - 1)
+                fin_jobs.append((j, start + t, len(self.gen[j.rid])))
+            off += t
+        host = torch.tensor([flat, pos, slot], dtype=torch.long)
+        dev = host.to(self.dev, non_blocking=True)
+        keep = torch.tensor(list(range(B)) + keep_c, dtype=torch.long).to(self.dev, non_blocking=True)
+        need_logits = B > 0 or bool(keep_c)
+        if not need_logits:  # only mid-prompt chunks: no token comes out (one logit row kept, unused)
+            keep = torch.tensor([B + len(flat) - 1], device=self.dev)
+        logits = self._forward(B, Lb, dev[0], dev[1], dev[2], chunks, keep)
+        nxt = logits.argmax(-1)
+        nd = B
+        act = self.active[:B]
+        if B:
+            nd_tok = nxt[:B]
+            self.last[:B] = torch.where(act, nd_tok, self.last[:B])
+            self.pos[:B] += act
+            self.count[:B] += act
+        stop = torch.zeros(nd + len(fin_jobs), dtype=torch.bool, device=self.dev)
+        if B:
+            s = self.count[:B] >= self.limit[:B]
+            if not self.pin:
+                s |= self.is_stop[nxt[:B]]
+            stop[:B] = s & act
+        if fin_jobs:
+            fs = torch.tensor([j.slot for j, _, _ in fin_jobs], dtype=torch.long)
+            meta = torch.tensor([[p for _, p, _ in fin_jobs], [g + 1 for _, _, g in fin_jobs],
+                                 [j.limit for j, _, _ in fin_jobs]], dtype=torch.long).to(self.dev, non_blocking=True)
+            fs = fs.to(self.dev, non_blocking=True)
+            ct = nxt[B:B + len(fin_jobs)]
+            self.last[fs] = ct
+            self.pos[fs] = meta[0]
+            self.count[fs] = meta[1]
+            self.limit[fs] = meta[2]
+            s = meta[1] >= meta[2]
+            if not self.pin:
+                s |= self.is_stop[ct]
+            stop[B:] = s
+        res = torch.stack([nxt[:nd + len(fin_jobs)], stop.long()]).cpu() if need_logits else None
+        d_tok, c_tok = {}, {}
+        if res is not None:
+            toks, fl = res[0].tolist(), res[1].tolist()
+            for j in decode:
+                d_tok[j.rid] = (toks[j.slot], bool(fl[j.slot]))
+            for k, (j, _, _) in enumerate(fin_jobs):
+                c_tok[j.rid] = (toks[B + k], bool(fl[B + k]))
+        return d_tok, c_tok
+
+    def stop_reason(self, job: Job) -> str:
+        toks = self.gen.pop(job.rid, [])
+        self.ids.pop(job.rid, None)
+        self.done_prefill.pop(job.rid, None)
+        job.output_ids = toks
+        if self.pin:
+            return "pinned"
+        if toks and toks[-1] in set(self.eos):
+            return "stop_string" if toks[-1] not in set(self.lm.eos_ids) else "eos"
+        return "max_tokens"
+
+    def facts(self) -> dict[str, Any]:
+        return {"backend": "kv", "kv_slots": self.S, "max_len": self.L, "kv_bytes": self.kv.bytes(),
+                "cuda_graphs": self.graphs, "n_graphs": len(self.graphs_), "graph_steps": self.n_graph_steps,
+                "eager_steps": self.n_eager_steps, "pin_lengths": self.pin, "evictions": self.slots.n_evicted}
+
+    def close(self) -> None:
+        import gc
+
+        self.graphs_.clear()
+        self.kv.k.clear(), self.kv.v.clear()
+        gc.collect()
+        if self.torch.cuda.is_available():
+            self.torch.cuda.empty_cache()
