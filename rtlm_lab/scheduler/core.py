@@ -78,7 +78,9 @@ class Dispatcher:
                 raise RuntimeError(f"policy {self.policy.name} picked a request twice or one not queued")
             self.queue = [r for r in self.queue if id(r) not in ids]
             s.batch, s.batch_id, s.started = list(a.requests), self._next_batch, now
-            preds = [max(1.0, r.pred.get("pred_rtlm", r.true_tokens)) for r in a.requests]
+            # the worker's busy-until estimate from the policy's own length knowledge (its prediction, the
+            # typical reply, or the truth for an oracle); never the true length for a policy that has none
+            preds = [self.policy.placement_tokens(r) for r in a.requests]
             s.free_at = now + s.spec.service.batch_time([r.n_input_tokens for r in a.requests], preds)
             out.append((a, self._next_batch))
             self._next_batch += 1
