@@ -42,15 +42,17 @@ from rtlm_lab.scheduler.workload import realized_arrival_rate
 
 log = logging.getLogger("rtlm_lab.scheduler")
 
-ENGINE_DEFAULTS = {"backend": "slots", "max_seqs": 8, "max_batch_tokens": 1024, "page_size": 64,
-                   "num_blocks": None, "cuda_graphs": None}
-BACKENDS = ("slots", "paged")
+ENGINE_DEFAULTS = {"backend": "kv", "max_seqs": 8, "max_batch_tokens": 1024, "kv_slots": None, "max_len": None,
+                   "page_size": 64, "num_blocks": None, "cuda_graphs": None}
+BACKENDS = ("kv", "slots", "paged")
 
 
 def engine_config(platform: Mapping[str, Any]) -> dict[str, Any]:
     """The platform's engine budgets (the same for every policy)."""
     cfg = {**ENGINE_DEFAULTS, **dict(platform.get("engine") or {})}
-    for k in ("max_seqs", "max_batch_tokens", "page_size"):
+    for k in ("max_seqs", "max_batch_tokens", "page_size", "kv_slots", "max_len"):
+        if cfg[k] is None and k in ("kv_slots", "max_len"):
+            continue
         try:
             cfg[k] = int(cfg[k])
         except (TypeError, ValueError):
@@ -62,12 +64,24 @@ def engine_config(platform: Mapping[str, Any]) -> dict[str, Any]:
     return cfg
 
 
+def sim_kv_slots(ecfg: Mapping[str, Any]) -> int | None:
+    """The KV slots the simulator models: the kv engine's (its default ``2 x max_seqs``), else unlimited."""
+    if ecfg.get("backend", "kv") != "kv":
+        return None
+    return int(ecfg.get("kv_slots") or 2 * int(ecfg["max_seqs"]))
+
+
 def make_backend(lm, ecfg: Mapping[str, Any], max_seqs: int | None = None):
-    """The real engine's backend: ``slots`` (our engine on DynamicCache) or ``paged`` (transformers' own
-    continuous batching); the engine benchmark says why ``slots`` is the default."""
+    """The real engine's backend: ``kv`` (the serving core: per-slot KV, mixed steps, CUDA-graph decode;
+    :mod:`rtlm_lab.scheduler.engine.kv`), or for comparison ``slots`` (the previous engine on DynamicCache) and
+    ``paged`` (transformers' own continuous batching)."""
     from rtlm_lab.scheduler.engine import SlotBackend
+    from rtlm_lab.scheduler.engine.kv import KVBackend
 
     n = int(max_seqs or ecfg["max_seqs"])
+    if ecfg["backend"] == "kv":
+        return KVBackend(lm, n, ecfg["max_batch_tokens"], kv_slots=ecfg.get("kv_slots"), max_len=ecfg.get("max_len"),
+                         pin_lengths=bool(ecfg.get("pin_lengths")), cuda_graphs=ecfg.get("cuda_graphs"))
     if ecfg["backend"] == "paged":
         blocks = ecfg.get("num_blocks")
         if not blocks:  # room for every slot's longest request: a footprint fixed by the budgets, not free memory
@@ -155,7 +169,8 @@ class EngineFactory:
         engines = []
         n = len(self.devices)
         for k, dev in enumerate(self.devices):
-            backend = SimBackend(self.step_model) if self.mode == "sim" else make_backend(self.lms[dev], self.ecfg)
+            backend = (SimBackend(self.step_model, kv_slots=sim_kv_slots(self.ecfg)) if self.mode == "sim"
+                       else make_backend(self.lms[dev], self.ecfg))
             e = Engine(f"engine{k}:{dev}" if n > 1 else "main", backend, policy, self.ecfg["max_seqs"],
                        self.ecfg["max_batch_tokens"], step_model=self.step_model)
             e.capacity_rps = (capacity_rps / n) if capacity_rps else 1.0
@@ -329,6 +344,10 @@ def run_continuous(cfg: Mapping[str, Any], run_dir: Path, profile: pd.DataFrame,
     seed = int(cfg.get("seed", 0))
     check_workload(workload)
     ecfg = measured_engine_config(platform)
+    if workload.get("pin_lengths"):  # each request decodes exactly its profiled length (part of the engine key)
+        if ecfg["backend"] != "kv":
+            raise UserError("workload.pin_lengths=true needs the kv engine (platform.engine.backend=kv)")
+        ecfg = {**ecfg, "pin_lengths": True}
     policy = make_policy(str(cfg["policy"]["name"]), cfg["policy"])
     pool = _pool(held)
     uses_state = bool(getattr(policy, "uses_lm_state", False))
