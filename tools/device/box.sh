@@ -222,11 +222,21 @@ PY
 
 group_add() {  # one finished scratch run -> ROOT/runs/<dest>/ (analysis.add_runs: slim copies + provenance)
     "$PY" - "$@" <<'PY'
-import sys
+import json, sys
 from pathlib import Path
 from rtlm_lab.scheduler.analysis import add_runs
 
-run, dest, root, note = sys.argv[1:5]
+run, dest, root, note, mode = sys.argv[1:6]
+gdir = Path(root) / "runs" / dest.split("/")[0]
+if mode == "real":  # a real run must have met the group's engine measurement, not one of its own
+    new = json.loads((Path(run) / "metrics.json").read_text())
+    for f in sorted(gdir.glob("*/metrics.json")) + sorted(gdir.glob("fcfs_last/*/metrics.json")):
+        old = json.loads(f.read_text())
+        for k in ("capacity", "service_model", "offload_service_model"):
+            if old.get(k) != new.get(k):
+                sys.exit(f"box.sh group: {run} ran with another {k} than the group's runs ({f.parent.name}): a "
+                         f"different engine config, code or machine; not added (make it a group of its own)")
+        break
 print("box.sh group: ->", add_runs([Path(run)], dest, root=Path(root), note=note)[0])
 PY
 }
@@ -275,11 +285,12 @@ group() {
             [ -n "$found" ] || die "seed $s $pol: no metrics.json under $work/$sub (log: $log)"
             run=$found
             group_add "$run" "$dest" "$root" \
-                "${G_NOTE:+$G_NOTE; }tools/device/box.sh group $cfg: seed $s, $pol$([ -n "$last" ] && echo ', the closing FCFS run' || true); host load $(cut -d' ' -f1-3 /proc/loadavg)"
+                "${G_NOTE:+$G_NOTE; }tools/device/box.sh group $cfg: seed $s, $pol$([ -n "$last" ] && echo ', the closing FCFS run' || true); host load $(cut -d' ' -f1-3 /proc/loadavg)" \
+                "$G_MODE" || exit 1
             n_run=$((n_run + 1))
         done
     done
-    echo "box.sh group $G_NAME: $n_run run(s) $([ -n "${DRY_RUN:-}" ] && echo to make || echo made), $n_done already in $gdir"
+    echo "box.sh group $G_NAME: $n_run run(s) $([ -n "${DRY_RUN:-}" ] && echo to make || echo added), $n_done already in $gdir"
     [ -n "${DRY_RUN:-}" ] || echo "the results table: rtlm-reference target=scheduler (tools/device/README.md)"
 }
 
