@@ -1,6 +1,8 @@
 """RT-LM's output-length regressor over input-uncertainty features, its baselines and evaluation.
 
 * :class:`LengthPredictor` (:mod:`.predictor`): fit / predict / predict_quantile / update / save / load;
+* :class:`~rtlm_lab.regressor.distribution.QuantileLengthPredictor` (:mod:`.distribution`): output-length
+  quantiles at fixed levels (fit / predict_quantiles / update), its distributional table and drift test;
 * :mod:`.features`: uncertainty features and the MiniLM embedding;
 * :mod:`.baselines`: constant, input length, MiniLM proxy (SSJF / S3), pairwise learning-to-rank (vLLM-LTR);
 * :mod:`.evaluate`: the method comparison on held-out conversations (``rtlm-train-regressor``);
