@@ -4,7 +4,7 @@
 * ``bench=uncertainty``: :func:`rtlm_lab.uncertainty.bench.bench` -> ``outputs/bench/uncertainty.json``;
 * ``bench=regressor``: :func:`rtlm_lab.regressor.bench.bench` -> ``outputs/bench/regressor.json``;
 * ``bench=decode``: :func:`rtlm_lab.lm.bench_decode.bench` on ``platform`` -> ``outputs/bench/decode_<platform>.json``;
-* ``bench=engine``: :func:`rtlm_lab.lm.bench_engine.bench_engine` on ``platform`` -> ``outputs/bench/engine.json``;
+* ``bench=engine``: :func:`rtlm_lab.scheduler.bench_engine.bench_engine` on ``platform`` -> ``outputs/bench/engine_<platform>.json``;
 * ``bench=predictor``: :func:`rtlm_lab.scheduler.bench_predictor.bench` -> ``outputs/bench/predictor_<platform>.json``
   (the predictors in the serving process vs in their own, beside a busy engine);
 * ``bench=replicas``: :func:`rtlm_lab.scheduler.bench_replicas.bench` on ``platform`` ->
@@ -51,11 +51,14 @@ def bench(cfg: DictConfig):
         return run(str(b.lm), platform, list(b.devices) if b.get("devices") else None, int(b.n), int(b.max_seqs),
                    b.out, config={**config, "platform": platform["name"]})
     if b.name == "engine":
-        from rtlm_lab.lm.bench_engine import bench_engine
+        from rtlm_lab.scheduler.bench_engine import bench_engine
 
         platform = OmegaConf.to_container(cfg.platform, resolve=True)
+        cap = OmegaConf.to_container(b.capacity, resolve=True) if b.get("capacity") else None
         return bench_engine(list(b.lms), platform, list(b.concurrency), b.max_new_tokens, int(b.n_check),
-                            dict(b.random_init or {}), b.out, tuple(b.backends))
+                            dict(b.random_init or {}), b.out, tuple(b.backends),
+                            dtypes=list(b.dtypes) if b.get("dtypes") else None,
+                            pinned_tokens=int(b.get("pinned_tokens", 128)), capacity=cap)
     from rtlm_lab.lm.bench_decode import bench as run
 
     platform = OmegaConf.to_container(cfg.platform, resolve=True)

@@ -45,7 +45,7 @@ cd "$BOX_ROOT"
 die() { echo "box.sh: $*" >&2; exit 2; }
 
 # -------------------------------------------------------------------------------------------- pack / recv
-# One payload (the wheels, WordNet unless KIT is set) split into parts of 65,000,000 bytes: a call carries one
+# One payload (the wheels, WordNet unless KIT is set) split into parts of 65,000,000 bytes (PART_BYTES to change it): a call carries one
 # part (carry: [".device_stage/SHA256SUMS", ".device_stage/parts/part_NN"]) beside a small tree (box.sh tree
 # min), back to back on one warm machine (/tmp survives between its calls, not across machines).
 S=.device_stage${KIT:+_$KIT}
@@ -58,7 +58,7 @@ pack() {
     cp "$wheels"/*.whl $S/payload/whl/
     [ -n "${KIT:-}" ] || tar cJf $S/payload/wordnet.tar.xz -C data/raw wordnet
     tar cf $S/payload.tar -C $S/payload .
-    (cd $S && split -b 65000000 -d -a 2 payload.tar parts/part_)
+    (cd $S && split -b "${PART_BYTES:-65000000}" -d -a 2 payload.tar parts/part_)
     (cd $S && sha256sum payload.tar parts/part_* > SHA256SUMS && rm -rf payload payload.tar)
     ls -la $S/parts
     cat $S/SHA256SUMS

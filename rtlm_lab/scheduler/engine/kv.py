@@ -56,13 +56,14 @@ def _pow2(n: int, lo: int = 1) -> int:
 class _Step:
     """What the attention of one forward needs (set by the runner, read by :func:`slot_attention`)."""
 
-    __slots__ = ("B", "Lb", "mask_full", "mask_slide", "w_slot", "w_pos", "chunks")
+    __slots__ = ("B", "Lb", "mask_full", "mask_slide", "w_slot", "w_pos", "chunks", "fresh")
 
-    def __init__(self, B, Lb, mask_full, mask_slide, w_slot, w_pos, chunks):
+    def __init__(self, B, Lb, mask_full, mask_slide, w_slot, w_pos, chunks, fresh=None):
         self.B, self.Lb = B, Lb
         self.mask_full, self.mask_slide = mask_full, mask_slide   # [B, Lb] bool (decoding rows)
         self.w_slot, self.w_pos = w_slot, w_pos                   # [N] where each token's K/V goes
         self.chunks = chunks                                      # [(slot, start, length, offset in the flat tokens)]
+        self.fresh = fresh                                        # chunks that start a prompt, batched (see _fresh)
 
 
 def slot_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
@@ -97,8 +98,17 @@ def slot_attention(module, query, key, value, attention_mask=None, scaling=None,
         s = s.masked_fill(~mask[:, None, None, :], float("-inf"))
         p = torch.softmax(s, dim=-1).to(V.dtype)
         out[:B] = torch.matmul(p, V[:B, :, :st.Lb]).reshape(B, H, D).to(out.dtype)
-    if softcap and st.chunks:  # SDPA has no soft-capping (no LM of ours uses it)
+    if softcap and (st.chunks or st.fresh):  # SDPA has no soft-capping (no LM of ours uses it)
         raise UserError("soft-capped attention in a prompt chunk is not supported by the kv engine")
+    if st.fresh is not None:
+        # chunks that start a prompt attend only to themselves: one batched call over [n chunks, longest chunk]
+        # with this step's own keys (a loop of one call per chunk and layer made a 256-prompt step take seconds)
+        idx, valid, attn = st.fresh[0], st.fresh[1], (st.fresh[3] if sliding_window else st.fresh[2])
+        q = query[0][:, idx].transpose(0, 1)              # [n, H, c, D]
+        k = key[0][:, idx].transpose(0, 1).to(query.dtype)
+        v = value[0][:, idx].transpose(0, 1).to(query.dtype)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn[:, None], scale=scale, enable_gqa=G > 1)
+        out[idx[valid]] = o.transpose(1, 2)[valid]
     for slot, start, c, off in st.chunks:
         q = query[:, :, off:off + c]
         k, v = K[slot:slot + 1, :, :start + c], V[slot:slot + 1, :, :start + c]
@@ -225,6 +235,26 @@ class KVBackend:
             slide = full & ((j > pos - self.kv.window) | ~act)
         return full, slide
 
+    def _fresh(self, chunks, window):
+        """The chunks that start a prompt (``start == 0``), as gather indices ``[n, c]`` into the flat tokens,
+        their validity and causal masks (full and sliding); ``None`` when there are none."""
+        torch = self.torch
+        fresh = [(c, off) for _, start, c, off in chunks if start == 0]
+        if not fresh:
+            return None
+        cmax = max(c for c, _ in fresh)
+        ar = torch.arange(cmax)
+        lens = torch.tensor([c for c, _ in fresh])
+        offs = torch.tensor([off for _, off in fresh])
+        valid = ar[None, :] < lens[:, None]
+        idx = torch.where(valid, offs[:, None] + ar[None, :], offs[:, None])
+        i, j = ar[:, None], ar[None, :]
+        full = (j <= i)[None] & valid[:, None, :]
+        slide = full & (j > i - window)[None] if window else full
+        dev = self.dev
+        return (idx.to(dev, non_blocking=True), valid.to(dev, non_blocking=True), full.to(dev, non_blocking=True),
+                slide.to(dev, non_blocking=True))
+
     def _forward(self, B: int, Lb: int, chunk_ids, chunk_pos, chunk_slot, chunks, keep):
         """One forward over ``B`` decoding rows then the prompt chunks; returns the logits of ``keep``."""
         torch = self.torch
@@ -239,10 +269,14 @@ class KVBackend:
             w_slot = torch.cat([w_slot, chunk_slot])
             w_pos = torch.cat([w_pos, chunk_pos])
         full, slide = self._masks(B, Lb) if B else (None, None)
-        self.kv.step = _Step(B, Lb, full, slide, w_slot, w_pos, chunks)
+        fresh = self._fresh(chunks, self.kv.window) if chunks else None
+        rest = [ch for ch in chunks if ch[1] > 0]
+        self.kv.step = _Step(B, Lb, full, slide, w_slot, w_pos, rest, fresh)
         self._attn(True)
         try:
-            out = self.model(input_ids=ids[None], position_ids=rope[None], use_cache=False,
+            # embeddings given, not ids: GPT-2 otherwise looks for padding in the ids (a host sync every step)
+            emb = self.model.get_input_embeddings()(ids[None])
+            out = self.model(inputs_embeds=emb, position_ids=rope[None], use_cache=False,
                              logits_to_keep=keep if keep is not None else 0)
         finally:
             self._attn(False)
