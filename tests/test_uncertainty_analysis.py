@@ -132,7 +132,7 @@ def test_figures_png_and_svg(tmp_path):
     import matplotlib
 
     matplotlib.use("Agg")
-    from rtlm_lab.viz.uncertainty import (
+    from rtlm_lab.uncertainty.figures import (
         plot_latency_fit, plot_output_by_uncertainty, plot_spearman_bars, plot_spearman_heatmap,
     )
 

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from rtlm_lab.errors import UserError
-from rtlm_lab.regressor.evaluate import _kendall, conversation_ids
+from rtlm_lab.metrics import conversation_ids, kendall
 from rtlm_lab.regressor.predictor import LengthPredictor
 
 TARGET = "n_output_tokens"
@@ -44,7 +44,7 @@ def _rolling(values: np.ndarray, window: int) -> np.ndarray:
 def _rolling_tau(pred: np.ndarray, y: np.ndarray, window: int) -> np.ndarray:
     out = np.full(len(y), np.nan)
     for i in range(window - 1, len(y)):
-        out[i] = _kendall(pred[i - window + 1:i + 1], y[i - window + 1:i + 1])
+        out[i] = kendall(pred[i - window + 1:i + 1], y[i - window + 1:i + 1])
     return out
 
 
@@ -116,8 +116,8 @@ def run_recalibration(source_df: pd.DataFrame, target_df: pd.DataFrame, regresso
         "mean_len_source": float(ys.mean()), "mean_len_target": float(yt.mean()),
         "mae_frozen": float(np.mean(np.abs(frozen - yt))), "mae_adaptive": float(np.mean(np.abs(online - yt))),
         "mae_target_fitted": ref_mae,
-        "kendall_tau_frozen": _kendall(frozen, yt), "kendall_tau_adaptive": _kendall(online, yt),
-        "kendall_tau_target_fitted": _kendall(own, yt),
+        "kendall_tau_frozen": kendall(frozen, yt), "kendall_tau_adaptive": kendall(online, yt),
+        "kendall_tau_target_fitted": kendall(own, yt),
         "recovery_index": rec, "recovery_index_global": rec_global, "curves": curves,
     }
 
@@ -125,7 +125,7 @@ def run_recalibration(source_df: pd.DataFrame, target_df: pd.DataFrame, regresso
 def plot_recalibration(result: Mapping[str, Any], out_dir=None, stem: str = "recalibration"):
     import matplotlib.pyplot as plt
 
-    from rtlm_lab.viz.uncertainty import save_figure
+    from rtlm_lab.viz.common import save_figure
 
     c = result["curves"]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))

@@ -53,7 +53,7 @@ def build(profiles: list[Path], kinds=("ridge", "hgb"), n_bootstrap: int = 1000,
 def plot_summary(summary: pd.DataFrame, out_dir=None, stem: str = "kendall_tau"):
     import matplotlib.pyplot as plt
 
-    from rtlm_lab.viz.uncertainty import save_figure
+    from rtlm_lab.viz.common import save_figure
 
     s = summary[summary["method"] != "oracle"].copy()
     s["profile"] = s["lm"] + "\n" + s["platform"]

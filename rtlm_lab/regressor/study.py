@@ -27,7 +27,7 @@ def reference_profile(lm: str, platform: str) -> Path:
 
 def p90_coverage(profile_df: pd.DataFrame, predictor, seed: int, q: float = 0.9) -> float:
     """Share of the held-out requests (``compare``'s conversation split) at or below the predicted q-quantile."""
-    from rtlm_lab.regressor.evaluate import split_by_conversation
+    from rtlm_lab.metrics import split_by_conversation
 
     df = profile_df[profile_df["n_output_tokens"].notna()].reset_index(drop=True)
     _tr, te = split_by_conversation(df, 0.3, int(seed))

@@ -55,7 +55,7 @@ def uncertainty(cfg: DictConfig) -> dict:
 
     from rtlm_lab.io import provenance, sha256_file, write_json_atomic, write_parquet_atomic, write_run_manifest
     from rtlm_lab.uncertainty.analysis import analyze, format_table, to_jsonable
-    from rtlm_lab.viz.uncertainty import (
+    from rtlm_lab.uncertainty.figures import (
         plot_latency_fit, plot_output_by_uncertainty, plot_spearman_bars, plot_spearman_heatmap,
     )
 
@@ -102,7 +102,7 @@ def uncertainty(cfg: DictConfig) -> dict:
         plot_latency_fit(scores, result["latency_model"], run_dir, title=f"latency vs output tokens: {title}")
         plot_spearman_heatmap(table, run_dir)
         if mvi is not None:
-            from rtlm_lab.viz.uncertainty import plot_model_vs_input
+            from rtlm_lab.uncertainty.modelside import plot_model_vs_input
 
             plot_model_vs_input(mvi, run_dir)
     write_run_manifest(run_dir, {"task": "uncertainty"})

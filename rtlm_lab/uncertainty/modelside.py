@@ -2,7 +2,7 @@
 
 *Input-side*: the six linguistic uncertainty types of :func:`rtlm_lab.uncertainty.quantify` (+ their weighted
 ``total``), computed from the request text alone. *Model-side*: what the served LM itself says at the end of its
-prefill (:func:`rtlm_lab.regressor.lmstate.extract_states`): the next-token entropy (nats, ``prefill_entropy``)
+prefill (:func:`rtlm_lab.lm.states.extract_states`): the next-token entropy (nats, ``prefill_entropy``)
 and the log probability of ending the turn right away (``log_eos_prob``). ``log_input_tokens`` (the profile's
 ``n_input_tokens``) is the baseline row.
 
@@ -11,14 +11,14 @@ controlling for ``log(n_input_tokens)``: every column is rank-transformed (``sci
 ties), the ranks of the measure and of output length are each regressed on ``[1, rank(control)]``
 (``numpy.linalg.lstsq``) and the residuals correlated (Pearson). A measure that is a pure (monotone) function
 of input length has partial ~0. 95% percentile CIs come from a **cluster bootstrap**: conversations
-(:func:`rtlm_lab.regressor.evaluate.conversation_ids`) are resampled with replacement, seeded, the same
+(:func:`rtlm_lab.metrics.conversation_ids`) are resampled with replacement, seeded, the same
 resamples for every measure; a resample where a column is constant is skipped for that measure.
 
 :func:`model_vs_input` does one LM's profile (states cached under ``data/cache/lmstate/`` with the same key as
 ``rtlm-train-regressor regressor.use_prefill=true``: ``<lm>__<platform>``, profile sha256, layers ``mid,-1``,
 step 0); :func:`build_reference` writes ``outputs/reference/uncertainty/model_vs_input.{csv,md,json}`` and the
-heatmap for several LMs (``rtlm-reference target=model_vs_input``). Greedy reply lengths do not depend on the
-platform, so the reference uses each LM's cpu profile (states computed on the CPU).
+heatmap (:func:`plot_model_vs_input`) for several LMs (``rtlm-reference target=model_vs_input``). Greedy reply
+lengths do not depend on the platform, so the reference uses each LM's cpu profile (states computed on the CPU).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import pandas as pd
 
 from rtlm_lab.errors import UserError
 from rtlm_lab.uncertainty.quantifier import UNCERTAINTY_TYPES
+from rtlm_lab.viz.common import column_label, finish, pyplot, signed_heatmap
 
 MODEL_SIDE: tuple[str, ...] = ("prefill_entropy", "log_eos_prob")
 INPUT_SIDE: tuple[str, ...] = (*UNCERTAINTY_TYPES, "total")
@@ -175,7 +176,7 @@ def profile_states(profile_df: pd.DataFrame, profile_path: str | Path, lm_name: 
     """The prefill states of a profile's rows, from the shared ``data/cache/lmstate`` cache (``loader``: a
     ``ChatLM`` or a zero-argument callable giving one, only called on a cache miss)."""
     from rtlm_lab.io import sha256_file
-    from rtlm_lab.regressor.lmstate import cached_states
+    from rtlm_lab.lm.states import cached_states
 
     return cached_states(loader, profile_df, sha256_file(profile_path), f"{lm_name}__{platform_name}",
                          STATE_LAYERS, 0, None, int(batch_size))
@@ -202,7 +203,7 @@ def model_vs_input(profile_path: str | Path, lm: str | None = None, platform: st
                    batch_size: int = 16, scores: pd.DataFrame | None = None) -> dict[str, Any]:
     """One LM's table: ``{"table", "frame", "lm", "platform", "profile", "n"}``. ``lm`` / ``platform``
     default to the profile's columns; ``loader`` to ``load_lm(lm, platform)`` (a ``conf/lm`` name)."""
-    from rtlm_lab.regressor.evaluate import conversation_ids
+    from rtlm_lab.metrics import conversation_ids
 
     profile_path = Path(profile_path)
     if not profile_path.is_file():
@@ -217,6 +218,41 @@ def model_vs_input(profile_path: str | Path, lm: str | None = None, platform: st
     groups = conversation_ids(df)
     table = model_input_table(frame, n_bootstrap=n_bootstrap, seed=seed, lm=lm, platform=platform, groups=groups)
     return {"table": table, "frame": frame, "lm": lm, "platform": platform, "profile": profile_path, "n": len(df)}
+
+
+# --------------------------------------------------------------------------------------------- figure
+def plot_model_vs_input(table: pd.DataFrame, out_dir: str | Path | None = None, title: str = "",
+                        stem: str = "model_vs_input"):
+    """Measure x LM heatmap of the partial Spearman (| log input tokens) of input-side scores and model-side
+    prefill measures with output tokens (:func:`model_input_table`); the ``log_input_tokens`` row shows its
+    plain rho. ``*`` = the cluster-bootstrap 95% CI excludes 0."""
+    plt = pyplot()
+    t = table.copy()
+    t["column"] = column_label(t)
+    base = t["measure"] == BASELINE
+    t["value"] = np.where(base, t["spearman"], t["partial_spearman"])
+    t["lo"] = np.where(base, t["ci_low"], t["partial_ci_low"])
+    t["hi"] = np.where(base, t["ci_high"], t["partial_ci_high"])
+    rows = [m for m in MEASURES if m in set(t["measure"])]
+    cols = list(dict.fromkeys(t["column"]))
+
+    def grid(v):
+        g = t.pivot_table(index="measure", columns="column", values=v, aggfunc="first", dropna=False)
+        return g.reindex(index=rows, columns=cols).astype(float)
+
+    val, lo, hi = grid("value"), grid("lo"), grid("hi")
+    fig, ax = signed_heatmap(plt, val, lo, hi, "partial ρ with output tokens | log input tokens", 2.8, 1.8)
+    labels = {"prefill_entropy": "LM: prefill entropy", "log_eos_prob": "LM: log P(end of turn)",
+              BASELINE: "log input tokens (ρ)"}
+    ax.set_yticklabels([labels.get(m, m) for m in rows], rotation=0)
+    n_input = sum(1 for m in rows if m not in labels)
+    if 0 < n_input < len(rows):
+        ax.axhline(n_input, color="k", lw=1.5)
+    ax.set_xlabel("")
+    ax.set_ylabel("")
+    ax.set_title(title or "Input-side vs model-side uncertainty: partial ρ with output tokens\n"
+                          "controlling for input length (* = conversation-bootstrap 95% CI excludes 0)", fontsize=10)
+    return finish(fig, out_dir, stem)
 
 
 # ------------------------------------------------------------------------------------------- reference
@@ -269,7 +305,7 @@ def build_reference(lms: Sequence[str] = REFERENCE_LMS, platform: str = "cpu", o
     """Write ``model_vs_input.csv`` / ``.md`` / ``.provenance.json`` and the heatmap into ``out_dir``
     (default ``outputs/reference/uncertainty``) for each LM's committed ``<lm>__<platform>`` profile.
     ``verify_states``: where the states came from the cache, load the LM, recompute them
-    (:func:`~rtlm_lab.regressor.lmstate.extract_states`) and record the largest differences in the provenance."""
+    (:func:`~rtlm_lab.lm.states.extract_states`) and record the largest differences in the provenance."""
     import time
 
     from rtlm_lab.io import provenance, sha256_file, write_json_atomic, write_text_atomic
@@ -279,7 +315,7 @@ def build_reference(lms: Sequence[str] = REFERENCE_LMS, platform: str = "cpu", o
     tables, sources = [], []
     for lm in lms:
         prof = reference_dir() / "profiles" / f"{lm}__{platform}.parquet"
-        from rtlm_lab.regressor.lmstate import cache_path
+        from rtlm_lab.lm.states import cache_path
 
         cached = cache_path(f"{lm}__{platform}", sha256_file(prof), STATE_LAYERS, 0)
         was_cached = cached.is_file()
@@ -294,7 +330,7 @@ def build_reference(lms: Sequence[str] = REFERENCE_LMS, platform: str = "cpu", o
                         "states_from": "cache (data/cache/lmstate, written by an earlier prefill pass)"
                         if was_cached else "computed now (extract_states)"})
         if verify_states and was_cached:
-            from rtlm_lab.regressor.lmstate import extract_states
+            from rtlm_lab.lm.states import extract_states
 
             df = pd.read_parquet(prof)
             t1 = time.perf_counter()
@@ -321,8 +357,6 @@ def build_reference(lms: Sequence[str] = REFERENCE_LMS, platform: str = "cpu", o
     import matplotlib
 
     matplotlib.use("Agg")
-    from rtlm_lab.viz.uncertainty import plot_model_vs_input
-
     plot_model_vs_input(table, out_dir)
     write_json_atomic(out_dir / "model_vs_input.provenance.json",
                       provenance({"lms": list(lms), "platform": platform, "n_bootstrap": int(n_bootstrap),

@@ -95,7 +95,7 @@ def build_reference(metrics_paths: Iterable[str | Path], out_dir: str | Path | N
     import matplotlib
 
     matplotlib.use("Agg")
-    from rtlm_lab.viz.uncertainty import plot_spearman_heatmap
+    from rtlm_lab.uncertainty.figures import plot_spearman_heatmap
 
     plot_spearman_heatmap(full, out_dir)
     write_json_atomic(out_dir / "provenance.json",

@@ -8,7 +8,8 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 
-from rtlm_lab.viz.uncertainty import _plt, save_figure
+from rtlm_lab.viz.common import pyplot as _plt
+from rtlm_lab.viz.common import save_figure
 
 # fixed colours so a policy looks the same in every figure
 COLORS = {"fcfs": "#7f7f7f", "sjf_input": "#bcbd22", "sjf_proxy": "#1f77b4", "ltr": "#17becf",
