@@ -71,7 +71,7 @@ def _register_resolvers() -> None:
     if not OmegaConf.has_resolver("rtlm_hash"):
         OmegaConf.register_new_resolver("rtlm_hash", config_hash)
     if not OmegaConf.has_resolver("rtlm_file_tag"):
-        OmegaConf.register_new_resolver("rtlm_file_tag", _file_tag)
+        OmegaConf.register_new_resolver("rtlm_file_tag", file_tag)
     if not OmegaConf.has_resolver("rtlm_model_name"):
         OmegaConf.register_new_resolver("rtlm_model_name", _model_name)
 
@@ -88,11 +88,20 @@ def _model_name(local_dir, prefix: str = "custom") -> str:
     return f"{prefix}_{base}" if base else prefix
 
 
-def _file_tag(path) -> str:
-    """``${rtlm_file_tag:${data.path}}``: ``<stem>-<sha256[:8]>`` of a prompt file (run-dir names)."""
-    from rtlm_lab.data.prompts import file_tag
+def file_tag(path) -> str:
+    """``${rtlm_file_tag:${data.path}}``: ``<stem>-<sha256[:8]>`` of a prompt file (run-dir names: another file
+    or an edit gets its own run dir, so a resumed profile never mixes two files); ``<stem>-missing`` when it
+    cannot be read (the task then says why, in one line, from :func:`rtlm_lab.data.prompts.resolve_path`).
+    Relative paths are taken from where the command was started."""
+    import hashlib
 
-    return file_tag(path)
+    try:
+        if path is None or str(path).strip() in ("", "None", "???"):
+            raise FileNotFoundError(path)
+        p = Path(str(path)).expanduser().resolve()
+        return f"{p.stem}-{hashlib.sha256(p.read_bytes()).hexdigest()[:8]}"
+    except OSError:
+        return f"{Path(str(path)).stem or 'prompts'}-missing"
 
 
 def config_hash(*nodes) -> str:

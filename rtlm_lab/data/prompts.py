@@ -18,7 +18,6 @@ line, an unknown extension, duplicate request ids) is a :class:`~rtlm_lab.errors
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -36,17 +35,6 @@ def resolve_path(path: Any) -> Path:
     if path is None or str(path).strip() in ("", "None", "???"):
         raise UserError("data=prompts needs data.path=<file.jsonl|csv|txt> (your prompts)")
     return Path(str(path)).expanduser().resolve()
-
-
-def file_tag(path: Any) -> str:
-    """``<stem>-<sha256[:8]>`` of a prompt file (run-dir names: another file or an edit gets its own run
-    dir, so a resumed profile never mixes two files); ``<stem>-missing`` when it cannot be read (the task
-    then says why, in one line)."""
-    try:
-        p = resolve_path(path)
-        return f"{p.stem}-{hashlib.sha256(p.read_bytes()).hexdigest()[:8]}"
-    except (UserError, OSError):
-        return f"{Path(str(path)).stem or 'prompts'}-missing"
 
 
 def _str(value: Any) -> str:
