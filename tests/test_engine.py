@@ -38,9 +38,11 @@ def step_on(backend, clock: StepClock, dt: float = 1.0) -> None:
 
 
 def reqs(spec):
-    """``[(id, arrival_s, true_tokens)]`` -> requests (1 prompt token each)."""
+    """``[(id, arrival_s, true_tokens)]`` -> requests (1 prompt token each; exact predictions, point-mass
+    predicted quantiles)."""
     return [Request(request_id=i, text=f"text {i}", context="", arrival_s=t, n_input_tokens=1, true_tokens=n,
-                    pred={"pred_rtlm": float(n), "pred_proxy": float(n), "ltr_score": float(n), "uncertainty": 0.0})
+                    pred={"pred_rtlm": float(n), "pred_proxy": float(n), "ltr_score": float(n), "uncertainty": 0.0,
+                          "pred_quantiles": (float(n),) * 7})
             for i, t, n in spec]
 
 

@@ -82,8 +82,11 @@ def to_requests(trace: pd.DataFrame, service: ServiceModel, keep_predictions: bo
     from rtlm_lab.scheduler.continuous import to_requests as base
 
     reqs = base(trace, keep_predictions)
-    for r in reqs:
+    quant = trace["pred_quantiles"].tolist() if keep_predictions and "pred_quantiles" in trace.columns else None
+    for k, r in enumerate(reqs):
         r.isolated_s = service.isolated(r.n_input_tokens, r.true_tokens)
+        if quant is not None and quant[k] is not None:  # the distributional policies' predicted quantiles
+            r.pred["pred_quantiles"] = tuple(float(v) for v in quant[k])
     return reqs
 
 
@@ -98,7 +101,7 @@ def make_trace(held: pd.DataFrame, service: ServiceModel, workload: Mapping[str,
     n = int(workload.get("n_requests", 100))
     pool = held.rename(columns={"n_output_tokens": "true_tokens"})
     cols = [c for c in ("request_id", "text", "context", "n_input_tokens", "true_tokens", "pred_rtlm",
-                        "uncertainty", "pred_proxy", "ltr_score") if c in pool.columns]
+                        "uncertainty", "pred_proxy", "ltr_score", "pred_quantiles") if c in pool.columns]
     chosen = choose_requests(pool[cols].copy(), n, seed)
     chosen["context"] = chosen["context"].fillna("").astype(str) if "context" in chosen else ""
     trace, info = build_trace(chosen, service, workload, seed=seed)
@@ -140,7 +143,7 @@ def run_experiment(cfg: Mapping[str, Any], run_dir: Path, profile_path: Path, pr
     """See the module doc. ``cfg`` keys: lm, platform, policy, workload, scheduler, mode, seed."""
     from rtlm_lab.io import provenance, sha256_file, write_json_atomic, write_parquet_atomic, write_run_manifest
     from rtlm_lab.paths import data_dir
-    from rtlm_lab.scheduler.predictions import load_or_fit
+    from rtlm_lab.scheduler.predictions import columns_for, load_or_fit
 
     mode = str(cfg["mode"])
     if mode not in MODES:
@@ -175,6 +178,12 @@ def run_experiment(cfg: Mapping[str, Any], run_dir: Path, profile_path: Path, pr
         from rtlm_lab.scheduler.continuous import engine_config
 
         engine_config(platform)  # bad budgets fail before any fitting
+        if ("pred_quantiles" in policy.needs and mode == "sim" and not sched.get("online_update", False)
+                and bool(sched.get("online_predictions", True))):
+            # continuous.to_requests / _pool carry only the four scalar columns from the precomputed pool
+            raise UserError(f"policy {policy.name} reads predicted quantiles, which the continuous engine's "
+                            "simulator does not take from the precomputed pool yet: run it with mode=real, "
+                            "scheduler.engine=static, or scheduler.online_update=true (predicts live)")
     if mode == "real":  # a missing GPU is a user error before anything is fitted
         from rtlm_lab.lm.loader import resolve_device
 
@@ -185,12 +194,14 @@ def run_experiment(cfg: Mapping[str, Any], run_dir: Path, profile_path: Path, pr
     pred_profile = sched.get("predictor_profile")
     if pred_profile:  # drift: predictors fitted on another profile (another LM) serve this profile's requests
         predictors, held = _foreign_predictors(Path(str(pred_profile)).expanduser().resolve(), profile,
-                                               float(sched.get("heldout_frac", 0.4)), seed)
+                                               float(sched.get("heldout_frac", 0.4)), seed,
+                                               columns=columns_for(policy.needs))
         train = None
     else:
         predictors, train, held = load_or_fit(profile_path, profile, float(sched.get("heldout_frac", 0.4)), seed,
                                               cache_dir=data_dir() / "cache" / "scheduler",
-                                              need_model=online or mode == "sim")
+                                              need_model=online or mode == "sim",
+                                              columns=columns_for(policy.needs))
     # the reply length a policy without a length prediction assumes when it places a request on one of
     # several workers (main, CPU offload, GPU replicas): what an operator knows from past traffic, the train
     # pool's mean
@@ -263,17 +274,18 @@ def run_experiment(cfg: Mapping[str, Any], run_dir: Path, profile_path: Path, pr
     return out
 
 
-def _foreign_predictors(path: Path, profile: pd.DataFrame, heldout_frac: float, seed: int):
+def _foreign_predictors(path: Path, profile: pd.DataFrame, heldout_frac: float, seed: int, columns=None):
     """``scheduler.predictor_profile``: the predictors fitted on ``path``'s training conversations (cached as
     usual) and this profile's held-out pool, predicted by them (what a predictor fitted on another LM says)."""
     from rtlm_lab.paths import data_dir
-    from rtlm_lab.scheduler.predictions import load_or_fit, split_pool
+    from rtlm_lab.scheduler.predictions import ALL_COLUMNS, load_or_fit, split_pool
 
     try:
         other = pd.read_parquet(path)
     except Exception as exc:  # noqa: BLE001
         raise UserError(f"cannot read scheduler.predictor_profile {path}: {type(exc).__name__}") from None
-    predictors, _train, _ = load_or_fit(path, other, heldout_frac, seed, cache_dir=data_dir() / "cache" / "scheduler")
+    predictors, _train, _ = load_or_fit(path, other, heldout_frac, seed, columns=columns or ALL_COLUMNS,
+                                        cache_dir=data_dir() / "cache" / "scheduler")
     _, held = split_pool(profile, heldout_frac, seed)
     held = held.copy()
     held["request_id"] = held["request_id"].astype(str)

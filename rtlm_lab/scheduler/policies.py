@@ -21,7 +21,10 @@ Built in: ``fcfs``, ``sjf_input`` (prompt tokens), ``sjf_proxy`` (MiniLM proxy p
 ranking score), ``oracle_sjf`` (the true output length: the lower bound of what ordering alone can do) and
 ``rtlm`` with its ablations ``rtlm_no_uncertainty``, ``rtlm_no_aging``, ``rtlm_no_consolidation``,
 ``rtlm_no_offload``, ``rtlm_batch1``; our extension ``lmstate`` (the served LM's own prefill-state length
-prediction, refined while decoding; preemptive, with aging) and its ablation ``lmstate_no_refine``.
+prediction, refined while decoding; preemptive, with aging) and its ablation ``lmstate_no_refine``; and the
+distribution-aware ``gittins`` (the Gittins index of each request's predicted length distribution at its attained
+service, :mod:`rtlm_lab.scheduler.gittins`) with its ablation ``srpt_expected`` (expected remaining tokens), both
+preemptive, both reading the predicted quantiles ``req.pred["pred_quantiles"]``.
 """
 
 from __future__ import annotations
@@ -436,6 +439,92 @@ class LMStatePolicy(Policy):
         return max(1.0, rem) * self.token_s - self.aging * max(0.0, now - job.req.arrival_s)
 
 
+class _SizeDistributionPolicy(Policy):
+    """Base of the distribution-aware policies (DESIGN.md 1f): each request carries its predicted output-length
+    quantiles in ``req.pred["pred_quantiles"]`` (a tuple of tokens at ``levels``, default
+    :data:`rtlm_lab.distmetrics.DEFAULT_LEVELS`: what :class:`~rtlm_lab.scheduler.predictions.Predictors` puts
+    there), turned into a discrete distribution by the midpoint rule
+    (:meth:`~rtlm_lab.scheduler.gittins.DiscreteSize.from_quantiles`, once per request and cached); the job's
+    attained service is ``job.generated`` tokens. Preemptive (a pause keeps the KV cache, as ``oracle_srpt``).
+    ``overrun_mean`` (tokens, null: the distribution's mean) is the remaining size assumed for a job that has
+    outlived every predicted quantile (:mod:`rtlm_lab.scheduler.gittins`). No aging: these orders are the
+    index rules themselves. A request without ``pred_quantiles`` is a one-line :class:`UserError`."""
+
+    needs = ("pred_quantiles",)
+    preemptive = True
+    pred_column = None                      # the prediction is a distribution, not one token count
+
+    def __init__(self, levels=None, overrun_mean: float | None = None, name: str | None = None,
+                 max_batch: int = 1, **params: Any):
+        super().__init__(max_batch=max_batch, **params)
+        from rtlm_lab.distmetrics import DEFAULT_LEVELS, check_levels
+
+        if name:
+            self.name = name
+        try:
+            self.levels = tuple(float(v) for v in check_levels(DEFAULT_LEVELS if levels is None else levels))
+        except ValueError as exc:
+            raise UserError(f"policy.levels: {exc}") from None
+        if overrun_mean is not None and not float(overrun_mean) > 0:
+            raise UserError(f"policy.overrun_mean must be > 0 or null (got {overrun_mean})")
+        self.overrun_mean = None if overrun_mean is None else float(overrun_mean)
+        self._dists: dict[tuple[str, tuple], Any] = {}
+
+    def describe(self):
+        return {**super().describe(), "levels": list(self.levels), "overrun_mean": self.overrun_mean}
+
+    def dist(self, req: Request):
+        """The request's :class:`~rtlm_lab.scheduler.gittins.DiscreteSize` (cached per request and quantiles)."""
+        from rtlm_lab.scheduler.gittins import DiscreteSize
+
+        q = req.pred.get("pred_quantiles")
+        if q is None:
+            raise UserError(f"policy {self.name} needs the predicted quantiles req.pred['pred_quantiles'] "
+                            f"(request {req.request_id} has none; predictions.Predictors provides them)")
+        q = tuple(q)
+        key = (req.request_id, q)
+        d = self._dists.get(key)
+        if d is None:
+            if len(q) != len(self.levels):
+                raise UserError(f"request {req.request_id}: {len(q)} predicted quantiles for the policy's "
+                                f"{len(self.levels)} levels {list(self.levels)}")
+            d = self._dists[key] = DiscreteSize.from_quantiles(self.levels, q, self.overrun_mean)
+        return d
+
+    def placement_tokens(self, req: Request) -> float:
+        """Its own length knowledge for placement: the predicted distribution's mean."""
+        return max(1.0, self.dist(req).mean)
+
+
+class Gittins(_SizeDistributionPolicy):
+    """Our extension: the Gittins index of each request's predicted length distribution at its attained
+    service, ``G(a) = sup_D P(R <= D) / E[min(R, D)]``, ``R = S - a | S > a`` (:mod:`rtlm_lab.scheduler.gittins`);
+    the largest index runs first (key = ``-G(job.generated)``), preemptive. Point masses give SRPT, a decreasing
+    hazard LAS."""
+
+    name = "gittins"
+
+    def priority(self, req, now):
+        return -self.dist(req).index(0.0)
+
+    def key(self, job, now):
+        return -self.dist(job.req).index(job.generated)
+
+
+class SRPTExpected(_SizeDistributionPolicy):
+    """Our extension (the Gittins policy's ablation): the expected remaining tokens of each request's predicted
+    distribution, ``E[S - a | S > a]`` at ``a = job.generated``, smallest first, preemptive: SRPT on the
+    conditional mean, blind to the distribution's shape."""
+
+    name = "srpt_expected"
+
+    def priority(self, req, now):
+        return self.dist(req).expected_remaining(0.0)
+
+    def key(self, job, now):
+        return self.dist(job.req).expected_remaining(job.generated)
+
+
 BASELINES = {"fcfs": FCFS, "sjf_input": SJFInput, "sjf_proxy": SJFProxy, "ltr": LTR, "oracle_sjf": OracleSJF,
              "oracle_srpt": OracleSRPT}
 ABLATIONS = {
@@ -448,7 +537,8 @@ ABLATIONS = {
     "rtlm_wc": {"work_conserving": True},  # extension: work-conserving consolidation (see RTLM)
 }
 EXTENSIONS = {"lmstate": {}, "lmstate_no_refine": {"refine_every": 0}}
-POLICIES = tuple(BASELINES) + tuple(ABLATIONS) + tuple(EXTENSIONS)
+DISTRIBUTIONAL = {"gittins": Gittins, "srpt_expected": SRPTExpected}   # read req.pred["pred_quantiles"]
+POLICIES = tuple(BASELINES) + tuple(ABLATIONS) + tuple(EXTENSIONS) + tuple(DISTRIBUTIONAL)
 
 
 def make_policy(name: str, params: Mapping[str, Any] | None = None) -> Policy:
@@ -464,4 +554,8 @@ def make_policy(name: str, params: Mapping[str, Any] | None = None) -> Policy:
         for k in ("uncertainty_weight", "consolidation", "length_window", "batch_wait_s", "offload"):
             params.pop(k, None)
         return LMStatePolicy(name=name, **{**params, **EXTENSIONS[name]})
+    if name in DISTRIBUTIONAL:
+        for k in ("uncertainty_weight", "aging", "consolidation", "length_window", "batch_wait_s", "offload"):
+            params.pop(k, None)
+        return DISTRIBUTIONAL[name](name=name, **params)
     raise UserError(f"unknown policy {name!r}; choose one of: {', '.join(POLICIES)}")

@@ -12,7 +12,14 @@ uncertainty    the quantifier's total uncertainty in [0, 1]                 ``rt
 pred_proxy     ridge on the MiniLM embedding (the SSJF/S3 BERT-class        ``sjf_proxy``
                proxy) -> predicted tokens
 ltr_score      pairwise logistic ranking on MiniLM (vLLM-LTR style)         ``ltr``
+pred_quantiles :class:`~rtlm_lab.regressor.distribution.QuantileLengthPre-  ``gittins``, ``srpt_expected``
+               dictor` (the same uncertainty features, one HGB quantile
+               model per level): a tuple of output-token quantiles at
+               :data:`QUANTILE_LEVELS`, sorted (a list per row in parquet)
 =============  ==========================================================  ===========================
+
+``pred_quantiles`` is fitted only when asked for (``columns``; the harness asks when the policy needs it), so
+the default column set, its cache keys and every committed run are unchanged.
 
 :class:`Predictors` can be recalibrated at run time (``update(texts, lengths)``: the scheduler's
 ``scheduler.online_update``) and serves one request at a time (``predict_one``, timed: that time is the policy's run-time
@@ -37,8 +44,18 @@ from rtlm_lab.errors import UserError
 log = logging.getLogger("rtlm_lab.scheduler")
 
 ALL_COLUMNS = ("pred_rtlm", "uncertainty", "pred_proxy", "ltr_score")
+#: the distributional column (not in the default set: fitted when a policy needs it) and its levels
+DIST_COLUMNS = ("pred_quantiles",)
+KNOWN_COLUMNS = ALL_COLUMNS + DIST_COLUMNS
+QUANTILE_LEVELS = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95)   # = rtlm_lab.distmetrics.DEFAULT_LEVELS
 # the real engine's predictor thread predicts while the serving loop updates (scheduler.online_update)
 _LOCK = threading.RLock()
+
+
+def columns_for(needs: Sequence[str]) -> tuple[str, ...]:
+    """The columns to fit for a policy that needs ``needs``: the default set, plus the distributional column
+    when the policy reads it (the default set's cache keys stay as they were)."""
+    return ALL_COLUMNS + tuple(c for c in DIST_COLUMNS if c in tuple(needs))
 
 
 def split_pool(profile: pd.DataFrame, heldout_frac: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -60,7 +77,7 @@ class Predictors:
     """Fitted length predictors for one LM/platform (see the module doc)."""
 
     def __init__(self, columns: Sequence[str] = ALL_COLUMNS, seed: int = 0):
-        unknown = set(columns) - set(ALL_COLUMNS)
+        unknown = set(columns) - set(KNOWN_COLUMNS)
         if unknown:
             raise UserError(f"unknown prediction columns {sorted(unknown)}")
         self.columns = tuple(columns)
@@ -80,6 +97,12 @@ class Predictors:
         E = F.embed(texts).astype(float) if {"pred_proxy", "ltr_score"} & set(self.columns) else None
         self.proxy_ = ProxyMiniLM().fit(texts, y, E=E) if "pred_proxy" in self.columns else None
         self.ltr_ = LtrMiniLM(seed=self.seed).fit(texts, y, E=E) if "ltr_score" in self.columns else None
+        self.quantiles_ = None
+        if "pred_quantiles" in self.columns:
+            from rtlm_lab.regressor.distribution import QuantileLengthPredictor
+
+            Xq = self.rtlm_.featurize(texts) if self.rtlm_ is not None else QuantileLengthPredictor.featurize(texts)
+            self.quantiles_ = QuantileLengthPredictor(levels=QUANTILE_LEVELS, random_state=self.seed).fit(Xq, y)
         self.n_train_ = len(texts)
         return self
 
@@ -89,10 +112,14 @@ class Predictors:
 
         texts = [str(t) for t in texts]
         out: dict[str, Any] = {}
+        X = None
         if self.rtlm_ is not None:
             X = self.rtlm_.featurize(texts)
             out["pred_rtlm"] = self.rtlm_.predict_from_features(X)
             out["uncertainty"] = quantify(texts)["total"].to_numpy(float) if "uncertainty" in self.columns else None
+        if getattr(self, "quantiles_", None) is not None:
+            X = self.quantiles_.featurize(texts) if X is None else X
+            out["pred_quantiles"] = [list(map(float, q)) for q in self.quantiles_.predict_quantiles(X)]
         if self.proxy_ is not None or self.ltr_ is not None:
             E = F.embed(texts).astype(float)
             if self.proxy_ is not None:
@@ -101,7 +128,7 @@ class Predictors:
                 out["ltr_score"] = self.ltr_.predict(texts, E=E)
         return pd.DataFrame({k: v for k, v in out.items() if v is not None}, index=range(len(texts)))
 
-    def predict_batch(self, texts: Sequence[str], columns: Sequence[str]) -> list[dict[str, float]]:
+    def predict_batch(self, texts: Sequence[str], columns: Sequence[str]) -> list[dict[str, Any]]:
         """Predictions (only ``columns``) for a batch of arriving requests: what the engine's predictor thread
         runs on everything that arrived while it was busy (one spaCy pipe / one MiniLM batch)."""
         from rtlm_lab.regressor import FEATURE_NAMES
@@ -110,18 +137,28 @@ class Predictors:
         texts = [str(t) for t in texts]
         cols = set(columns)
         out: dict[str, np.ndarray] = {}
+        X = None
         if cols & {"pred_rtlm", "uncertainty"}:
             X = self.rtlm_.featurize(texts)
             with _LOCK:
                 out["pred_rtlm"] = self.rtlm_.predict_from_features(X)
             out["uncertainty"] = X[:, FEATURE_NAMES.index("total")]
+        Q = None
+        if "pred_quantiles" in cols:  # the same features (one spaCy pass)
+            X = self._quantile_model().featurize(texts) if X is None else X
+            with _LOCK:
+                Q = self.quantiles_.predict_quantiles(X)
         if cols & {"pred_proxy", "ltr_score"}:
             E = F.embed(texts).astype(float)
             if "pred_proxy" in cols:
                 out["pred_proxy"] = self.proxy_.predict(texts, E=E)
             if "ltr_score" in cols:
                 out["ltr_score"] = self.ltr_.predict(texts, E=E)
-        return [{k: float(v[i]) for k, v in out.items()} for i in range(len(texts))]
+        rows: list[dict[str, Any]] = [{k: float(v[i]) for k, v in out.items()} for i in range(len(texts))]
+        if Q is not None:
+            for r, q in zip(rows, Q):
+                r["pred_quantiles"] = tuple(float(v) for v in q)
+        return rows
 
     def update(self, texts: Sequence[str], lengths: Sequence[float]) -> int:
         """Run-time recalibration with served requests' true generated lengths: forwarded to every fitted
@@ -134,27 +171,44 @@ class Predictors:
         if not texts:
             return 0
         took = False
+        Xq = None
+        if getattr(self, "quantiles_", None) is not None:  # conformal-style shift of each level (run time)
+            Xq = self.quantiles_.featurize(texts)
+            with _LOCK:
+                self.quantiles_.update(Xq, ys)
+            took = True
         for reg in (getattr(self, "rtlm_", None), getattr(self, "proxy_", None), getattr(self, "ltr_", None)):
             if reg is not None and callable(getattr(reg, "update", None)):
-                X = reg.featurize(texts) if hasattr(reg, "featurize") else None
+                same = Xq is not None and reg is self.rtlm_ and not reg.use_embedding  # the same features
+                X = Xq if same else (reg.featurize(texts) if hasattr(reg, "featurize") else None)
                 with _LOCK:
                     reg.update(texts, ys, X=X) if X is not None else reg.update(texts, ys)
                 took = True
         return len(texts) if took else 0
 
-    def predict_one(self, text: str, columns: Sequence[str]) -> tuple[dict[str, float], float]:
+    def _quantile_model(self):
+        if getattr(self, "quantiles_", None) is None:
+            raise UserError("pred_quantiles was not fitted: build Predictors with columns including "
+                            "'pred_quantiles' (load_or_fit(..., columns=...))")
+        return self.quantiles_
+
+    def predict_one(self, text: str, columns: Sequence[str]) -> tuple[dict[str, Any], float]:
         """Predictions for one arriving request (only ``columns``) and the seconds they took."""
         from rtlm_lab.regressor import FEATURE_NAMES
         from rtlm_lab.regressor import features as F
 
         t0 = time.perf_counter()
-        out: dict[str, float] = {}
+        out: dict[str, Any] = {}
         cols = set(columns)
+        X = None
         if cols & {"pred_rtlm", "uncertainty"}:
             X = self.rtlm_.featurize([text])
             out["pred_rtlm"] = float(self.rtlm_.predict_from_features(X)[0])
             # the total uncertainty is one of the predictor's features: no second spaCy pass
             out["uncertainty"] = float(X[0, FEATURE_NAMES.index("total")])
+        if "pred_quantiles" in cols:
+            X = self._quantile_model().featurize([text]) if X is None else X
+            out["pred_quantiles"] = tuple(float(v) for v in self.quantiles_.predict_quantiles(X)[0])
         if cols & {"pred_proxy", "ltr_score"}:
             E = F.embed([text]).astype(float)
             if "pred_proxy" in cols:
