@@ -12,6 +12,26 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+CONF_DIR = str(ROOT / "conf")  # the repository's Hydra configs (absolute: commands work from any directory)
+
+
+def config_options(group: str) -> list[str]:
+    """The choices of a config group (``conf/<group>/*.yaml``)."""
+    return sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
+
+
+def expand_globs(paths) -> list[str]:
+    """Each entry, with shell-style globs expanded (sorted); an entry matching nothing is kept as given, so
+    the caller's own error names it."""
+    import glob
+
+    out: list[str] = []
+    for p in paths or []:
+        p = str(Path(str(p)).expanduser())
+        out.extend(sorted(glob.glob(p)) or [p])
+    return out
+
+
 def repo_root(start: str | Path | None = None) -> Path:
     """The checkout a notebook runs in: walk up from ``start`` (default: the working directory; papermill runs
     kernels in the notebook's folder unless ``--cwd`` is given) to the folder holding ``pyproject.toml`` and

@@ -202,7 +202,7 @@ def test_by_cell_overrides_pick_the_cells_measured_engine(tmp_path):
     from rtlm_lab.scheduler.continuous import engine_config, engine_key
     from rtlm_lab.tasks.sweep import _sim_capacity_file, cell_config, platform_sweep
 
-    over = ["platform.engine.max_seqs=64", "platform.offload_workers=0"]
+    over = ["platform.engine.backend=slots", "platform.engine.max_seqs=64", "platform.offload_workers=0"]
     sweep = {"name": "x", "lms": ["gemma3_270m", "dialogpt_ccc"], "platforms": ["cpu", "cuda"],
              "scheduler_mode": "sim", "profile_dir": str(REF), "profile_name": "{lm}__{platform}.parquet", "seed": 0,
              "nb01": {}, "nb02": {}, "nb03": {"n_requests": 12},
@@ -216,8 +216,8 @@ def test_by_cell_overrides_pick_the_cells_measured_engine(tmp_path):
     # the engine the overrides name: 64 rows, no CPU workers -> the committed H200 measurement's key
     cap = _sim_capacity_file("gemma3_270m", "cuda", over)
     assert cap is not None and cap.name == "gemma3_270m__cuda__b3ef326a.json"
-    want = engine_key("gemma3_270m", "cuda", {**engine_config({"engine": {"max_seqs": 64, "max_batch_tokens": 8192,
-                                                                           "page_size": 256}})})
+    want = engine_key("gemma3_270m", "cuda", {**engine_config({"engine": {
+        "backend": "slots", "max_seqs": 64, "max_batch_tokens": 8192, "page_size": 256}})})
     assert cap.stem == want
     cfg = cell_config(sweep, "gemma3_270m", "cuda", tmp_path / "c")
     assert cfg["engine_capacity"]["file"] == cap.name and cfg["engine_capacity"]["committed"]

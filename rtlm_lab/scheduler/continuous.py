@@ -42,16 +42,25 @@ from rtlm_lab.scheduler.workload import realized_arrival_rate
 
 log = logging.getLogger("rtlm_lab.scheduler")
 
-ENGINE_DEFAULTS = {"backend": "kv", "max_seqs": 8, "max_batch_tokens": 1024, "kv_slots": None, "max_len": None,
-                   "page_size": 64, "num_blocks": None, "cuda_graphs": None}
-BACKENDS = ("kv", "slots", "paged")
+ENGINE_DEFAULTS = {"backend": "kv", "max_seqs": 8, "max_batch_tokens": 1024, "cuda_graphs": None}
+# each backend's own budgets (only these enter its config, so a measured engine's key never changes when another
+# backend gains a setting)
+BACKEND_DEFAULTS = {"kv": {"kv_slots": None, "max_len": None},
+                    "slots": {"page_size": 64, "num_blocks": None},
+                    "paged": {"page_size": 64, "num_blocks": None}}
+BACKENDS = tuple(BACKEND_DEFAULTS)
 
 
 def engine_config(platform: Mapping[str, Any]) -> dict[str, Any]:
-    """The platform's engine budgets (the same for every policy)."""
-    cfg = {**ENGINE_DEFAULTS, **dict(platform.get("engine") or {})}
+    """The platform's engine budgets (the same for every policy): the common ones and the chosen backend's."""
+    given = dict(platform.get("engine") or {})
+    backend = given.get("backend", ENGINE_DEFAULTS["backend"])
+    if backend not in BACKENDS:
+        raise UserError(f"unknown platform.engine.backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+    own = BACKEND_DEFAULTS[backend]
+    cfg = {**ENGINE_DEFAULTS, **own, **{k: v for k, v in given.items() if k in ENGINE_DEFAULTS or k in own}}
     for k in ("max_seqs", "max_batch_tokens", "page_size", "kv_slots", "max_len"):
-        if cfg[k] is None and k in ("kv_slots", "max_len"):
+        if k not in cfg or (cfg[k] is None and k in ("kv_slots", "max_len")):
             continue
         try:
             cfg[k] = int(cfg[k])
@@ -59,8 +68,8 @@ def engine_config(platform: Mapping[str, Any]) -> dict[str, Any]:
             raise UserError(f"platform.engine.{k} must be an integer (got {cfg[k]!r})") from None
         if cfg[k] < 1:
             raise UserError(f"platform.engine.{k} must be >= 1 (got {cfg[k]})")
-    if cfg["backend"] not in BACKENDS:
-        raise UserError(f"unknown platform.engine.backend {cfg['backend']!r}; choose one of: {', '.join(BACKENDS)}")
+    if backend == "kv" and cfg["kv_slots"] is not None and cfg["kv_slots"] < cfg["max_seqs"]:
+        raise UserError(f"platform.engine.kv_slots ({cfg['kv_slots']}) must be >= max_seqs ({cfg['max_seqs']})")
     return cfg
 
 
@@ -264,6 +273,18 @@ def offload_step_model(lm_spec: Mapping[str, Any], platform: Mapping[str, Any], 
                      meta={"ttft_a": svc.ttft_a, "threads": threads})
 
 
+def _platform_paging(platform: str) -> dict[str, Any]:
+    """The page settings in ``conf/platform/<platform>.yaml`` (part of a slots-engine measurement's key)."""
+    from omegaconf import OmegaConf
+
+    from rtlm_lab.paths import ROOT
+
+    f = ROOT / "conf" / "platform" / f"{platform}.yaml"
+    eng = (OmegaConf.to_container(OmegaConf.load(f)).get("engine") or {}) if f.is_file() else {}
+    d = BACKEND_DEFAULTS["slots"]
+    return {"page_size": int(eng.get("page_size", d["page_size"])), "num_blocks": eng.get("num_blocks", d["num_blocks"])}
+
+
 def sim_capacity(lm: str, platform: str, ecfg: Mapping[str, Any], given: str | None,
                  profile: pd.DataFrame | None = None, replica_of: str | None = None) -> dict[str, Any]:
     """The measured capacity file a simulation replays: ``given``, this machine's, else the committed one;
@@ -279,6 +300,12 @@ def sim_capacity(lm: str, platform: str, ecfg: Mapping[str, Any], given: str | N
         replica = [capacity_cache(lm, base, one), reference_capacity(lm, base, one)]
     else:
         replica = []
+    slots_cfg = None
+    if not given and ecfg.get("backend") == "kv":
+        # no kv measurement yet: the slots engine's of the same budgets (what every committed one measured)
+        slots_cfg = {**{k: v for k, v in ecfg.items() if k not in ("kv_slots", "max_len", "pin_lengths")},
+                     "backend": "slots", **_platform_paging(platform)}
+        replica += [capacity_cache(lm, platform, slots_cfg), reference_capacity(lm, platform, slots_cfg)]
     for p in paths + replica:
         if p.is_file():
             try:
@@ -287,6 +314,11 @@ def sim_capacity(lm: str, platform: str, ecfg: Mapping[str, Any], given: str | N
             except (json.JSONDecodeError, KeyError) as exc:
                 raise UserError(f"cannot read engine capacity {p}: {type(exc).__name__}") from None
             cap["source_file"] = str(p)
+            if slots_cfg is not None and p in replica[-2:]:
+                log.warning("no measured kv engine for %s on %s: simulating the committed slots-engine measurement "
+                            "of the same budgets (%s)", lm, platform, p.name)
+                cap["source_file"] += " (the slots engine's: no kv measurement of these budgets yet)"
+                return cap
             if p in replica:  # one engine measured: the set of n is n of it
                 cap["source_file"] += f" (one engine, x{n_eng} replicas that do not slow each other)"
                 cap["capacity_rps"] = n_eng * float(cap["capacity_rps"])
@@ -417,7 +449,7 @@ def run_continuous(cfg: Mapping[str, Any], run_dir: Path, profile: pd.DataFrame,
     # sim with scheduler.overhead_samples=0: predictions cost nothing on the simulated clock (as on the static
     # path), so that a simulation does not depend on this machine's timing (deterministic runs, tests)
     timed = predictors is not None and not (mode == "sim" and int(sched.get("overhead_samples", 20)) <= 0)
-    from rtlm_lab.scheduler.harness import given_prediction_cost
+    from rtlm_lab.scheduler.predictions import given_prediction_cost
 
     given = given_prediction_cost(sched, needs) if mode == "sim" and needs else None
     if online and needs:  # measured live by the predictor thread: only load its models before the clock

@@ -22,6 +22,7 @@ import pandas as pd
 from rtlm_lab.errors import UserError
 from rtlm_lab.scheduler.core import WorkerSpec
 from rtlm_lab.scheduler.policies import Policy, Request, make_policy
+from rtlm_lab.scheduler.predictions import given_prediction_cost
 from rtlm_lab.scheduler.service import ServiceModel
 
 log = logging.getLogger("rtlm_lab.scheduler")
@@ -293,25 +294,6 @@ def _foreign_predictors(path: Path, profile: pd.DataFrame, heldout_frac: float, 
     for c in p.columns:
         held[c] = p[c].to_numpy()
     return predictors, held
-
-
-def given_prediction_cost(sched: Mapping[str, Any], needs) -> tuple[float, str] | None:
-    """Sim mode: the per-request prediction cost ``scheduler.prediction_cost_s`` gives for these prediction
-    columns (seconds; ``uncertainty`` comes with ``pred_rtlm``), e.g. measured on the platform the simulation
-    stands for, and where it was measured (its ``source``, else "given"); ``None`` where no cost is given
-    (then it is timed on this machine)."""
-    cost = sched.get("prediction_cost_s")
-    if not cost:
-        return None
-    source = str(cost.get("source", "given"))
-    cols = [c for c in needs if c != "uncertainty"]
-    missing = [c for c in cols if c not in cost]
-    if missing:
-        raise UserError(f"scheduler.prediction_cost_s gives no cost for {missing} (it has {sorted(cost)})")
-    try:
-        return sum(float(cost[c]) for c in cols), source
-    except (TypeError, ValueError):
-        raise UserError(f"scheduler.prediction_cost_s values must be seconds (got {dict(cost)})") from None
 
 
 def _prediction_cost(predictors, trace: pd.DataFrame, needs, n: int) -> float:

@@ -34,7 +34,7 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -275,3 +275,22 @@ def load_or_fit(profile_path: Path, profile: pd.DataFrame, heldout_frac: float, 
             joblib.dump(pred, tmp)
         write_parquet_atomic(held, ppath)
     return pred, train, held
+
+
+def given_prediction_cost(sched: Mapping[str, Any], needs) -> tuple[float, str] | None:
+    """Sim mode: the per-request prediction cost ``scheduler.prediction_cost_s`` gives for these prediction
+    columns (seconds; ``uncertainty`` comes with ``pred_rtlm``), e.g. measured on the platform the simulation
+    stands for, and where it was measured (its ``source``, else "given"); ``None`` where no cost is given
+    (then it is timed on this machine)."""
+    cost = sched.get("prediction_cost_s")
+    if not cost:
+        return None
+    source = str(cost.get("source", "given"))
+    cols = [c for c in needs if c != "uncertainty"]
+    missing = [c for c in cols if c not in cost]
+    if missing:
+        raise UserError(f"scheduler.prediction_cost_s gives no cost for {missing} (it has {sorted(cost)})")
+    try:
+        return sum(float(cost[c]) for c in cols), source
+    except (TypeError, ValueError):
+        raise UserError(f"scheduler.prediction_cost_s values must be seconds (got {dict(cost)})") from None

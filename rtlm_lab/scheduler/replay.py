@@ -315,10 +315,9 @@ def write_summary(root: Path | None = None) -> pd.DataFrame:
 
 
 def _glob(paths: Sequence[str]) -> list[Path]:
-    from rtlm_lab.paths import resolve_path
-    from rtlm_lab.tasks.reference import expand
+    from rtlm_lab.paths import expand_globs, resolve_path
 
-    return [Path(p) for p in expand([str(resolve_path(p)) for p in paths])]
+    return [Path(p) for p in expand_globs([str(resolve_path(p)) for p in paths])]
 
 
 def _expand(paths: Sequence[str]) -> list[Path]:

@@ -49,7 +49,7 @@ def compose_config(lm: str, platform: str, policy: str, workload: str, rho: floa
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf, open_dict
 
-    from rtlm_lab.tasks._cli import CONF_DIR
+    from rtlm_lab.paths import CONF_DIR
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("schedule", overrides=[
@@ -68,7 +68,7 @@ def compose_config(lm: str, platform: str, policy: str, workload: str, rho: floa
 
 
 def check_choices(lm: str, platform: str, workload: str, policies: Sequence[str], mode: str, engine: str) -> None:
-    from rtlm_lab.tasks._cli import group_options
+    from rtlm_lab.paths import config_options as group_options
 
     choices = [("lm", lm), ("platform", platform), ("workload", workload), *(("policy", p) for p in policies)]
     for group, choice in choices:

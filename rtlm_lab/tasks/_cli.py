@@ -16,15 +16,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from rtlm_lab.errors import UserError, fail
-from rtlm_lab.paths import ROOT
+from rtlm_lab.paths import CONF_DIR, config_options
 
-CONF_DIR = str(ROOT / "conf")
 log = logging.getLogger("rtlm_lab")
 
 
-def group_options(group: str) -> list[str]:
-    d = Path(CONF_DIR) / group
-    return sorted(p.stem for p in d.glob("*.yaml"))
+group_options = config_options
 
 
 def check_group_choices(argv: list[str] | None = None) -> None:

@@ -34,22 +34,15 @@ Examples::
 
 from __future__ import annotations
 
-import glob
 from pathlib import Path
 
 from omegaconf import DictConfig
 
+from rtlm_lab.paths import expand_globs
 from rtlm_lab.tasks._cli import make_main, task_wrapper
 
 
-def expand(paths) -> list[str]:
-    """Each entry, with shell-style globs expanded (sorted); an entry matching nothing is kept as given, so
-    the builder's own error names it."""
-    out: list[str] = []
-    for p in paths or []:
-        p = str(Path(str(p)).expanduser())
-        out.extend(sorted(glob.glob(p)) or [p])
-    return out
+expand = expand_globs  # kept: targets and tests call it by this name
 
 
 @task_wrapper
@@ -87,6 +80,7 @@ def reference(cfg: DictConfig):
         return slim(t.src, t.dst)
     if t.name == "scheduler":
         from rtlm_lab.errors import UserError
+        from rtlm_lab.report import write_scheduler_docs
         from rtlm_lab.scheduler.analysis import add_runs, build, format_summary
 
         runs = expand(t.runs)
@@ -95,6 +89,7 @@ def reference(cfg: DictConfig):
                 raise UserError("target.group names the group the runs are added as (e.g. h200__dialogpt_ccc)")
             add_runs([Path(r) for r in runs], str(t.group), note=str(t.note))
         df = build(n_boot=int(t.n_boot))
+        write_scheduler_docs(df)  # the report builder writes the pages (README, docs/results.md), not the analysis
         print(format_summary(df))
         return df
     if t.name == "sim_error":
