@@ -12,7 +12,12 @@ Reads a profile (``profile=<parquet>``, by default the committed reference profi
   only; ``LengthPredictor.load`` checks the library versions);
 * ``metrics.json``: the method table (MAE, Spearman, Kendall tau + bootstrap CI, pairwise and bucket
   accuracy, us_per_prompt), the split and provenance (config, commit, machine, versions, profile sha256);
-* ``predictions.csv`` (test rows) and ``comparison.png/svg``.
+* ``predictions.csv`` (test rows) and ``comparison.png/svg``;
+* with ``regressor=quantile`` (``distribution.enabled``): ``distribution.json`` and ``calibration.png``, the
+  distributional table of :func:`rtlm_lab.regressor.distribution.evaluate` (pinball loss per level, CRPS,
+  coverage of the 50% / 90% central intervals, PIT histogram, Kendall tau of the median; also printed) and,
+  with ``distribution.drift_from=<another lm>``, the drift table (fitted on that LM's lengths, serving this
+  LM's requests: coverage frozen vs recalibrated at run time);
 * ``manifest.json`` (last): sha256 and size of each of these files.
 
 Examples::
@@ -20,6 +25,7 @@ Examples::
     rtlm-train-regressor lm=gemma3_270m platform=cuda regressor=hgb
     rtlm-train-regressor -m regressor=ridge,hgb lm=smollm2_135m,gemma3_270m platform=cuda
     rtlm-train-regressor data=prompts data.path=my_prompts.jsonl lm=custom lm.local_dir=DIR  # your prompts' profile
+    rtlm-train-regressor regressor=quantile lm=smollm2_135m distribution.drift_from=dialogpt_ccc
 """
 
 from __future__ import annotations
@@ -93,6 +99,9 @@ def train_regressor(cfg: DictConfig) -> dict:
         if result.get("refine") is not None:
             with atomic_path(run_dir / "refine.csv") as tmp:
                 result["refine"].to_csv(tmp, index=False)
+    dist = _distribution(cfg, reg, profile_df, train_df, run_dir) if _wants_distribution(cfg) else None
+    if dist is not None:
+        metrics["distribution"] = dist
     write_json_atomic(run_dir / "metrics.json", metrics)
     with atomic_path(run_dir / "predictions.csv") as tmp:
         result["predictions"].to_csv(tmp, index=False)
@@ -113,8 +122,83 @@ def train_regressor(cfg: DictConfig) -> dict:
             cols = ["k"] + [c for c in METRIC_COLUMNS if c != "us_per_prompt"] + ["loop_flagged", "loop_precision"]
             print("remaining length after k decoding steps (test requests still running at k):", flush=True)
             print(format_table(result["refine"][cols]), flush=True)
+    if dist is not None:
+        _print_distribution(dist)
     print(f"metrics: {run_dir / 'metrics.json'}", flush=True)
     return metrics
+
+
+def _wants_distribution(cfg: DictConfig) -> bool:
+    enabled = (cfg.get("distribution") or {}).get("enabled", "auto")
+    if str(enabled) == "auto":
+        return str(cfg.regressor.get("kind")) == "quantile"
+    return bool(enabled)
+
+
+def _distribution(cfg: DictConfig, reg: dict, profile_df, train_df, run_dir: Path) -> dict:
+    """The distributional table (and the drift table) of :mod:`rtlm_lab.regressor.distribution`; writes
+    ``distribution.json`` and ``calibration.png`` into ``run_dir`` and returns the JSON."""
+    import pandas as pd
+
+    from rtlm_lab.io import write_json_atomic
+    from rtlm_lab.paths import reference_dir
+    from rtlm_lab.regressor import distribution as D
+
+    dcfg = OmegaConf.to_container(cfg.distribution, resolve=True) if cfg.get("distribution") else {}
+    params = D.predictor_params(reg, dcfg)
+    res = D.evaluate(profile_df, params, test_size=float(cfg.test_size), seed=int(cfg.seed), extra_train=train_df)
+    out = {"levels": res["levels"], "params": res["predictor"].get_params(), "split": res["split"],
+           "methods": res["rows"]}
+    if cfg.get("figures", True):
+        D.plot_calibration(res, run_dir, title=f"{cfg.lm.name} on {cfg.platform.name}: "
+                                               f"{res['split']['n_test']} held-out requests")
+    src_lm = dcfg.get("drift_from")
+    if src_lm:
+        src_path = reference_dir() / "profiles" / f"{src_lm}__{cfg.platform.name}.parquet"
+        if not src_path.is_file():
+            raise UserError(f"distribution.drift_from={src_lm}: no reference profile {src_path}")
+        src_train = None
+        if dcfg.get("drift_train_profile"):
+            from rtlm_lab.regressor.lmstate import with_texts
+
+            from hydra.core.hydra_config import HydraConfig
+
+            tp = Path(str(dcfg["drift_train_profile"])).expanduser()
+            if not tp.is_absolute():
+                tp = Path(HydraConfig.get().runtime.cwd) / tp
+            if not tp.is_file():
+                raise UserError(f"no drift_train_profile at {tp}")
+            src_train = with_texts(pd.read_parquet(tp))
+        dr = D.drift(pd.read_parquet(src_path), profile_df, params, test_size=float(cfg.test_size),
+                     seed=int(cfg.seed), source_train=src_train)
+        out["drift"] = {"source_lm": str(src_lm), "source_profile": str(src_path),
+                        "source_train_profile": str(dcfg.get("drift_train_profile") or ""),
+                        "n_train": dr["n_train"], "n_stream": dr["n_stream"],
+                        "rows": dr["table"].to_dict(orient="records")}
+    from rtlm_lab.regressor.evaluate import _clean
+
+    out = _clean(out)
+    write_json_atomic(run_dir / "distribution.json", out)
+    return out
+
+
+def _print_distribution(dist: dict) -> None:
+    import pandas as pd
+
+    from rtlm_lab.regressor.distribution import TABLE_COLUMNS, format_table
+
+    lv = dist["levels"]
+    print(f"output-length distribution (quantiles at {lv}; held-out conversations):", flush=True)
+    t = pd.DataFrame(dist["methods"])
+    print(format_table(t[[c for c in TABLE_COLUMNS if c in t] + [f"pinball_{l:g}" for l in lv]]), flush=True)
+    print("PIT histogram (10 bins, 0.1 each when calibrated):", flush=True)
+    for r in dist["methods"]:
+        print(f"  {r['method']:>18}: " + " ".join(f"{v:.2f}" for v in r["pit_hist"]), flush=True)
+    if "drift" in dist:
+        d = dist["drift"]
+        print(f"drift: fitted on {d['source_lm']} ({d['n_train']} requests), serving {d['n_stream']} of this LM's "
+              "held-out requests in order (recalibrated: each request predicted, then its length taken):", flush=True)
+        print(format_table(pd.DataFrame(d["rows"])), flush=True)
 
 
 def _prefill(cfg: DictConfig, profile_path: Path, train_path: Path | None) -> dict:
