@@ -468,7 +468,11 @@ def run_continuous(cfg: Mapping[str, Any], run_dir: Path, profile: pd.DataFrame,
         if policy.refine_every != state_probe.refine_every:
             state_probe = _with_refine_every(state_probe, policy.refine_every)
         probe_meta = dict(state_probe.meta)
-    engines = factory.build(policy, capacity_rps=float(cap["capacity_rps"]))
+    split = mode == "real" and bool(sched.get("engine_process", False))
+    if split and (uses_state or n_off):
+        raise UserError("scheduler.engine_process=true serves the kv/slots engines without CPU offload workers or "
+                        "the LM-state probe (platform.offload_workers=0; another policy)")
+    engines = [] if split else factory.build(policy, capacity_rps=float(cap["capacity_rps"]))
     if uses_state:
         attach_state_probe(engines, state_probe)
     clock = VirtualClock() if mode == "sim" else WallClock()
@@ -486,8 +490,21 @@ def run_continuous(cfg: Mapping[str, Any], run_dir: Path, profile: pd.DataFrame,
         n_updates[0] += predictors.update([j.req.text for j in done_jobs], [j.generated for j in done_jobs])
 
     try:
-        jobs, facts = serve(reqs, policy, engines, clock, server, progress=progress,
-                            desc=f"{policy.name} ({mode})", on_finish=on_finish if online_update else None)
+        if split:  # each engine core in a process of its own; this process keeps the clock and the predictors
+            from rtlm_lab.scheduler.frontend import engine_spec, serve_processes
+
+            lms.clear()  # the engine processes load their own copies; this one's (capacity measured) goes
+            factory.lms = {}
+            specs = [engine_spec(f"engine{k}:{d}" if len(devices) > 1 else "main", policy, ecfg["max_seqs"],
+                                 ecfg["max_batch_tokens"], {"type": "real", "lm_spec": lm_spec,
+                                                            "platform": {**platform, "device": d}, "ecfg": ecfg},
+                                 step_model=step_model) for k, d in enumerate(devices)]
+            jobs, facts = serve_processes(reqs, policy, specs, server, [float(cap["capacity_rps"]) / len(devices)]
+                                          * len(devices), progress=progress, desc=f"{policy.name} (real, processes)",
+                                          on_finish=on_finish if online_update else None, clock=clock)
+        else:
+            jobs, facts = serve(reqs, policy, engines, clock, server, progress=progress,
+                                desc=f"{policy.name} ({mode})", on_finish=on_finish if online_update else None)
     finally:
         _close(engines)
     records = job_records(jobs, policy, float(sched.get("slo_k", 5.0)), float(sched.get("warmup_frac", 0.1)))
@@ -504,13 +521,28 @@ def run_continuous(cfg: Mapping[str, Any], run_dir: Path, profile: pd.DataFrame,
                                          else "timed here" if timed or online else "free"),
               "online_predictions": online or uses_state, "n_engines": len(engines),
               "engine_threads": bool(facts["threaded"]),
-              "online_update": online_update, "n_online_updates": int(n_updates[0])})
+              "online_update": online_update, "n_online_updates": int(n_updates[0]),
+              "serving": serving_facts(platform, sched, facts), "engine_process": bool(split)})
     if probe_meta is not None:
         m["lm_state_probe"] = {**probe_meta, "refine_every": policy.refine_every}
     info = {"kind": kind, "rho": rho, "rate_rps": rate, "n_requests": n,
             "duration_s": float(trace["arrival_s"].max()), "heldout_pool": len(held), "repeats": bool(n > len(held))}
     m["workload"] = info
     return records, m, trace
+
+
+def serving_facts(platform: Mapping[str, Any], sched: Mapping[str, Any], facts: Mapping[str, Any]) -> dict[str, Any]:
+    """What a run's engine ran on, beside its budgets: dtype, torch threads, the GPU's name, the predictors'
+    place and threads, and each engine's own facts (the kv engine: slots, KV bytes, graph and eager steps,
+    evictions). A run group's runs must agree on these (``rtlm_lab.scheduler.analysis``)."""
+    import torch
+
+    dev = str(platform.get("device", "cpu"))
+    return {"dtype": str(platform.get("dtype", "float32")), "torch_threads": int(torch.get_num_threads()),
+            "device": dev, "device_name": (torch.cuda.get_device_name(torch.device(dev)) if dev.startswith("cuda")
+                                           and torch.cuda.is_available() else "cpu"),
+            "torch": torch.__version__, "predictor_process": bool(sched.get("predictor_process", False)),
+            "predictor_threads": sched.get("predictor_threads"), "engines": dict(facts.get("backend") or {})}
 
 
 def _with_refine_every(probe, every: int):
@@ -553,7 +585,11 @@ def job_records(jobs, policy: Policy, slo_k: float, warmup_frac: float) -> pd.Da
 
 def run_metrics(records: pd.DataFrame, steps: pd.DataFrame, facts: Mapping[str, Any], cap: Mapping[str, Any],
                 rho: float, rate: float, ecfg: Mapping[str, Any]) -> dict[str, Any]:
-    """Headline numbers (units in the names), over the requests after the warm-up share."""
+    """Headline numbers (units in the names), over the requests after the warm-up share; and the protocol's
+    facts of the whole run (:func:`rtlm_lab.scheduler.protocol.run_protocol`: realized rho against the nominal,
+    stability over the second half of the arrival window, response-time drift, window / isolated service)."""
+    from rtlm_lab.scheduler.protocol import run_protocol
+
     r = records[~records["warmup"]]
     rt = r["response_s"].to_numpy(float)
     ttft = r["ttft_s"].to_numpy(float)
@@ -564,6 +600,7 @@ def run_metrics(records: pd.DataFrame, steps: pd.DataFrame, facts: Mapping[str, 
     pred_busy = float(facts["predictor_batches"]["dt_s"].sum()) if len(facts["predictor_batches"]) else 0.0
     pred_busy += float(sum((facts.get("probe_s") or {}).values()))  # the LM-state probe, inside engine steps
     q = lambda a, p: float(np.percentile(a, p)) if len(a) else math.nan  # noqa: E731
+    realized_rho = realized_rate / float(cap["capacity_rps"]) if math.isfinite(realized_rate) else math.nan
     return {
         "n_requests": int(len(records)), "n_completed": int(records["finish_s"].notna().sum()),
         "n_unique_completed": int(records["request_id"].nunique()),
@@ -580,7 +617,7 @@ def run_metrics(records: pd.DataFrame, steps: pd.DataFrame, facts: Mapping[str, 
         "makespan_s": makespan,
         "nominal_rho": rho, "arrival_rate_rps": rate, "realized_arrival_rate_rps": realized_rate,
         "capacity_rps": float(cap["capacity_rps"]),
-        "realized_rho": realized_rate / float(cap["capacity_rps"]) if math.isfinite(realized_rate) else math.nan,
+        "realized_rho": realized_rho, **run_protocol(records, rho, realized_rho),
         "worker_utilization": {w: b / makespan for w, b in busy.items()},
         "mean_running_seqs": float(steps["n_seqs"].mean()) if len(steps) else math.nan,
         "n_steps": int(len(steps)),

@@ -279,4 +279,5 @@ def serve(requests: Sequence[Any], policy, engines: Sequence[Engine], clock, pre
     steps = {e.id: pd.DataFrame(e.steps, columns=list(STEP_COLUMNS)) for e in engines}
     return done, {"steps": steps, "predictor_batches": pd.DataFrame(
         predictor.batches, columns=["t_s", "dt_s", "n"]), "busy_s": {e.id: e.busy_s for e in engines},
-        "probe_s": {e.id: float(getattr(e.backend, "probe_s", 0.0)) for e in engines}, "threaded": bool(threaded)}
+        "probe_s": {e.id: float(getattr(e.backend, "probe_s", 0.0)) for e in engines}, "threaded": bool(threaded),
+        "backend": {e.id: e.backend.facts() for e in engines if hasattr(e.backend, "facts")}}
