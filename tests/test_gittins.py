@@ -402,3 +402,34 @@ def test_static_path_requests_carry_the_predicted_quantiles():
     assert reqs[0].pred["pred_quantiles"] == (1, 2, 3, 4, 5, 6, 7) and reqs[1].pred["pred_rtlm"] == 6.0
     assert make_policy("gittins").priority(reqs[1], 0.0) == pytest.approx(-0.5)
     assert "pred_quantiles" not in to_requests(trace, svc, keep_predictions=False)[0].pred
+
+
+def test_distributional_table_and_drift_on_a_synthetic_profile():
+    """What ``rtlm-train-regressor regressor=quantile`` prints, on a profile-shaped table (conversations of 4
+    turns; the features given, so no spaCy pass)."""
+    import pandas as pd
+
+    from rtlm_lab.regressor.distribution import drift, evaluate, predictor_params
+
+    X, y = _hetero(1200, 3)
+    df = pd.DataFrame({"request_id": [f"c{i // 4}-{i % 4}" for i in range(1200)], "text": "t",
+                       "n_output_tokens": y})
+    res = evaluate(df, {"model": "linear"}, X=X)
+    t = res["table"].set_index("method")
+    assert list(t.index) == ["quantile_linear", "marginal", "ridge_residuals"] and res["split"]["n_test"] == 360
+    assert t.loc["quantile_linear", "crps"] < t.loc["marginal", "crps"]
+    assert abs(t.loc["marginal", "cover90"] - 0.9) < 0.06  # exchangeable data: the marginal band is calibrated
+    assert len(res["pit"]["marginal"]) == 360 and len(res["rows"][0]["pit_hist"]) == 10
+    with pytest.raises(UserError, match="rows"):
+        evaluate(df, {"model": "linear"}, X=X[:-1])
+    longer = df.assign(n_output_tokens=3 * y)  # another LM: 3x longer replies, same prompts
+    d = drift(df, longer, {"model": "linear", "recal_min": 10}, X_source=X, X_target=X).get("table")
+    d = d.set_index(["arm", "part"])
+    assert d.loc[("frozen", "second_half"), "cover90"] < 0.5
+    assert d.loc[("recalibrated", "second_half"), "cover90"] > 0.8
+    assert d.loc[("recalibrated", "all"), "crps"] < d.loc[("frozen", "all"), "crps"]
+    # conf/regressor/quantile.yaml + the distribution block -> QuantileLengthPredictor's arguments
+    got = predictor_params({"name": "quantile", "kind": "quantile", "quantiles": [0.1, 0.5, 0.9], "max_iter": 50,
+                            "use_prefill": False, "recal_buckets": 5},
+                           {"enabled": "auto", "model": "linear", "recal_window": 100, "drift_from": None})
+    assert got == {"levels": (0.1, 0.5, 0.9), "max_iter": 50, "model": "linear", "recal_window": 100}
