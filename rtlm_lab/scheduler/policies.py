@@ -469,6 +469,7 @@ class _SizeDistributionPolicy(Policy):
             raise UserError(f"policy.overrun_mean must be > 0 or null (got {overrun_mean})")
         self.overrun_mean = None if overrun_mean is None else float(overrun_mean)
         self._dists: dict[tuple[str, tuple], Any] = {}
+        self._keys: dict[str, tuple[int, Any, float]] = {}   # request id -> (age, quantiles, key)
 
     def describe(self):
         return {**super().describe(), "levels": list(self.levels), "overrun_mean": self.overrun_mean}
@@ -495,6 +496,20 @@ class _SizeDistributionPolicy(Policy):
         """Its own length knowledge for placement: the predicted distribution's mean."""
         return max(1.0, self.dist(req).mean)
 
+    def _rank(self, dist, age: int) -> float:
+        raise NotImplementedError
+
+    def key(self, job, now):
+        """The rank at the job's attained service (``job.generated``); cached while the job does not advance, so
+        a long waiting queue costs a dictionary lookup per job and step."""
+        q = job.req.pred.get("pred_quantiles")
+        c = self._keys.get(job.req.request_id)
+        if c is not None and c[0] == job.generated and c[1] is q:
+            return c[2]
+        k = self._rank(self.dist(job.req), job.generated)
+        self._keys[job.req.request_id] = (job.generated, q, k)
+        return k
+
 
 class Gittins(_SizeDistributionPolicy):
     """Our extension: the Gittins index of each request's predicted length distribution at its attained
@@ -507,8 +522,8 @@ class Gittins(_SizeDistributionPolicy):
     def priority(self, req, now):
         return -self.dist(req).index(0.0)
 
-    def key(self, job, now):
-        return -self.dist(job.req).index(job.generated)
+    def _rank(self, dist, age):
+        return -dist.index(age)
 
 
 class SRPTExpected(_SizeDistributionPolicy):
@@ -521,8 +536,8 @@ class SRPTExpected(_SizeDistributionPolicy):
     def priority(self, req, now):
         return self.dist(req).expected_remaining(0.0)
 
-    def key(self, job, now):
-        return self.dist(job.req).expected_remaining(job.generated)
+    def _rank(self, dist, age):
+        return dist.expected_remaining(age)
 
 
 BASELINES = {"fcfs": FCFS, "sjf_input": SJFInput, "sjf_proxy": SJFProxy, "ltr": LTR, "oracle_sjf": OracleSJF,
