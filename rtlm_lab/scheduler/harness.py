@@ -253,6 +253,8 @@ def run_experiment(cfg: Mapping[str, Any], run_dir: Path, profile_path: Path, pr
     write_parquet_atomic(trace, run_dir / "trace.parquet")
     write_parquet_atomic(records, run_dir / "requests.parquet")
     m.update(extra)
+    if engine != "continuous":  # the continuous engine's run_metrics has them
+        m.update(static_load_facts(records, info))
     out = {
         "lm": lm_spec["name"], "platform": platform["name"], "mode": mode, "policy": policy.describe(),
         "workload": info, "rho": float(workload.get("rho", math.nan)), "seed": seed,
@@ -272,6 +274,25 @@ def run_experiment(cfg: Mapping[str, Any], run_dir: Path, profile_path: Path, pr
     # metrics.json last: its presence marks a finished run (reruns skip it); the manifest lists every artefact
     write_json_atomic(run_dir / "metrics.json", out)
     write_run_manifest(run_dir, {"task": "schedule"})
+    return out
+
+
+def static_load_facts(records: pd.DataFrame, info: Mapping[str, Any]) -> dict[str, Any]:
+    """The static path's load in its own terms and the protocol's facts of the run
+    (:func:`rtlm_lab.scheduler.protocol.run_protocol`): the nominal and realized arrival rate, and rho = arrival
+    rate x the trace's mean isolated (batch-1) service time, as :func:`~rtlm_lab.scheduler.workload.build_trace`
+    sets the rate. A replayed trace has no nominal rate or rho."""
+    from rtlm_lab.scheduler.protocol import run_protocol
+    from rtlm_lab.scheduler.workload import realized_arrival_rate
+
+    rate = realized_arrival_rate(records["arrival_s"]) if len(records) else math.nan
+    iso = float(records["isolated_s"].mean()) if "isolated_s" in records and len(records) else math.nan
+    realized_rho = rate * iso if math.isfinite(rate) and math.isfinite(iso) else math.nan
+    nominal = info.get("rho") if info.get("kind") not in ("replay", "burst") and info.get("rate_rps") else None
+    out: dict[str, Any] = {"realized_arrival_rate_rps": rate, "realized_rho": realized_rho}
+    if nominal is not None:
+        out.update({"nominal_rho": float(nominal), "arrival_rate_rps": float(info["rate_rps"])})
+    out.update(run_protocol(records, nominal, realized_rho))
     return out
 
 
