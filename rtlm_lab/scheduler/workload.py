@@ -7,14 +7,22 @@ output length from the profile, known to the oracle only), plus the predictions 
 (``workload.trace=<path>``), so a real run and its simulation see the same arrivals.
 
 Arrival processes, all seeded, at rate ``lambda = rho / E[S]`` where ``E[S]`` is the mean *isolated* (batch-1)
-service time of the trace's requests under the platform's service model:
+service time of the trace's requests under the platform's service model (the static path), or ``rho`` x the
+engine's measured capacity (the continuous engine):
 
 * ``poisson``: exponential gaps (coefficient of variation 1);
-* ``gamma``: Gamma gaps with coefficient of variation ``cv`` (> 1 is bursty);
+* ``gamma``: Gamma gaps with coefficient of variation ``cv`` (> 1 is bursty); vLLM's ``burstiness`` is the
+  Gamma shape, ``cv = 1 / sqrt(burstiness)``: ``burstiness=1`` (``cv=1``) is Poisson;
 * ``mmpp``: a two-state Markov-modulated Poisson process: a ``burst`` state at ``burst_factor`` times the
   calm state's rate, entered ``burst_share`` of the time, mean sojourn ``mean_sojourn_requests`` arrivals;
   the long-run rate is still ``lambda``;
 * ``burst``: every request at time 0 (a stress test: throughput at saturation).
+
+Each drawn trace is then **rescaled to the exact target rate** (``exact_rate=True``, the default; vLLM's
+benchmark rescales its gaps to the target duration the same way): every time is multiplied by one factor so
+that the ``n - 1`` gaps after the first arrival span exactly ``(n - 1) / lambda``, i.e. the realized rate
+(:func:`realized_arrival_rate`) *is* ``lambda``. The shape of the process (its cv, its bursts) is unchanged; a
+short run's load is then the nominal one, not the luck of its draw.
 """
 
 from __future__ import annotations
@@ -30,8 +38,10 @@ KINDS = ("poisson", "gamma", "mmpp", "burst")
 TRACE_COLUMNS = ("request_id", "text", "context", "arrival_s", "n_input_tokens", "true_tokens")
 
 
-def arrival_times(kind: str, rate: float, n: int, seed: int = 0, **params: Any) -> np.ndarray:
-    """``n`` increasing arrival times (s), starting at the first gap after 0 (``burst``: all zeros)."""
+def arrival_times(kind: str, rate: float, n: int, seed: int = 0, exact_rate: bool = True,
+                  **params: Any) -> np.ndarray:
+    """``n`` increasing arrival times (s), starting at the first gap after 0 (``burst``: all zeros); with
+    ``exact_rate`` rescaled so that the realized rate over the trace is ``rate`` (see the module doc)."""
     if kind not in KINDS:
         raise UserError(f"unknown workload kind {kind!r}; choose one of: {', '.join(KINDS)}")
     if n < 1:
@@ -66,7 +76,10 @@ def arrival_times(kind: str, rate: float, n: int, seed: int = 0, **params: Any) 
         for i in range(n):
             gaps[i] = rng.exponential(1.0 / (r0 * factor if state else r0))
             state = (rng.random() >= leave_burst) if state else (rng.random() < enter_burst)
-    return np.cumsum(gaps)
+    t = np.cumsum(gaps)
+    if exact_rate and n > 1 and t[-1] > t[0]:
+        t = t * ((n - 1) / rate / (t[-1] - t[0]))
+    return t
 
 
 def realized_arrival_rate(arrival_s) -> float:
@@ -93,6 +106,10 @@ def check_workload(workload: Mapping[str, Any]) -> None:
         raise UserError(f"workload.n_requests must be >= 1 (got {n})")
     if kind != "burst" and (not np.isfinite(rho) or rho <= 0):
         raise UserError(f"workload.rho must be > 0 (got {rho}); rho > 1 is an overload and allowed")
+    if workload.get("exact_rate", True) is not True:
+        raise UserError(f"workload.exact_rate={workload.get('exact_rate')!r}: arrivals are always rescaled to the "
+                        "exact target rate; to serve a trace drawn before that, replay it "
+                        "(workload.trace=<trace.parquet>)")
 
 
 def choose_requests(pool: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
