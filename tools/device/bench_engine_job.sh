@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The engine benchmark on a GPU box staged with box.sh (SmolLM2 real weights; no Hydra there):
-#   MODE=smoke|full TAG=<file tag> DTYPES=float32,bfloat16 CAP_DTYPES=bfloat16 NCAP=2000 bash tools/device/bench_engine_job.sh
+#   MODE=smoke|full TAG=<file tag> DTYPES=float32,bfloat16 CAP_DTYPES=bfloat16 NCAP=2000 CONC=1,8,64,256 \
+#   BACKENDS=kv,slots bash tools/device/bench_engine_job.sh
 # writes $OUT/engine_<TAG>.json (rtlm_lab.scheduler.bench_engine; `rtlm-bench bench=engine` where Hydra is installed)
 set -e
 . tools/device/box.sh env
@@ -21,7 +22,9 @@ if os.environ.get("MODE") == "smoke":
 else:
     cap = {"max_seqs": 256, "rho": 0.9, "n_requests": int(os.environ.get("NCAP", 3000)), "policies": ["fcfs", "oracle_srpt"],
            "dtypes": os.environ.get("CAP_DTYPES", "bfloat16").split(",")}
-    bench_engine(["smollm2_135m"], plat, [1, 8, 64, 256], n_check=16, out=f"{out}/engine_{os.environ['TAG']}.json",
-                 dtypes=os.environ.get("DTYPES", "float32,bfloat16").split(","), backends=("kv", "slots"),
+    conc = [int(c) for c in os.environ.get("CONC", "1,8,64,256").split(",")]
+    bench_engine(["smollm2_135m"], plat, conc, n_check=16, out=f"{out}/engine_{os.environ['TAG']}.json",
+                 dtypes=os.environ.get("DTYPES", "float32,bfloat16").split(","),
+                 backends=tuple(os.environ.get("BACKENDS", "kv,slots").split(",")),
                  pinned_tokens=128, capacity=cap)
 PY
