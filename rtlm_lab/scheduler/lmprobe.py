@@ -54,7 +54,7 @@ class StateProbe:
     # Ridge probes (``probe=ridge``, the lmstate policy's default) are one dot product: computed on the LM's
     # device from the hidden states, the predictions are read at the end of the engine step, where the step
     # synchronises anyway. The numpy path below copies the states to the host mid-step, which stalls the GPU
-    # (measured on the H200: 37% of engine time with refinement, against <1% of the step's work).
+    # (a large share of engine time with refinement: docs/scheduling.md).
     def on_device(self) -> bool:
         """Whether every probe is a ridge (the device path); decided once (the engine asks every step)."""
         if "_on_device" not in self.__dict__:

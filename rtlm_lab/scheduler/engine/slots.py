@@ -185,7 +185,7 @@ class SlotBackend:
         # LM-state refinement every `refine_every` decoding steps of the engine, for all running rows that
         # have generated at least that many tokens, in one go (the token fed now is a row's t-th: its state is
         # the state after teacher-forcing t reply tokens). Per-row refinement at each row's own multiples of k
-        # ran the probe in almost every step: its host-side launches cost 27% of engine time on the H200.
+        # would run the probe in almost every step, and its host-side launches cost engine time.
         refine = []
         self._n_decode += 1
         if self.probe is not None and self.probe.refine_every > 0 and self._n_decode % self.probe.refine_every == 0:
