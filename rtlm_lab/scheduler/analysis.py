@@ -24,6 +24,7 @@ import pandas as pd
 
 from rtlm_lab.errors import UserError
 from rtlm_lab.io import run_gpu
+from rtlm_lab.scheduler.protocol import FCFS_DRIFT_TOLERANCE, MIN_WINDOW_OVER_ISOLATED, run_protocol
 from rtlm_lab.scheduler.workload import realized_arrival_rate
 
 GROUP = ("group", "lm", "platform", "engine_key", "nominal_rho")  # group: the runs/<group>/ folder, made together
@@ -97,32 +98,70 @@ def _stat(x: np.ndarray, stat: str) -> float:
     return float(np.mean(x)) if stat == "mean" else float(np.percentile(x, 99 if stat == "p99" else 50))
 
 
+def paired_block_bootstrap(runs: Sequence[Sequence[np.ndarray]], statistic, block: int = 50, n_boot: int = 2000,
+                           seed: int = 0, level: float = 0.95) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(point, low, high)`` of ``statistic(*pooled)`` (a vector of statistics) over the moving-block bootstrap
+    of the module doc. ``runs[j][i]``: policy ``j``'s response times of seed ``i``'s requests in arrival order
+    (the same requests for every ``j``); ``statistic`` takes one pooled array per policy. Each replicate draws
+    seeds with replacement and, per drawn seed, the same block starts for every policy. Replicates where a
+    statistic is undefined (non-finite) are left out of its CI while at least half of them are usable (else NaN),
+    as :func:`rtlm_lab.bootstrap.percentile_ci` does."""
+    if not runs or not runs[0] or any(len(x) != len(runs[0]) for x in runs):
+        raise ValueError("need the same seeds for every policy")
+    for per_seed in zip(*runs):
+        if any(len(x) != len(per_seed[0]) for x in per_seed):
+            raise ValueError("paired runs must hold the same requests")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        point = np.atleast_1d(np.asarray(statistic(*[np.concatenate(x) for x in runs]), float))
+    rng = np.random.default_rng(seed)
+    k = len(runs[0])
+    reps = np.empty((n_boot, len(point)))
+    for t in range(n_boot):
+        drawn: list[list[np.ndarray]] = [[] for _ in runs]
+        for s in rng.integers(0, k, k):
+            n = len(runs[0][s])
+            L = max(1, min(block, n // 10))  # at least ~10 blocks a run, so a short run still resamples
+            starts = rng.integers(0, n - L + 1, int(math.ceil(n / L)))
+            idx = (starts[:, None] + np.arange(L)[None, :]).ravel()[:n]
+            for j, x in enumerate(runs):
+                drawn[j].append(x[s][idx])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            reps[t] = statistic(*[np.concatenate(d) for d in drawn])
+    alpha = (1 - level) / 2
+    lo, hi = np.full(len(point), math.nan), np.full(len(point), math.nan)
+    for c in range(len(point)):
+        ok = reps[:, c][np.isfinite(reps[:, c])]
+        if len(ok) >= max(2, 0.5 * n_boot):
+            lo[c], hi[c] = np.quantile(ok, [alpha, 1 - alpha])
+    return point, lo, hi
+
+
 def ratio_ci(a: Sequence[np.ndarray], b: Sequence[np.ndarray], stat: str = "mean", block: int = 50,
              n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
     """``(ratio, low, high)`` of ``stat(a) / stat(b)`` pooled over seeds; ``a[i]``, ``b[i]``: response times of
     seed ``i``'s requests in arrival order (the same requests). See the module doc."""
     if len(a) != len(b) or not a:
         raise ValueError("need the same seeds for both policies")
-    for x, y in zip(a, b):
-        if len(x) != len(y):
-            raise ValueError("paired runs must hold the same requests")
-    point = _stat(np.concatenate(a), stat) / _stat(np.concatenate(b), stat)
-    rng = np.random.default_rng(seed)
-    k = len(a)
-    reps = np.empty(n_boot)
-    for t in range(n_boot):
-        xa, xb = [], []
-        for s in rng.integers(0, k, k):
-            n = len(a[s])
-            L = max(1, min(block, n // 10))  # at least ~10 blocks a run, so a short run still resamples
-            starts = rng.integers(0, n - L + 1, int(math.ceil(n / L)))
-            idx = (starts[:, None] + np.arange(L)[None, :]).ravel()[:n]
-            xa.append(a[s][idx])
-            xb.append(b[s][idx])
-        reps[t] = _stat(np.concatenate(xa), stat) / _stat(np.concatenate(xb), stat)
-    alpha = (1 - level) / 2
-    lo, hi = np.quantile(reps, [alpha, 1 - alpha])
-    return point, float(lo), float(hi)
+    p, lo, hi = paired_block_bootstrap([a, b], lambda x, y: _stat(x, stat) / _stat(y, stat), block, n_boot, seed,
+                                       level)
+    return float(p[0]), float(lo[0]), float(hi[0])
+
+
+def headroom_ci(fcfs: Sequence[np.ndarray], policy: Sequence[np.ndarray], oracle: Sequence[np.ndarray],
+                block: int = 50, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict[str, float]:
+    """Headroom captured on mean response time, ``(FCFS - policy) / (FCFS - oracle)`` (0: FCFS's mean; 1: the
+    oracle's; < 0: worse than FCFS), and the oracle / FCFS ratio it rests on, both with CIs from the same
+    replicates of :func:`paired_block_bootstrap` (the three runs of a seed serve the same requests). Returns
+    ``headroom_captured[_lo|_hi]`` and ``oracle_mean_rt_vs_fcfs[_lo|_hi]``."""
+    def stat(f, p, o):
+        mf, mp, mo = float(np.mean(f)), float(np.mean(p)), float(np.mean(o))
+        return np.array([(mf - mp) / (mf - mo) if mf != mo else math.nan, mo / mf])
+
+    p, lo, hi = paired_block_bootstrap([fcfs, policy, oracle], stat, block, n_boot, seed, level)
+    out = {}
+    for j, name in enumerate(("headroom_captured", "oracle_mean_rt_vs_fcfs")):
+        out.update({name: float(p[j]), f"{name}_lo": float(lo[j]), f"{name}_hi": float(hi[j])})
+    return out
 
 
 # A run's metrics that the results table averages over seeds, in summary.csv's column order: read from each
@@ -131,6 +170,59 @@ RUN_METRICS = ("n_requests", "n_measured", "mean_rt_s", "p50_rt_s", "p99_rt_s", 
                "throughput_rps", "throughput_tok_s", "slo_miss_rate", "realized_rho", "utilization", "capacity_rps",
                "prediction_share", "prediction_ms_per_request", "mean_prediction_batch", "mean_running_seqs")
 DERIVED_METRICS = ("utilization", "prediction_ms_per_request", "mean_prediction_batch")
+
+
+# The protocol's facts of each run (rtlm_lab.scheduler.protocol) that the table checks; collect() reads them from
+# metrics.json, or recomputes them from requests.parquet for runs made before they were recorded.
+PROTOCOL_COLUMNS = ("realized_rho_rel_error", "realized_rho_within_2pct", "window_over_isolated",
+                    "completion_ratio_2nd_half", "stable", "rt_drift_last_vs_first_third")
+
+
+def run_protocol_facts(m: Mapping, r: pd.DataFrame) -> dict:
+    """A run's protocol facts (:data:`PROTOCOL_COLUMNS`): as its metrics.json recorded them, else recomputed from
+    its requests (every request, warm-up included) with the nominal and realized rho its metrics.json holds
+    (``None``/NaN where a fact cannot be had: a run without finish times)."""
+    if all(k in m for k in PROTOCOL_COLUMNS):
+        out = {k: m[k] for k in PROTOCOL_COLUMNS}
+    elif {"arrival_s", "finish_s", "response_s"} <= set(r.columns) and len(r):
+        nominal = m.get("nominal_rho", m.get("rho"))
+        out = run_protocol(r, float(nominal) if nominal is not None else None, m.get("realized_rho"))
+    else:
+        out = dict.fromkeys(PROTOCOL_COLUMNS)
+    return {k: (math.nan if out.get(k) is None and k not in ("stable", "realized_rho_within_2pct") else out.get(k))
+            for k in PROTOCOL_COLUMNS}
+
+
+def engine_fingerprint(m: Mapping) -> str:
+    """What a run's engine was, as its metrics.json records it, as one JSON string: the run's engine path and
+    budgets (``engine_config``, or the static path's platform batch, offload workers and dtype), the GPU, and on
+    real runs the serving facts that change step times (dtype, torch threads, device, torch version, where the
+    predictors ran). The runs of one table row must agree on it (:func:`summarize`)."""
+    plat = ((m.get("provenance") or {}).get("config") or {}).get("platform") or {}
+    serving = m.get("serving") or {}
+    fp: dict = {"engine": m.get("engine", "continuous"), "engine_config": m.get("engine_config"),
+                "dtype": serving.get("dtype", plat.get("dtype"))}
+    if m.get("engine") == "static":
+        fp.update({"max_batch": plat.get("max_batch"), "n_offload_workers": int(m.get("n_offload_workers") or 0),
+                   "offload_threads": plat.get("offload_threads") if m.get("n_offload_workers") else None})
+    if m.get("mode", "real") == "real":
+        fp["gpu"] = run_gpu(m)
+        fp.update({k: serving[k] for k in ("torch_threads", "device", "device_name", "torch", "predictor_process",
+                                           "predictor_threads") if k in serving})
+    return json.dumps(fp, sort_keys=True, default=str)
+
+
+def _mixed_config_error(g: pd.DataFrame, where: str) -> str:
+    """One line naming what a row's runs disagree on, with how many runs hold each value."""
+    fps = [json.loads(x) for x in g["engine_fingerprint"]]
+    keys = sorted({k for fp in fps for k in fp})
+    diffs = []
+    for k in keys:
+        vals = pd.Series([json.dumps(fp.get(k), sort_keys=True) for fp in fps]).value_counts()
+        if len(vals) > 1:
+            diffs.append(f"{k}: " + " / ".join(f"{v} ({c} runs)" for v, c in vals.items()))
+    return (f"{where} mixes engine configs ({'; '.join(diffs)}): a group's runs must share one engine config "
+            "(make the group again on one machine, or split it)")
 
 
 def collect(run_dirs: Iterable[Path], groups: Mapping[str, str] | None = None
@@ -146,13 +238,15 @@ def collect(run_dirs: Iterable[Path], groups: Mapping[str, str] | None = None
         if m.get("engine") == "static":
             m = {**m, **_static_extras(m, r)}
         util = m.get("worker_utilization") or {}
+        proto = run_protocol_facts(m, r)
         rows.append({"run_dir": str(d), "group": (groups or {}).get(str(d), Path(d).parent.name), "lm": m["lm"], "platform": m["platform"], "mode": m.get("mode", "real"),
                      "engine_key": _engine_key(m), "nominal_rho": float(m.get("nominal_rho", m.get("rho", math.nan))),
                      "policy": m["policy"]["name"] if isinstance(m["policy"], dict) else str(m["policy"]),
                      "seed": int(m.get("seed", 0)), "gpu": run_gpu(m),
                      **{k: m.get(k, math.nan) for k in RUN_METRICS if k not in DERIVED_METRICS},
                      **prediction_load(m, r),
-                     "utilization": float(np.mean(list(util.values()))) if util else math.nan})
+                     "utilization": float(np.mean(list(util.values()))) if util else math.nan,
+                     **{k: proto[k] for k in PROTOCOL_COLUMNS}, "engine_fingerprint": engine_fingerprint(m)})
     if not rows:
         raise UserError("no finished runs to summarize")
     return pd.DataFrame(rows), rt
@@ -162,13 +256,25 @@ ORACLES = ("oracle_srpt", "oracle_sjf")  # the continuous engine's oracle, then 
 
 
 def summarize(run_dirs: Sequence[Path], baseline: str = "fcfs", oracle: str | None = None, block: int = 50,
-              n_boot: int = 2000, groups: Mapping[str, str] | None = None, progress: bool = False) -> pd.DataFrame:
+              n_boot: int = 2000, groups: Mapping[str, str] | None = None, progress: bool = False,
+              mixed: str = "error") -> pd.DataFrame:
     """The results table: per group x policy, metrics averaged over seeds and the paired ratios (mean and p99
     response time) to ``baseline`` and to the group's oracle with 95% CIs (NaN where that policy was not run).
     ``oracle``: None = the engine's own oracle where the group ran it (``oracle_srpt`` on the continuous engine,
     ``oracle_sjf`` on the static path, where a batch is not preempted; as ``study.run_study`` picks), else the
     other; column ``oracle`` names it. ``groups``: as :func:`collect`; ``progress``: a bar over group x policy
-    (the bootstrap takes minutes over the sim grid's 650 rows)."""
+    (the bootstrap takes minutes over the sim grid's 650 rows).
+
+    The protocol (docs/scheduling.md#the-protocol), per row: ``headroom_captured`` with its CI (see
+    :func:`headroom_ci`), reported only where the oracle's headroom over FCFS is significant (the CI of
+    ``oracle_mean_rt_vs_fcfs`` below 1), else NaN with the reason in ``headroom_note``; the runs' protocol facts
+    (``n_unstable``, ``n_rho_off``, ``min_completion_ratio_2nd_half``, ``max_rt_drift_last_vs_first_third``,
+    ``min_window_over_isolated``); ``fcfs_drift_seeds``, the seeds whose closing FCFS run
+    (``<group dir>/fcfs_last/``) is more than 10% off their first; and ``flags``, all of that in words. A row's
+    runs must share one engine config (:func:`engine_fingerprint`): ``mixed="error"`` refuses a mixed row with
+    one :class:`~rtlm_lab.errors.UserError` line, ``mixed="flag"`` puts it in ``flags``."""
+    if mixed not in ("error", "flag"):
+        raise ValueError(f"mixed must be 'error' or 'flag' (got {mixed!r})")
     runs, rt = collect(run_dirs, groups)
     from tqdm.auto import tqdm
 
@@ -177,6 +283,17 @@ def summarize(run_dirs: Sequence[Path], baseline: str = "fcfs", oracle: str | No
                unit="row", disable=not progress, mininterval=2.0)
     for key, g in runs.groupby(list(GROUP) + ["mode"], sort=True):
         keys = dict(zip(list(GROUP) + ["mode"], key))
+        where = (f"group {keys['group']} ({keys['lm']}, {keys['platform']}, {keys['mode']}, rho "
+                 f"{keys['nominal_rho']})")
+        group_flags = []
+        if g["engine_fingerprint"].nunique() > 1:
+            if mixed == "error":
+                raise UserError(_mixed_config_error(g, where))
+            group_flags.append("mixed engine configs")
+        drift = closing_fcfs_drift(g, baseline)
+        drift_seeds = sorted(s for s, v in drift.items() if abs(v - 1) > FCFS_DRIFT_TOLERANCE)
+        if drift_seeds:
+            group_flags.append("FCFS drift " + ", ".join(f"s{s} ({drift[s]:.2f}x)" for s in drift_seeds))
         ran = set(g["policy"])
         order = ORACLES[::-1] if str(keys["engine_key"]).startswith("static") else ORACLES
         g_oracle = oracle or next((o for o in order if o in ran), order[0])
@@ -197,10 +314,95 @@ def summarize(run_dirs: Sequence[Path], baseline: str = "fcfs", oracle: str | No
                     a = [rt[gp[gp["seed"] == s]["run_dir"].iloc[0]] for s in seeds]
                     b = [rt[gr[gr["seed"] == s]["run_dir"].iloc[0]] for s in seeds]
                     row.update(dict(zip(cols, ratio_ci(a, b, stat, block=block, n_boot=n_boot))))
+            row.update(_headroom(g, gp, rt, baseline, g_oracle, block, n_boot))
+            row.update(_protocol_summary(gp, group_flags, drift_seeds))
             out.append(row)
             bar.update(1)
     bar.close()
     return pd.DataFrame(out)
+
+
+def _first_run(g: pd.DataFrame, policy: str, seed) -> str:
+    return g[(g["policy"] == policy) & (g["seed"] == seed)]["run_dir"].iloc[0]
+
+
+def _headroom(g: pd.DataFrame, gp: pd.DataFrame, rt: Mapping[str, np.ndarray], baseline: str, oracle: str,
+              block: int, n_boot: int) -> dict:
+    """A row's headroom columns (see :func:`summarize`), over the seeds its policy, FCFS and the oracle share."""
+    cols = [f"{n}{e}" for n in ("headroom_captured", "oracle_mean_rt_vs_fcfs") for e in ("", "_lo", "_hi")]
+    out: dict = dict.fromkeys(cols, math.nan)
+    seeds = sorted(set(gp["seed"]) & set(g[g["policy"] == baseline]["seed"]) & set(g[g["policy"] == oracle]["seed"]))
+    if not seeds:
+        missing = [p for p in (baseline, oracle) if p not in set(g["policy"])]
+        out["headroom_note"] = (f"no {' or '.join(missing)} run" if missing
+                                else f"no seed run by {gp['policy'].iloc[0]}, {baseline} and {oracle}")
+        return out
+    runs = [[rt[_first_run(g, p, s)] for s in seeds] for p in (baseline, gp["policy"].iloc[0], oracle)]
+    out.update(headroom_ci(*runs, block=block, n_boot=n_boot))
+    lo, hi = out["oracle_mean_rt_vs_fcfs_lo"], out["oracle_mean_rt_vs_fcfs_hi"]
+    note = ""
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        note = f"{oracle} / {baseline} has no CI"
+    elif lo > 1:
+        note = f"{oracle} slower than {baseline} (CI {lo:.2f}-{hi:.2f})"
+    elif hi >= 1:
+        note = f"{oracle}'s headroom not significant ({oracle} / {baseline} CI {lo:.2f}-{hi:.2f} holds 1)"
+    if note:
+        out.update({c: math.nan for c in cols[:3]})
+    out["headroom_note"] = note
+    return out
+
+
+def closing_fcfs_drift(g: pd.DataFrame, baseline: str = "fcfs") -> dict[int, float]:
+    """Seed -> the closing FCFS run's mean response time over the seed's first FCFS run's, for the runs of one
+    table row (``g``: :func:`collect` rows): closing runs are ``<group dir>/fcfs_last/<run>/`` beside the row's
+    runs (``tools/device/box.sh group``), matched by seed, nominal rho and engine."""
+    firsts = g[g["policy"] == baseline]
+    if firsts.empty:
+        return {}
+    out = {}
+    for gdir in sorted({Path(d).parent for d in g["run_dir"]}):
+        for f in sorted(gdir.glob(f"{LAST}/*/metrics.json")):
+            try:
+                m, _ = load_run(f.parent)
+            except UserError:
+                continue
+            seed = int(m.get("seed", 0))
+            rho = float(m.get("nominal_rho", m.get("rho", math.nan)))
+            first = firsts[firsts["seed"] == seed]
+            if first.empty or _engine_key(m) != first["engine_key"].iloc[0]:
+                continue
+            rho0 = float(first["nominal_rho"].iloc[0])
+            if not (rho == rho0 or (math.isnan(rho) and math.isnan(rho0))):
+                continue
+            a = float(first["mean_rt_s"].iloc[0])
+            if a > 0:
+                out[seed] = float(m["mean_rt_s"]) / a
+    return out
+
+
+def _protocol_summary(gp: pd.DataFrame, group_flags: list[str], drift_seeds: list[int]) -> dict:
+    """A row's protocol columns (see :func:`summarize`): its runs' worst facts and what breaks the protocol."""
+    unstable = gp[gp["stable"].map(lambda v: v is False or v == 0.0)]
+    rho_off = gp[gp["realized_rho_within_2pct"].map(lambda v: v is False or v == 0.0)]
+    flags = []
+    if len(unstable):
+        flags.append("unstable " + ", ".join(f"s{s} ({c:.3f})" for s, c in
+                                            zip(unstable["seed"], unstable["completion_ratio_2nd_half"])))
+    if len(rho_off):
+        flags.append("realized rho off " + ", ".join(f"s{s} ({100 * e:+.1f}%)" for s, e in
+                                                     zip(rho_off["seed"], rho_off["realized_rho_rel_error"])))
+    window = gp["window_over_isolated"].astype(float)
+    if window.notna().any() and window.min() < MIN_WINDOW_OVER_ISOLATED:
+        flags.append(f"short window ({window.min():.0f}x isolated)")
+    flags += group_flags
+    nan_min = lambda c: float(gp[c].astype(float).min()) if gp[c].notna().any() else math.nan  # noqa: E731
+    return {"n_unstable": int(len(unstable)), "n_rho_off": int(len(rho_off)),
+            "min_completion_ratio_2nd_half": nan_min("completion_ratio_2nd_half"),
+            "max_rt_drift_last_vs_first_third": (float(gp["rt_drift_last_vs_first_third"].astype(float).max())
+                                                 if gp["rt_drift_last_vs_first_third"].notna().any() else math.nan),
+            "min_window_over_isolated": nan_min("window_over_isolated"),
+            "fcfs_drift_seeds": ",".join(map(str, drift_seeds)), "flags": "; ".join(flags)}
 
 
 def format_summary(df: pd.DataFrame) -> str:
@@ -228,7 +430,27 @@ def format_summary(df: pd.DataFrame) -> str:
                                            if math.isfinite(r["prediction_ms_per_request"]) else ""),
                      "req/prediction call": (round(r["mean_prediction_batch"], 1)
                                              if math.isfinite(r["mean_prediction_batch"]) else "")})
+        if "headroom_captured" in df:  # tables made before the protocol columns (summary.csv as committed) lack them
+            rows[-1]["headroom captured"] = ci(r, "headroom_captured") or _short_note(_text(r.get("headroom_note")))
+        if "flags" in df:
+            rows[-1]["flags"] = _text(r.get("flags"))
     return pd.DataFrame(rows).to_markdown(index=False)
+
+
+def _short_note(note: str) -> str:
+    """``headroom_note`` in a few words, for the markdown table (summary.csv keeps the whole reason)."""
+    if not note:
+        return ""
+    if "not significant" in note:
+        return "(oracle n.s.)"
+    if "slower" in note:
+        return "(oracle slower)"
+    return f"({note})"
+
+
+def _text(v) -> str:
+    """A text cell, empty for a missing one (summary.csv reads empty text back as NaN)."""
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
 
 
 # ---------------------------------------------------------------------------------------------- reference
