@@ -26,6 +26,7 @@ from typing import Any, Callable, Mapping, Sequence
 import pandas as pd
 
 from rtlm_lab.scheduler.engine import STEP_COLUMNS, Engine, Job, SimBackend, StepModel
+from rtlm_lab.scheduler.engine.loop import drain
 
 log = logging.getLogger("rtlm_lab.scheduler")
 
@@ -88,16 +89,8 @@ def _engine_main(spec: Mapping[str, Any], inq, outq) -> None:
         clock = OriginClock(msg[1])
         running = True
         while running:
-            try:  # new work (blocking briefly only when idle: a busy engine never waits on its inbox)
-                items = [inq.get(timeout=0.002) if not engine.has_work() else inq.get_nowait()]
-            except queue_mod.Empty:
-                items = []
-            while True:
-                try:
-                    items.append(inq.get_nowait())
-                except queue_mod.Empty:
-                    break
-            for it in items:
+            # new work (waiting briefly only when idle: a busy engine never waits on its inbox)
+            for it in drain(inq, None if engine.has_work() else 0.002):
                 if it[0] == "job":
                     engine.add(Job(req=it[1], ready_s=float(it[2])))
                 elif it[0] == "stop":

@@ -173,6 +173,20 @@ class EngineThread(threading.Thread):
         self.join(timeout=30)
 
 
+def drain(q, timeout: float | None = None) -> list:
+    """Everything in queue ``q`` now; with ``timeout``, first wait that long for one item (an idle loop)."""
+    items = []
+    try:
+        items.append(q.get(timeout=timeout) if timeout else q.get_nowait())
+    except queue_mod.Empty:
+        return items
+    while True:
+        try:
+            items.append(q.get_nowait())
+        except queue_mod.Empty:
+            return items
+
+
 def serve(requests: Sequence[Any], policy, engines: Sequence[Engine], clock, predictor: PredictorServer,
           progress: bool = False, desc: str = "", on_finish: Callable[[list], None] | None = None,
           threaded: bool | None = None) -> tuple[list[Job], dict[str, Any]]:
@@ -232,16 +246,7 @@ def serve(requests: Sequence[Any], policy, engines: Sequence[Engine], clock, pre
         while runners and len(done) < n:  # threaded: this loop only places and collects
             hand_over(clock.now())
             place_ready(clock.now())
-            try:
-                got = [out.get(timeout=0.001)]
-            except queue_mod.Empty:
-                got = []
-            while True:
-                try:
-                    got.append(out.get_nowait())
-                except queue_mod.Empty:
-                    break
-            for fin in got:
+            for fin in drain(out, 0.001):
                 if fin is None:
                     bad = next(t for t in runners if t.error is not None)
                     raise bad.error
