@@ -433,3 +433,17 @@ def test_distributional_table_and_drift_on_a_synthetic_profile():
                             "use_prefill": False, "recal_buckets": 5},
                            {"enabled": "auto", "model": "linear", "recal_window": 100, "drift_from": None})
     assert got == {"levels": (0.1, 0.5, 0.9), "max_iter": 50, "model": "linear", "recal_window": 100}
+
+
+def test_the_continuous_simulators_pool_carries_the_predicted_quantiles():
+    """Precomputed predictions reach the continuous simulator's requests, quantiles included."""
+    import pandas as pd
+
+    from rtlm_lab.scheduler.continuous import _pool, to_requests
+
+    held = pd.DataFrame({"request_id": ["a", "b"], "text": ["x", "y"], "context": ["", ""], "n_input_tokens": [3, 4],
+                         "n_output_tokens": [10, 20], "pred_rtlm": [11.0, 19.0],
+                         "pred_quantiles": [(2.0, 5.0, 9.0), (4.0, 18.0, 40.0)]})
+    rs = to_requests(_pool(held).assign(arrival_s=[0.0, 1.0]), keep_predictions=True)
+    assert rs[0].pred["pred_quantiles"] == (2.0, 5.0, 9.0) and rs[1].pred["pred_rtlm"] == 19.0
+    assert "pred_quantiles" not in to_requests(_pool(held), keep_predictions=False)[0].pred

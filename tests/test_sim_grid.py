@@ -26,7 +26,8 @@ def _cfg(tmp_path, **kw):
     base.seeds = [0, 1]
     base.n_requests = 60
     base.n_boot = 200
-    base.cells = [{"lm": "dialogpt_ccc", "platform": "cpu", "overrides": []}]
+    # the engine the committed measurement is of (every one predates the kv core)
+    base.cells = [{"lm": "dialogpt_ccc", "platform": "cpu", "overrides": ["platform.engine.backend=slots"]}]
     for k, v in kw.items():
         base[k] = v
     return base

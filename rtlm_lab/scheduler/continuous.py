@@ -35,7 +35,8 @@ import numpy as np
 import pandas as pd
 
 from rtlm_lab.errors import UserError
-from rtlm_lab.scheduler.engine import (Engine, HFBackend, Job, PredCost, PredictorServer, ProcessBackend, SimBackend,
+from rtlm_lab.scheduler.engine.build import make_backend  # noqa: F401 - re-exported
+from rtlm_lab.scheduler.engine import (Engine, PredCost, PredictorServer, ProcessBackend, SimBackend,
                                        StepModel, VirtualClock, WallClock, serve)
 from rtlm_lab.scheduler.policies import Policy, Request, make_policy
 from rtlm_lab.scheduler.workload import realized_arrival_rate
@@ -80,27 +81,6 @@ def sim_kv_slots(ecfg: Mapping[str, Any]) -> int | None:
     return int(ecfg.get("kv_slots") or 2 * int(ecfg["max_seqs"]))
 
 
-def make_backend(lm, ecfg: Mapping[str, Any], max_seqs: int | None = None):
-    """The real engine's backend: ``kv`` (the serving core: per-slot KV, mixed steps, CUDA-graph decode;
-    :mod:`rtlm_lab.scheduler.engine.kv`), or for comparison ``slots`` (the previous engine on DynamicCache) and
-    ``paged`` (transformers' own continuous batching)."""
-    from rtlm_lab.scheduler.engine import SlotBackend
-    from rtlm_lab.scheduler.engine.kv import KVBackend
-
-    n = int(max_seqs or ecfg["max_seqs"])
-    if ecfg["backend"] == "kv":
-        return KVBackend(lm, n, ecfg["max_batch_tokens"], kv_slots=ecfg.get("kv_slots"), max_len=ecfg.get("max_len"),
-                         pin_lengths=bool(ecfg.get("pin_lengths")), cuda_graphs=ecfg.get("cuda_graphs"))
-    if ecfg["backend"] == "paged":
-        blocks = ecfg.get("num_blocks")
-        if not blocks:  # room for every slot's longest request: a footprint fixed by the budgets, not free memory
-            per = int(lm.spec.get("max_input_tokens", 1024)) + int(lm.spec.get("max_new_tokens", 64))
-            blocks = n * math.ceil(per / ecfg["page_size"]) + 8
-        return HFBackend(lm, n, ecfg["max_batch_tokens"], num_blocks=blocks, page_size=ecfg["page_size"],
-                         cuda_graphs=ecfg.get("cuda_graphs"))
-    return SlotBackend(lm, n, ecfg["max_batch_tokens"])
-
-
 def measured_engine_config(platform: Mapping[str, Any]) -> dict[str, Any]:
     """The config a measured capacity is keyed by (:func:`capacity_cache`): the engine budgets, plus the size
     of the measured set: ``n_engines`` for GPU replicas (``platform.devices``), the CPU offload workers (part of
@@ -141,6 +121,9 @@ def to_requests(df: pd.DataFrame, keep_predictions: bool) -> list[Request]:
                 v = getattr(row, c, None)
                 if v is not None and not (isinstance(v, float) and math.isnan(v)):
                     pred[c] = float(v)
+            q = getattr(row, "pred_quantiles", None)  # the distribution-aware policies' predicted quantiles
+            if q is not None and not (isinstance(q, float) and math.isnan(q)):
+                pred["pred_quantiles"] = tuple(float(x) for x in q)
         out.append(Request(request_id=str(row.request_id), text=str(row.text),
                            context=str(getattr(row, "context", "") or ""),
                            arrival_s=float(getattr(row, "arrival_s", 0.0)), n_input_tokens=int(row.n_input_tokens),
@@ -152,7 +135,7 @@ def to_requests(df: pd.DataFrame, keep_predictions: bool) -> list[Request]:
 def _pool(held: pd.DataFrame) -> pd.DataFrame:
     pool = held.rename(columns={"n_output_tokens": "true_tokens"})
     cols = [c for c in ("request_id", "text", "context", "n_input_tokens", "true_tokens", "pred_rtlm",
-                        "uncertainty", "pred_proxy", "ltr_score") if c in pool.columns]
+                        "uncertainty", "pred_proxy", "ltr_score", "pred_quantiles") if c in pool.columns]
     pool = pool[cols].copy()
     pool["context"] = pool["context"].fillna("").astype(str) if "context" in pool else ""
     return pool

@@ -67,7 +67,7 @@ def _build(spec: Mapping[str, Any]) -> Engine:
         backend = SimBackend(StepModel.from_dict(b["step_model"]), kv_slots=b.get("kv_slots"))
     elif b["type"] == "real":
         from rtlm_lab.lm.loader import load_lm
-        from rtlm_lab.scheduler.continuous import make_backend
+        from rtlm_lab.scheduler.engine.build import make_backend
 
         backend = make_backend(load_lm(b["lm_spec"], b["platform"]), b["ecfg"])
     else:

@@ -179,12 +179,6 @@ def run_experiment(cfg: Mapping[str, Any], run_dir: Path, profile_path: Path, pr
         from rtlm_lab.scheduler.continuous import engine_config
 
         engine_config(platform)  # bad budgets fail before any fitting
-        if ("pred_quantiles" in policy.needs and mode == "sim" and not sched.get("online_update", False)
-                and bool(sched.get("online_predictions", True))):
-            # continuous.to_requests / _pool carry only the four scalar columns from the precomputed pool
-            raise UserError(f"policy {policy.name} reads predicted quantiles, which the continuous engine's "
-                            "simulator does not take from the precomputed pool yet: run it with mode=real, "
-                            "scheduler.engine=static, or scheduler.online_update=true (predicts live)")
     if mode == "real":  # a missing GPU is a user error before anything is fitted
         from rtlm_lab.lm.loader import resolve_device
 
