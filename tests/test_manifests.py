@@ -254,7 +254,7 @@ def test_uncertainty_run_manifest(tmp_path, small_ref_profile):
 
 def test_train_regressor_run_manifest(tmp_path, small_ref_profile):
     res = _task("train_regressor", [f"profile={small_ref_profile}", "n_bootstrap=10", "timing_n=8",
-                                    "embedding_baselines=false"], tmp_path)
+                                    "embedding_baselines=false", "finetuned_proxy.enabled=false"], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     d = tmp_path / "train_regressor" / "gemma3_270m" / "cpu" / "ridge"
     m = _check_manifest(d, {"metrics.json", "predictor.joblib", "predictions.csv", "comparison.png",

@@ -198,7 +198,8 @@ def _env(tmp_path):
 
 def test_cli_writes_metrics_with_all_methods(tmp_path, small_profile):
     res = subprocess.run([sys.executable, "-m", "rtlm_lab.tasks.train_regressor", f"profile={small_profile}",
-                          "platform=cuda", "n_bootstrap=20", "timing_n=8"], env=_env(tmp_path), capture_output=True, text=True,
+                          "platform=cuda", "n_bootstrap=20", "timing_n=8", "finetuned_proxy.epochs=1",
+                          "finetuned_proxy.max_length=32"], env=_env(tmp_path), capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     run_dir = tmp_path / "train_regressor" / "gemma3_270m" / "cuda" / "ridge"
@@ -221,7 +222,8 @@ def test_cli_missing_profile_is_one_line(tmp_path):
 def test_cli_multirun(tmp_path, small_profile):
     res = subprocess.run([sys.executable, "-m", "rtlm_lab.tasks.train_regressor", "-m", "regressor=ridge,hgb",
                           "platform=cuda", f"profile={small_profile}", "n_bootstrap=10", "embedding_baselines=false",
-                          "figures=false"], env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+                          "finetuned_proxy.enabled=false", "figures=false"], env=_env(tmp_path), capture_output=True,
+                         text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     for kind in ("ridge", "hgb"):
         m = json.loads((tmp_path / "train_regressor" / "gemma3_270m" / "cuda" / kind / "metrics.json").read_text())
