@@ -283,13 +283,21 @@ def sim_capacity(lm: str, platform: str, ecfg: Mapping[str, Any], given: str | N
         replica = [capacity_cache(lm, base, one), reference_capacity(lm, base, one)]
     else:
         replica = []
-    slots_cfg = None
+    # no kv measurement yet: the slots engine's of the same budgets (what every committed one measured)
+    slots_paths: list[Path] = []
     if not given and ecfg.get("backend") == "kv":
-        # no kv measurement yet: the slots engine's of the same budgets (what every committed one measured)
-        slots_cfg = {**{k: v for k, v in ecfg.items() if k not in ("kv_slots", "max_len", "pin_lengths")},
-                     "backend": "slots", **_platform_paging(platform)}
-        replica += [capacity_cache(lm, platform, slots_cfg), reference_capacity(lm, platform, slots_cfg)]
-    for p in paths + replica:
+        def as_slots(cfg, plat):
+            return {**{k: v for k, v in cfg.items() if k not in ("kv_slots", "max_len", "pin_lengths")},
+                    "backend": "slots", **_platform_paging(plat)}
+
+        sc = as_slots(ecfg, platform)
+        slots_paths = [capacity_cache(lm, platform, sc), reference_capacity(lm, platform, sc)]
+        if n_eng > 1:
+            one_s = as_slots({k: v for k, v in ecfg.items() if k != "n_engines"}, base)
+            slots_replica = [capacity_cache(lm, base, one_s), reference_capacity(lm, base, one_s)]
+            replica += slots_replica
+            slots_paths += slots_replica
+    for p in paths + slots_paths[:2] + replica:
         if p.is_file():
             try:
                 cap = json.loads(p.read_text())
@@ -297,11 +305,10 @@ def sim_capacity(lm: str, platform: str, ecfg: Mapping[str, Any], given: str | N
             except (json.JSONDecodeError, KeyError) as exc:
                 raise UserError(f"cannot read engine capacity {p}: {type(exc).__name__}") from None
             cap["source_file"] = str(p)
-            if slots_cfg is not None and p in replica[-2:]:
+            if p in slots_paths:
                 log.warning("no measured kv engine for %s on %s: simulating the committed slots-engine measurement "
                             "of the same budgets (%s)", lm, platform, p.name)
                 cap["source_file"] += " (the slots engine's: no kv measurement of these budgets yet)"
-                return cap
             if p in replica:  # one engine measured: the set of n is n of it
                 cap["source_file"] += f" (one engine, x{n_eng} replicas that do not slow each other)"
                 cap["capacity_rps"] = n_eng * float(cap["capacity_rps"])
