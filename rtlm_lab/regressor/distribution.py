@@ -43,7 +43,6 @@ requests in order: coverage and CRPS frozen vs recalibrated (predict each reques
 
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -366,9 +365,8 @@ def format_table(table: pd.DataFrame) -> str:
 
 def plot_calibration(result: Mapping[str, Any], out_dir=None, title: str = "", stem: str = "calibration"):
     """Left: observed share of held-out truths at or below each predicted quantile against its level (the
-    diagonal is calibration); right: PIT histogram per method (flat at 1 when calibrated). PNG in ``out_dir``."""
-    from pathlib import Path
-
+    diagonal is calibration); right: PIT histogram per method (flat at 1 when calibrated). PNG and SVG in
+    ``out_dir``."""
     import matplotlib.pyplot as plt
 
     lv = np.asarray(result["levels"])
@@ -390,8 +388,9 @@ def plot_calibration(result: Mapping[str, Any], out_dir=None, title: str = "", s
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    if out_dir is not None:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        fig.savefig(Path(out_dir) / f"{stem}.png", dpi=120)
+    if out_dir is not None:  # atomic, png + svg, as every figure of the lab
+        from rtlm_lab.viz.common import save_figure
+
+        save_figure(fig, out_dir, stem)
     plt.close(fig)
     return fig
