@@ -17,6 +17,27 @@ ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("RTLM_ROOT", str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One compute thread per process (torch and the OpenMP/BLAS pools of numpy and scikit-learn; OMP_NUM_THREADS
+# wins if set), inherited by the tasks the tests start: the tiny models gain nothing from a second thread, and
+# on a 2-core machine two threads a process oversubscribe the cores as soon as anything else runs (a subprocess,
+# a notebook kernel). Measured: tests/test_lmstate.py took 189 s with two threads and 98 s with one. A
+# platform's ``threads`` (resolve_device) still sets torch's count inside a test; the teardown hook puts it back.
+TEST_THREADS = int(os.environ.setdefault("OMP_NUM_THREADS", "1"))
+for _var in ("MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ.setdefault(_var, str(TEST_THREADS))
+
+
+def _test_threads():
+    torch = sys.modules.get("torch")  # already imported: the variable came too late for it
+    if torch is not None and torch.get_num_threads() != TEST_THREADS:
+        torch.set_num_threads(TEST_THREADS)
+
+
+_test_threads()
+
+
+def pytest_runtest_teardown(item, nextitem):
+    _test_threads()
 
 
 @pytest.fixture(scope="session")
