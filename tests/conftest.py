@@ -97,6 +97,31 @@ def tiny_seq2seq_dir(tmp_path_factory, ccc_sample) -> Path:
     return d
 
 
+@pytest.fixture(scope="session")
+def tiny_lm(tiny_causal_dir):
+    """The tiny GPT-2 loaded once per test run (``tiny_spec`` defaults). Shared: tests must not change it."""
+    from rtlm_lab.lm import load_lm
+
+    return load_lm(tiny_spec(tiny_causal_dir))
+
+
+@pytest.fixture(scope="session")
+def tiny_profile(tiny_lm, tmp_path_factory):
+    """One ``run_profile`` of the tiny GPT-2 per test run: 40 CCC test prompts in batches of 4, the first 4
+    reply token ids stored (``output_ids``); the profile's rows as a DataFrame."""
+    import pandas as pd
+
+    from rtlm_lab.profiling import run_profile
+
+    cfg = {"seed": 0, "lm": tiny_spec(tiny_lm.source_dir),
+           "data": {"split": "test", "n_prompts": 40, "sample_seed": 0, "with_context": False, "max_chars": 600},
+           "platform": {"name": "cpu", "device": "cpu", "dtype": "float32", "threads": TEST_THREADS},
+           "profile": {"batch_size": 4, "warmup": 0, "flush_every": 8, "sanity_check": False, "output_ids": 4}}
+    d = tmp_path_factory.mktemp("tiny_profile")
+    run_profile(cfg, d, lm=tiny_lm)
+    return pd.read_parquet(d / "profile.parquet")
+
+
 def tiny_spec(model_dir: Path, arch: str = "causal", **kw) -> dict:
     """An LM config for a tiny model; ``stop_strings`` on a frequent letter give varied reply lengths."""
     spec = {

@@ -15,10 +15,8 @@ TEXTS = ["hi", "what do you think about the weather in spring and in autumn?", "
 
 
 @pytest.fixture(scope="module")
-def causal(tiny_causal_dir):
-    from rtlm_lab.lm import load_lm
-
-    return load_lm(tiny_spec(tiny_causal_dir))
+def causal(tiny_lm):
+    return tiny_lm
 
 
 @pytest.fixture(scope="module")
@@ -175,20 +173,6 @@ def test_resolve_layers():
     assert LS.resolve_layers([0, -1, 12], 13) == [0, 12]
     with pytest.raises(Exception):
         LS.resolve_layers([20], 13)
-
-
-@pytest.fixture(scope="module")
-def tiny_profile(causal, tmp_path_factory):
-    from rtlm_lab.profiling import run_profile
-
-    spec = tiny_spec(causal.source_dir)
-    cfg = {"seed": 0, "lm": spec,
-           "data": {"split": "test", "n_prompts": 40, "sample_seed": 0, "with_context": False, "max_chars": 600},
-           "platform": {"name": "cpu", "device": "cpu", "dtype": "float32", "threads": 2},
-           "profile": {"batch_size": 4, "warmup": 0, "flush_every": 8, "sanity_check": False, "output_ids": 4}}
-    d = tmp_path_factory.mktemp("prof")
-    run_profile(cfg, d, lm=causal)
-    return pd.read_parquet(d / "profile.parquet")
 
 
 def test_profile_output_ids_match_greedy_prefix(causal, tiny_profile):

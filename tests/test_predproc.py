@@ -58,16 +58,14 @@ def test_serving_predictors_is_the_object_itself_unless_asked(fitted):
         assert p.threads == 1 and p.predict_one("hello there", ["pred_rtlm"])[0]
 
 
-def test_static_executor_serves_a_run_through_the_process(fitted, tiny_causal_dir):
-    from rtlm_lab.lm import load_lm
+def test_static_executor_serves_a_run_through_the_process(fitted, tiny_lm):
     from rtlm_lab.scheduler.core import WorkerSpec
     from rtlm_lab.scheduler.executor import execute
     from rtlm_lab.scheduler.policies import Request, make_policy
     from rtlm_lab.scheduler.service import ServiceModel
-    from conftest import tiny_spec
 
     pred, texts = fitted
-    lm = load_lm(tiny_spec(tiny_causal_dir))
+    lm = tiny_lm
     svc = ServiceModel(ttft_a=0.05, ttft_b=0.001, step_1=0.01, step_slope=0.002)
     reqs = [Request(request_id=f"p{i}", text=t, context="", arrival_s=0.02 * i, n_input_tokens=10, true_tokens=10,
                     pred={}, isolated_s=svc.isolated(10, 10)) for i, t in enumerate(texts[:6])]

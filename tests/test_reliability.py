@@ -136,11 +136,10 @@ def test_property_predictor_predict(fitted, texts):
 
 # ----------------------------------------------------------------------- profiler (tiny real models)
 @pytest.fixture(scope="module")
-def tiny_lms(tiny_causal_dir, tiny_seq2seq_dir):
+def tiny_lms(tiny_lm, tiny_seq2seq_dir):
     from rtlm_lab.lm import load_lm
 
-    return {"causal": load_lm(tiny_spec(tiny_causal_dir)),
-            "seq2seq": load_lm(tiny_spec(tiny_seq2seq_dir, arch="seq2seq"))}
+    return {"causal": tiny_lm, "seq2seq": load_lm(tiny_spec(tiny_seq2seq_dir, arch="seq2seq"))}
 
 
 @pytest.mark.parametrize("arch", ["causal", "seq2seq"])

@@ -480,13 +480,6 @@ def test_dispatcher_rejects_a_misbehaving_policy():
 
 # ================================================================================================ real executor
 @pytest.fixture(scope="module")
-def tiny_lm(tiny_causal_dir):
-    from rtlm_lab.lm import load_lm
-
-    return load_lm(tiny_spec(tiny_causal_dir))
-
-
-@pytest.fixture(scope="module")
 def texts(ccc_sample):
     return [t for t in ccc_sample if 10 < len(t) < 200][:8]
 

@@ -14,7 +14,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import tiny_spec
 from rtlm_lab.uncertainty import modelside as M
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,16 +85,13 @@ def small_profile(tmp_path_factory) -> Path:
     return p
 
 
-def test_tiny_lm_states_through_the_table(tiny_causal_dir, small_profile, tmp_path, monkeypatch):
-    from rtlm_lab.lm import load_lm
-
+def test_tiny_lm_states_through_the_table(tiny_lm, small_profile, tmp_path, monkeypatch):
     data = tmp_path / "data"
     data.mkdir()
     for sub in ("raw", "processed"):
         (data / sub).symlink_to(Path(os.environ.get("RTLM_DATA_DIR", ROOT / "data")) / sub)
     monkeypatch.setenv("RTLM_DATA_DIR", str(data))
-    lm = load_lm(tiny_spec(tiny_causal_dir))
-    res = M.model_vs_input(small_profile, lm="tiny", platform="cpu", loader=lm, n_bootstrap=30)
+    res = M.model_vs_input(small_profile, lm="tiny", platform="cpu", loader=tiny_lm, n_bootstrap=30)
     t, f = res["table"], res["frame"]
     assert list(t["measure"]) == list(M.MEASURES) and len(f) == 48
     assert np.all(np.isfinite(f["prefill_entropy"])) and np.all(f["log_eos_prob"] <= 0)
