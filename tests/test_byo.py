@@ -173,7 +173,7 @@ def test_custom_causal_profile_uncertainty_regressor_schedule(tmp_path, tiny_cau
     assert json.loads(metrics[0].read_text())["n"] == 20
 
     res = _run("train_regressor", [*common, "n_bootstrap=0", "figures=false", "embedding_baselines=false",
-                                   "timing_n=4"], out)
+                                   "finetuned_proxy.enabled=false", "timing_n=4"], out)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "train 14 / test 6 requests" in res.stdout
 
@@ -210,6 +210,9 @@ def test_load_lm_custom_in_process(tiny_causal_dir, tiny_seq2seq_dir):
         load_lm(lm_config("custom", local_dir=str(tiny_causal_dir), chat_format="chat_template"))
 
 
+# ~60 s: make test-full. The same prompt file through rtlm-profile stays in the fast suite
+# (test_custom_causal_profile_uncertainty_regressor_schedule, on the tiny model).
+@pytest.mark.slow
 def test_done_when_dialogpt_ccc_on_the_sample_file(tmp_path):
     """The issue's done-when command, on the committed DialoGPT-ccc weights (a few seconds on 2 cores)."""
     res = _run("profile", ["data=prompts", "data.path=tests/data/my_prompts.jsonl", "lm=dialogpt_ccc",

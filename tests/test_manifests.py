@@ -152,6 +152,9 @@ main()
 """
 
 
+# ~55 s (two more rtlm-profile processes): make test-full. The fast suite interrupts and resumes a real
+# rtlm-profile in test_profiler.py::test_cli_sigterm_then_resume (and in-process in test_profiler.py).
+@pytest.mark.slow
 def test_interrupted_profile_resumes_to_the_uninterrupted_aggregates(straight_profile, tmp_path, tiny_causal_dir):
     """SIGINT to a real ``rtlm-profile`` after a few rows, then the same command again: the finished parts
     survive the interruption intact (manifest), and the final rows and aggregates equal the straight run's."""

@@ -219,6 +219,9 @@ def test_cli_missing_profile_is_one_line(tmp_path):
     assert len([ln for ln in res.stderr.splitlines() if ln.startswith("error:")]) == 1
 
 
+# make test-full: rtlm-train-regressor stays in the fast suite (test_cli_writes_metrics_with_all_methods),
+# and so does a Hydra multirun (test_launchers.py, rtlm-schedule through joblib)
+@pytest.mark.slow
 def test_cli_multirun(tmp_path, small_profile):
     res = subprocess.run([sys.executable, "-m", "rtlm_lab.tasks.train_regressor", "-m", "regressor=ridge,hgb",
                           "platform=cuda", f"profile={small_profile}", "n_bootstrap=10", "embedding_baselines=false",

@@ -74,6 +74,9 @@ def test_replicas_on_more_gpus_than_the_machine_has_is_one_line():
         resolve_device({"name": "x", "device": "cuda:0", "devices": [f"cuda:{k}" for k in range(n + 1)]})
 
 
+# ~90 s (three processes of the real DialoGPT-ccc): make test-full. The fast suite keeps replicas through
+# test_two_replicas_in_sim_from_the_one_gpu_measurement and test_engine.py's two-engine tests.
+@pytest.mark.slow
 def test_replica_bench_on_the_cpu(tmp_path):
     """rtlm-bench bench=replicas on the 2-core CPU with the real DialoGPT-ccc: every mode in its own process,
     the same greedy tokens for every request in all three; replicas with a thread each overlap their steps,

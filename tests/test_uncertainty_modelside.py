@@ -101,6 +101,8 @@ def test_tiny_lm_states_through_the_table(tiny_lm, small_profile, tmp_path, monk
     pd.testing.assert_frame_equal(t, again["table"])
 
 
+# ~25 s: make test-full. The fast suite runs the same table in-process (test_tiny_lm_states_through_the_table).
+@pytest.mark.slow
 def test_cli_model_side_flag(tiny_causal_dir, small_profile, tmp_path):
     data = tmp_path / "data"
     data.mkdir()
