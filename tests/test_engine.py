@@ -376,10 +376,12 @@ def test_cpu_offload_worker_is_an_engine_every_policy_can_use(tiny_causal_dir):
         off.close()
 
 
-@pytest.mark.parametrize("probe_name", ["ridge", "mlp"])  # the device path (a dot product) and the host path
+# the device path (a dot product) and the host path; the kv engine (hooks in its forward, prompts prefilled in
+# chunks of 4 tokens beside decoding rows) and the slots engine (output_hidden_states)
+@pytest.mark.parametrize("backend_name,probe_name", [("kv", "ridge"), ("kv", "mlp"), ("slots", "ridge")])
 def test_lmstate_policy_reads_the_engines_own_prefill_and_refines_while_decoding(tiny_causal_dir, ccc_sample,
-                                                                                probe_name):
-    """The LM-state policy on the real slot engine: its prefill prediction equals the offline probe's on the
+                                                                                backend_name, probe_name):
+    """The LM-state policy on a real engine: its prefill prediction equals the offline probe's on the
     same prompts (the engine's forward gives the same states as a separate pass), each refinement equals the
     offline refinement after teacher-forcing the same tokens, prefill comes first, and every request still gets
     batch-1 ``generate``'s tokens under preemption."""
@@ -406,9 +408,14 @@ def test_lmstate_policy_reads_the_engines_own_prefill_and_refines_while_decoding
                   true_tokens=ref[f"q{i}"].n_output_tokens) for i, t in enumerate(texts)]
     pol = make_policy("lmstate", {"refine_every": 2})
     pol.token_s = 0.01
-    backend = SlotBackend(lm, max_seqs=3, max_batch_tokens=512)
-    backend.probe = probe
-    eng = Engine("cpu0", backend, pol, 3, 512)
+    from rtlm_lab.scheduler.continuous import attach_state_probe
+    from rtlm_lab.scheduler.engine.kv import KVBackend
+
+    budget = 512 if backend_name == "slots" else 6  # kv: chunked prefill, 3 decode rows + a 3-token chunk
+    backend = SlotBackend(lm, max_seqs=3, max_batch_tokens=budget) if backend_name == "slots" else \
+        KVBackend(lm, max_seqs=3, max_batch_tokens=budget, kv_slots=4)
+    eng = Engine("cpu0", backend, pol, 3, budget)
+    attach_state_probe([eng], probe)
     clock = StepClock()  # the schedule follows the steps, not the host's speed
     step_on(backend, clock)
     jobs, facts = serve(rs, pol, [eng], clock, PredictorServer(rs, (), clock))

@@ -342,15 +342,21 @@ def _pred_cost(predictors, texts: list[str], needs) -> PredCost:
 
 
 def attach_state_probe(engines, probe) -> None:
-    """Give the LM-state policy's probe to every GPU/CPU slot engine (offload workers serve unpredicted)."""
+    """Give the LM-state policy's probe to every GPU/CPU engine (offload workers serve unpredicted): the kv
+    engine hooks the probe's layers inside its own forward (:meth:`KVBackend.attach_probe`), the slots engine
+    asks its forwards for their hidden states."""
     from rtlm_lab.scheduler.engine import SlotBackend
+    from rtlm_lab.scheduler.engine.kv import KVBackend
 
     mains = [e for e in engines if e.kind == "main"]
-    if any(not isinstance(e.backend, SlotBackend) for e in mains):
-        raise UserError("the lmstate policy reads the prefill states of the slot engine: use "
-                        "platform.engine.backend=slots")
+    if any(not isinstance(e.backend, (SlotBackend, KVBackend)) for e in mains):
+        raise UserError("the lmstate policy reads the served LM's own states: use platform.engine.backend=kv "
+                        "(or slots)")
     for e in mains:
-        e.backend.probe = probe
+        if isinstance(e.backend, KVBackend):
+            e.backend.attach_probe(probe)
+        else:
+            e.backend.probe = probe
 
 
 def run_continuous(cfg: Mapping[str, Any], run_dir: Path, profile: pd.DataFrame, predictors, held: pd.DataFrame,

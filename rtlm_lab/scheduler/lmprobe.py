@@ -92,27 +92,50 @@ class StateProbe:
             cache[key] = (torch.tensor(w, dtype=torch.float64, device=dev), float(b))  # float64: as numpy
         return cache[key]
 
-    def _z(self, hidden, ix, mask, logits, which, w, dev):
-        """Ridge score of rows ``ix`` from the features :func:`~rtlm_lab.regressor.lmstate.feature_matrix`
-        lays out (per layer ``last`` then ``mean``, then entropy, log end-of-turn prob, log1p tokens)."""
+    def scalars(self, logits):
+        """``(entropy, end-of-turn probability)`` of each row of ``logits`` ``[n, vocab]``, float32 on its device
+        (no sync; the kv engine computes them inside its captured decode graph)."""
+        import torch
+
+        cache = self.__dict__.setdefault("_eot", {})
+        dev = logits.device
+        if str(dev) not in cache:
+            cache[str(dev)] = torch.tensor(self.eot_ids, dtype=torch.long, device=dev)
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        ent = (-(logp.exp() * logp).sum(-1)).clamp_min(0)
+        eos = logp[:, cache[str(dev)]].exp().sum(-1) if self.eot_ids else torch.zeros_like(ent)
+        return ent, eos
+
+    def _zf(self, last, mean, ent, eos, n_tok, which, w):
+        """Ridge score from features (per layer ``last`` then ``mean`` ``[n, d]`` tensors, then entropy, log
+        end-of-turn probability, log1p tokens), laid out as
+        :func:`~rtlm_lab.regressor.lmstate.feature_matrix` does."""
         import torch
 
         parts = []
-        m = mask.index_select(0, ix)
         for l in self.layers:
-            h = hidden[l].index_select(0, ix)
             if "last" in which:
-                parts.append(h[:, -1].float())
+                parts.append(last[l].float())
             if "mean" in which:
-                mm = m[:, -h.shape[1]:].unsqueeze(-1).to(h.dtype)
-                parts.append(((h * mm).sum(1) / mm.sum(1).clamp_min(1)).float())
-        logp = torch.log_softmax(logits.index_select(0, ix).float(), dim=-1)
-        ent = (-(logp.exp() * logp).sum(-1)).clamp_min(0)
-        eos = logp[:, self.eot_ids].exp().sum(-1) if self.eot_ids else torch.zeros_like(ent)
-        parts.append(torch.stack([ent, torch.log(eos.clamp(1e-12, 1.0)), torch.log1p(m.sum(1).float())], 1))
+                parts.append(mean[l].float())
+        parts.append(torch.stack([ent.float(), torch.log(eos.float().clamp(1e-12, 1.0)),
+                                  torch.log1p(n_tok.float())], 1))
         X = torch.nan_to_num(torch.cat(parts, 1).double(), nan=0.0, posinf=0.0, neginf=0.0)
         n = X.shape[1]
         return X @ w[0][:n] + w[1], n
+
+    def _z(self, hidden, ix, mask, logits, which, w, dev):
+        """Ridge score of rows ``ix`` of a (left-padded) batch's hidden states (see :meth:`_zf`)."""
+        m = mask.index_select(0, ix)
+        last, mean = {}, {}
+        for l in self.layers:
+            h = hidden[l].index_select(0, ix)
+            last[l] = h[:, -1]
+            if "mean" in which:
+                mm = m[:, -h.shape[1]:].unsqueeze(-1).to(h.dtype)
+                mean[l] = (h * mm).sum(1) / mm.sum(1).clamp_min(1)
+        ent, eos = self.scalars(logits.index_select(0, ix))
+        return self._zf(last, mean, ent, eos, m.sum(1), which, w)
 
     def prefill_on_device(self, hidden, mask, logits):
         """Predicted output tokens for every prefill row, as a tensor on the LM's device (no sync)."""
@@ -129,32 +152,70 @@ class StateProbe:
         override) computes it; the tensors stay on the device until the step's end."""
         import torch
 
+        ix = torch.as_tensor(list(rows), device=logits.device)
+        last = {l: hidden[l].index_select(0, ix)[:, -1] for l in self.layers}
+        ent, eos = self.scalars(logits.index_select(0, ix))
+        return self.refine_from_features(last, ent, eos, mask.index_select(0, ix).sum(1), tokens)
+
+    def prefill_from_features(self, last, mean, ent, eos, n_tok):
+        """Predicted output tokens from features the engine gathered itself (``last``/``mean``: ``{layer: [n,
+        d]}`` device tensors, ``ent``/``eos``/``n_tok``: ``[n]``): a device tensor (ridge) or numpy (host)."""
+        import torch
+
+        if self.on_device():
+            z, _ = self._zf(last, mean, ent, eos, n_tok, self.prefill.which, self._w(self.prefill.model_, ent.device))
+            return torch.expm1(z.clamp(-50, 50)).clamp_min(1.0)
+        st = self._host_states(last, mean, ent, eos, n_tok)
+        return np.maximum(self.prefill.predict_from_states(st), 1.0)
+
+    def refine_from_features(self, last, ent, eos, n_tok, tokens: Sequence[Sequence[int]]):
+        """Refinement from features (``last``: ``{layer: [n, d]}``, one row per entry of ``tokens``, the reply
+        tokens each row has generated); returns what :meth:`refine_predictions` returns."""
+        import torch
+
         from rtlm_lab.regressor.lmstate import detect_loop, token_features
 
-        R, dev = self.refine, logits.device
+        if not self.on_device():  # one group: the cap and the loop override are applied by refine_predict
+            st = self._host_states(last, {}, ent, eos, n_tok)
+            out = np.zeros(len(tokens))
+            for ks in _by_step(tokens).values():  # refine_predict takes rows of one step
+                out[ks] = self.refine.refine_predict(st.take(np.asarray(ks)), [list(tokens[k]) for k in ks],
+                                                     use_loop="gated")
+            return [(list(range(len(tokens))), np.maximum(out, 0.0), 0, [False] * len(tokens))]
+        R, dev = self.refine, ent.device
         out = []
         for t, ks in _by_step(tokens).items():
-            ix = torch.tensor([rows[k] for k in ks], device=dev)
+            ix = torch.tensor(ks, device=dev)
+            sub = {l: last[l].index_select(0, ix) for l in self.layers}
+            e, q, n_t = ent.index_select(0, ix), eos.index_select(0, ix), n_tok.index_select(0, ix)
             toks = [list(tokens[k]) for k in ks]
             steps = [s for s in R.refiners_ if s <= t]
             tok_models = getattr(R, "refiners_tok_", {})
             if steps and max(steps) in tok_models:
                 kk = max(steps)
                 w = self._w(tok_models[kk], dev)
-                z, n = self._z(hidden, ix, mask, logits, R.which, w, dev)
+                z, n = self._zf(sub, {}, e, q, n_t, R.which, w)
                 tf = torch.tensor(token_features([x[:kk] for x in toks]), dtype=torch.float64).to(dev, non_blocking=True)
                 z = z + tf @ w[0][n:]
                 pred = torch.expm1(z.clamp(-50, 50)).clamp_min(0)
             elif steps:
-                z, _ = self._z(hidden, ix, mask, logits, R.which, self._w(R.refiners_[max(steps)], dev), dev)
+                z, _ = self._zf(sub, {}, e, q, n_t, R.which, self._w(R.refiners_[max(steps)], dev))
                 pred = torch.expm1(z.clamp(-50, 50)).clamp_min(0)
             else:
-                z, _ = self._z(hidden, ix, mask, logits, R.which, self._w(R.model_, dev), dev)
+                z, _ = self._zf(sub, {}, e, q, n_t, R.which, self._w(R.model_, dev))
                 pred = (torch.expm1(z.clamp(-50, 50)).clamp_min(0) - t).clamp_min(0)
             cap_left = max(0, R.max_new_tokens_ - t)
             loop = [detect_loop(x, R.loop_n) for x in toks] if R.loop_trusted(t) else [False] * len(toks)
             out.append((ks, pred.clamp_max(cap_left), cap_left, loop))
         return out
+
+    def _host_states(self, last, mean, ent, eos, n_tok):
+        from rtlm_lab.regressor.lmstate import LMStates
+
+        f = lambda t: t.float().cpu().numpy()  # noqa: E731
+        return LMStates({l: f(v) for l, v in last.items()}, {l: f(v) for l, v in mean.items()},
+                        f(ent).astype(np.float32), f(eos.clamp(0, 1)).astype(np.float32),
+                        f(n_tok).astype(np.float32), self.layers)
 
     # ------------------------------------------------------------------ features from the engine's tensors
     def _states(self, hidden, idx, pos, mask, logits, with_mean: bool):

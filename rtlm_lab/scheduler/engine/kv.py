@@ -18,6 +18,11 @@ transformers modules (no second copy of the model code):
 * **CUDA graphs.** On cuda a step with no prompt chunk (pure decode) replays a graph captured per
   ``(batch bucket, KV-length bucket)`` in the warm-up; argmax and the stop test run on the device and one
   device-to-host copy per step brings back the tokens and the finished flags. The CPU runs the same code eagerly.
+* **The LM-state probe** (:meth:`KVBackend.attach_probe`): forward hooks on the probe's layers copy the
+  states it reads out of the same forward (inside the captured graph on cuda), never ``output_hidden_states``
+  of every layer: the last token's state of each decoding row, and per slot the running sum and the last
+  state of its prompt (chunked prefill adds chunk by chunk). A prompt's prediction is made the step its last
+  chunk runs; refinement every ``refine_every`` decoding steps for the rows that have generated that many.
 * **Pinned lengths** (``pin_lengths``): each request decodes exactly ``true_tokens`` tokens, end-of-turn
   ignored (vLLM's serving-benchmark convention), so no policy changes the work it serves.
 
@@ -64,6 +69,16 @@ class _Step:
         self.w_slot, self.w_pos = w_slot, w_pos                   # [N] where each token's K/V goes
         self.chunks = chunks                                      # [(slot, start, length, offset in the flat tokens)]
         self.fresh = fresh                                        # chunks that start a prompt, batched (see _fresh)
+
+
+class _ProbeStep:
+    """What the probe's hooks copy in one forward: the ``B`` decoding rows' states, the prompt tokens ``acc``
+    (flat indices) added to their slots' sums, and the prompts' last tokens ``last`` stored per slot."""
+
+    __slots__ = ("B", "acc", "acc_slot", "last", "last_slot")
+
+    def __init__(self, B, acc=None, acc_slot=None, last=None, last_slot=None):
+        self.B, self.acc, self.acc_slot, self.last, self.last_slot = B, acc, acc_slot, last, last_slot
 
 
 def slot_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
@@ -213,7 +228,105 @@ class KVBackend:
         self.n_graph_steps = self.n_eager_steps = 0
         self.probe = None
         self.probe_s = 0.0
+        self._pstep: _ProbeStep | None = None
+        self._hooks: list = []
+        self._pending: list[tuple] = []
+        self._n_dec = 0
         self.cfgs = {id(m.config): m.config for m in self.model.modules() if hasattr(m, "config")}
+
+    # ------------------------------------------------------------------ the LM-state probe
+    def _probe_modules(self, layers) -> dict[int, Any]:
+        """Hidden-state index -> the module whose output it is (as ``output_hidden_states`` counts: ``i`` is
+        block ``i - 1``'s output, the last one the base model's normed ``last_hidden_state``)."""
+        import torch
+
+        cfg = self.model.config.get_text_config()
+        n = int(cfg.num_hidden_layers)
+        base = self.model.base_model
+        blocks = next((m for m in base.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n), None)
+        out = {}
+        for l in layers:
+            if l == n:
+                out[l] = base
+            elif 1 <= l < n and blocks is not None:
+                out[l] = blocks[l - 1]
+            else:
+                raise UserError(f"the kv engine's LM-state probe cannot read hidden state {l} of {self.lm.name}")
+        return out
+
+    def attach_probe(self, probe) -> None:
+        """Serve with the LM-state policy's :class:`~rtlm_lab.scheduler.lmprobe.StateProbe`: hooks on its layers
+        fill per-slot state buffers inside this engine's forward (before the graphs are captured: a graph
+        captured earlier would not carry the hooks, so those are dropped)."""
+        torch = self.torch
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        self.graphs_.clear()
+        self.probe = probe
+        if probe is None:
+            return
+        d = int(self.model.config.get_text_config().hidden_size)
+        f = dict(dtype=torch.float32, device=self.dev)
+        self.h_dec = {l: torch.zeros((self.S, d), **f) for l in probe.layers}   # decoding rows' last states
+        self.p_sum = {l: torch.zeros((self.S, d), **f) for l in probe.layers}   # prompt sums per slot
+        self.p_last = {l: torch.zeros((self.S, d), **f) for l in probe.layers}  # prompt last states per slot
+        self.p_ent = torch.zeros(self.S, **f)
+        self.p_eos = torch.zeros(self.S, **f)
+        for l, m in self._probe_modules(probe.layers).items():
+            self._hooks.append(m.register_forward_hook(lambda mod, a, o, l=l: self._probe_hook(l, o)))
+
+    def _probe_hook(self, l: int, out) -> None:
+        ps = self._pstep
+        if ps is None:  # another forward of the same model (not this engine's)
+            return
+        h = out.last_hidden_state if hasattr(out, "last_hidden_state") else (
+            out[0] if isinstance(out, (tuple, list)) else out)
+        h = h[0]
+        if ps.B:
+            self.h_dec[l][:ps.B].copy_(h[:ps.B])
+        if ps.acc is not None:
+            self.p_sum[l].index_add_(0, ps.acc_slot, h.index_select(0, ps.acc).float())
+        if ps.last is not None:
+            self.p_last[l][ps.last_slot] = h.index_select(0, ps.last).float()
+
+    def _refine(self, decode) -> None:
+        """Every ``refine_every`` decoding steps: the refinement of the rows that have generated at least that
+        many tokens, from the states this step's forward left in ``h_dec`` (the token fed now is a row's t-th)."""
+        self._n_dec += 1
+        every = self.probe.refine_every
+        if every <= 0 or self._n_dec % every:
+            return
+        rows = [j for j in decode if len(self.gen[j.rid]) >= every]
+        if not rows:
+            return
+        torch = self.torch
+        t0 = time.perf_counter()
+        ix = torch.tensor([j.slot for j in rows], device=self.dev)
+        toks = [list(self.gen[j.rid]) for j in rows]
+        n_tok = torch.tensor([len(self.ids[j.rid]) + len(t) for j, t in zip(rows, toks)]).to(self.dev)
+        last = {l: v.index_select(0, ix) for l, v in self.h_dec.items()}
+        for ks, pred, cap_left, loop in self.probe.refine_from_features(
+                last, self.p_ent.index_select(0, ix), self.p_eos.index_select(0, ix), n_tok, toks):
+            self._pending.append(("refine", [rows[k] for k in ks], pred, [len(toks[k]) for k in ks], cap_left, loop))
+        self.probe_s += time.perf_counter() - t0
+
+    def _resolve_probe(self) -> None:
+        """This step's predictions to their jobs (read once the step's work is done)."""
+        t0 = time.perf_counter()
+        for item in self._pending:
+            if item[0] == "prefill":
+                for j, p in zip(item[1], item[2].tolist()):
+                    j.req.pred["pred_lmstate"] = float(p)
+                    j.rem_pred, j.rem_at = float(p), 0
+            else:
+                _, jobs, pred, ts, cap_left, loop = item
+                for j, p, t, lp in zip(jobs, pred.tolist(), ts, loop):
+                    r = float(cap_left) if lp else float(p)
+                    j.rem_pred, j.rem_at = r, t
+                    j.refines.append((t, r))
+        self._pending.clear()
+        self.probe_s += time.perf_counter() - t0
 
     # ------------------------------------------------------------------ forward
     def _attn(self, on: bool) -> None:
@@ -287,7 +400,15 @@ class KVBackend:
         """Pure decode of slots ``0..B-1``: forward, argmax and stop test on the device, state updated in place
         (captured as one graph on cuda)."""
         torch = self.torch
-        logits = self._forward(B, Lb, None, None, None, (), None)
+        if self.probe is not None:
+            self._pstep = _ProbeStep(B)
+        try:
+            logits = self._forward(B, Lb, None, None, None, (), None)
+        finally:
+            self._pstep = None
+        if self.probe is not None:
+            ent, eos = self.probe.scalars(logits)
+            self.p_ent[:B], self.p_eos[:B] = ent, eos
         nxt = logits.argmax(-1)
         act = self.active[:B]
         self.last[:B] = torch.where(act, nxt, self.last[:B])
@@ -411,6 +532,8 @@ class KVBackend:
         else:
             d_tok, c_tok = self._mixed(B, Lb, decode, pre)
             self.n_eager_steps += 1
+        if self.probe is not None and decode:
+            self._refine(decode)
         events: list[tuple[Job, int, bool]] = []
         for j in decode:
             t, done = d_tok[j.rid]
@@ -427,17 +550,27 @@ class KVBackend:
         for j, _, done in events:
             if done:
                 self.slots.release(j)
+        if self._pending:
+            self._resolve_probe()
         return time.perf_counter() - t0, events, n_tok
 
     def _mixed(self, B, Lb, decode, pre):
         """A step with prompt chunks: one eager forward (decode rows first), argmax/stop on the device."""
         torch = self.torch
         flat, pos, slot, chunks, keep_c, fin_jobs = [], [], [], [], [], []
+        acc, acc_slot, reset, p_fin = [], [], [], []  # the probe's prompt tokens, slots to zero, predicted jobs
         off = B
         for j, t in pre:
             seq = self.ids[j.rid] + self.gen[j.rid]          # a recompute re-feeds what it generated
             start = self.done_prefill.get(j.rid, 0)
             part = seq[start:start + t]
+            if self.probe is not None and "pred_lmstate" not in j.req.pred:  # a first prefill (no recompute)
+                if start == 0:
+                    reset.append(j.slot)
+                acc += range(off, off + t)
+                acc_slot += [j.slot] * t
+                if start + t >= len(seq):
+                    p_fin.append((j, off + t - 1, len(keep_c)))
             flat += part
             pos += range(start, start + t)
             slot += [j.slot] * t
@@ -453,7 +586,39 @@ class KVBackend:
         need_logits = B > 0 or bool(keep_c)
         if not need_logits:  # only mid-prompt chunks: no token comes out (one logit row kept, unused)
             keep = torch.tensor([B + len(flat) - 1], device=self.dev)
-        logits = self._forward(B, Lb, dev[0], dev[1], dev[2], chunks, keep)
+        if self.probe is not None:
+            ps = _ProbeStep(B)
+            if acc:
+                if reset:
+                    r = torch.tensor(reset).to(self.dev, non_blocking=True)
+                    for v in self.p_sum.values():
+                        v.index_fill_(0, r, 0.0)
+                a = torch.tensor([acc, acc_slot], dtype=torch.long).to(self.dev, non_blocking=True)
+                ps.acc, ps.acc_slot = a[0], a[1]
+            if p_fin:
+                a = torch.tensor([[x for _, x, _ in p_fin], [j.slot for j, _, _ in p_fin]],
+                                 dtype=torch.long).to(self.dev, non_blocking=True)
+                ps.last, ps.last_slot = a[0], a[1]
+            self._pstep = ps
+        try:
+            logits = self._forward(B, Lb, dev[0], dev[1], dev[2], chunks, keep)
+        finally:
+            self._pstep = None
+        if self.probe is not None:
+            t1 = time.perf_counter()
+            if B:
+                ent, eos = self.probe.scalars(logits[:B])
+                self.p_ent[:B], self.p_eos[:B] = ent, eos
+            if p_fin:
+                ix = torch.tensor([j.slot for j, _, _ in p_fin]).to(self.dev, non_blocking=True)
+                rows = torch.tensor([B + k for _, _, k in p_fin]).to(self.dev, non_blocking=True)
+                n = torch.tensor([float(len(self.ids[j.rid])) for j, _, _ in p_fin]).to(self.dev, non_blocking=True)
+                ent, eos = self.probe.scalars(logits.index_select(0, rows))
+                last = {l: v.index_select(0, ix) for l, v in self.p_last.items()}
+                mean = {l: v.index_select(0, ix) / n[:, None] for l, v in self.p_sum.items()}
+                self._pending.append(("prefill", [j for j, _, _ in p_fin],
+                                      self.probe.prefill_from_features(last, mean, ent, eos, n)))
+            self.probe_s += time.perf_counter() - t1
         nxt = logits.argmax(-1)
         nd = B
         act = self.active[:B]
@@ -506,12 +671,18 @@ class KVBackend:
     def facts(self) -> dict[str, Any]:
         return {"backend": "kv", "kv_slots": self.S, "max_len": self.L, "kv_bytes": self.kv.bytes(),
                 "cuda_graphs": self.graphs, "n_graphs": len(self.graphs_), "graph_steps": self.n_graph_steps,
-                "eager_steps": self.n_eager_steps, "pin_lengths": self.pin, "evictions": self.slots.n_evicted}
+                "eager_steps": self.n_eager_steps, "pin_lengths": self.pin, "evictions": self.slots.n_evicted,
+                "lm_state_probe": None if self.probe is None else {"layers": list(self.probe.layers),
+                                                                   "refine_every": self.probe.refine_every,
+                                                                   "hooks": "forward hooks, in the step's forward"}}
 
     def close(self) -> None:
         import gc
 
         self.graphs_.clear()
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
         self.kv.k.clear(), self.kv.v.clear()
         gc.collect()
         if self.torch.cuda.is_available():
