@@ -90,6 +90,8 @@ def _register_resolvers() -> None:
         OmegaConf.register_new_resolver("rtlm_root", lambda: str(ROOT))
     if not OmegaConf.has_resolver("rtlm_hash"):
         OmegaConf.register_new_resolver("rtlm_hash", config_hash)
+    if not OmegaConf.has_resolver("rtlm_sampling_tag"):
+        OmegaConf.register_new_resolver("rtlm_sampling_tag", sampling_tag)
     if not OmegaConf.has_resolver("rtlm_file_tag"):
         OmegaConf.register_new_resolver("rtlm_file_tag", file_tag)
     if not OmegaConf.has_resolver("rtlm_model_name"):
@@ -122,6 +124,18 @@ def file_tag(path) -> str:
         return f"{p.stem}-{hashlib.sha256(p.read_bytes()).hexdigest()[:8]}"
     except OSError:
         return f"{Path(str(path)).stem or 'prompts'}-missing"
+
+
+def sampling_tag(sampling) -> str:
+    """``${rtlm_sampling_tag:${lm.sampling}}`` in run names: ``""`` for greedy decoding (names unchanged),
+    ``-T<temperature>p<top_p>s<seed>`` for sampled decoding, so sampled and greedy runs never share a dir."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(sampling, DictConfig):
+        sampling = OmegaConf.to_container(sampling, resolve=True)
+    if not sampling or not float(sampling.get("temperature") or 0) > 0:
+        return ""
+    return f"-T{float(sampling['temperature']):g}p{float(sampling.get('top_p') or 1.0):g}s{int(sampling.get('seed') or 0)}"
 
 
 def config_hash(*nodes) -> str:

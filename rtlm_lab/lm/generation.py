@@ -1,4 +1,5 @@
-"""Greedy generation that stops at the end of a turn and times every request.
+"""Generation (greedy, or sampled per request: :mod:`rtlm_lab.lm.sampling`) that stops at the end of a turn and
+times every request.
 
 One :class:`ChatLM` wraps a transformers model + tokenizer + the LM's config. :meth:`ChatLM.generate`
 runs one real ``model.generate`` call over a batch (left-padded for decoder-only models) and returns a
@@ -155,12 +156,25 @@ class ChatLM:
     # ------------------------------------------------------------------ generation
     @torch.inference_mode()
     def generate(self, texts: Sequence[Any], contexts: Sequence[Any] | None = None,
-                 max_new_tokens: int | None = None) -> list[Generation]:
-        """Greedy replies for a batch of user turns (one real ``generate`` call)."""
+                 max_new_tokens: int | None = None, seeds: Sequence[int] | None = None) -> list[Generation]:
+        """Replies for a batch of user turns (one real ``generate`` call): greedy, or sampled when the LM's
+        ``sampling.temperature`` > 0, each row with its own seed (``seeds``; default: from the text,
+        :func:`rtlm_lab.lm.sampling.request_seed`), as :mod:`rtlm_lab.lm.sampling` describes."""
+        from transformers import LogitsProcessorList
+
+        from rtlm_lab.lm.sampling import SeededSampler, request_seed, sampling_params
+
         max_new = int(max_new_tokens or self.spec.get("max_new_tokens", 64))
         enc = self.encode(texts, contexts, max_new).to(self.device)
         batch = enc["input_ids"].shape[0]
         prompt_len = 0 if self.is_encoder_decoder else enc["input_ids"].shape[1]
+        temperature, top_p, base = sampling_params(self.spec)
+        procs = None
+        if temperature > 0:
+            if seeds is None:
+                seeds = [request_seed(str(t), 0, base) for t in texts]
+            procs = LogitsProcessorList([SeededSampler(seeds, prompt_len + (1 if self.is_encoder_decoder else 0),
+                                                       temperature, top_p)])
         # encoder-decoder outputs start with the decoder start token
         stopper = _TurnStopper(self.tokenizer, self.spec.get("stop_strings", []) or [],
                                prompt_len + (1 if self.is_encoder_decoder else 0), batch, self._sync,
@@ -171,7 +185,7 @@ class ChatLM:
             **enc, max_new_tokens=max_new, do_sample=False, num_beams=1,
             eos_token_id=self.eos_ids or None, pad_token_id=self.tokenizer.pad_token_id,
             stopping_criteria=StoppingCriteriaList([stopper]), return_dict_in_generate=False,
-            top_p=None, top_k=None, temperature=None,
+            top_p=None, top_k=None, temperature=None, logits_processor=procs,
         )
         self._sync()
         t_end = time.perf_counter()

@@ -49,6 +49,7 @@ class Request:
     pred: dict[str, float] = field(default_factory=dict)
     isolated_s: float = math.nan           # service model, batch 1, true tokens (SLO reference)
     retries: int = 0
+    sample: int = 0                        # sampled decoding: which of the request's seeded samples it draws
 
     @property
     def uncertainty(self) -> float:

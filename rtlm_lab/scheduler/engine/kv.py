@@ -23,6 +23,8 @@ transformers modules (no second copy of the model code):
   of every layer: the last token's state of each decoding row, and per slot the running sum and the last
   state of its prompt (chunked prefill adds chunk by chunk). A prompt's prediction is made the step its last
   chunk runs; refinement every ``refine_every`` decoding steps for the rows that have generated that many.
+* **Sampled decoding** (the LM's ``sampling``): each row draws its token with its request's seed at its own step
+  (:mod:`rtlm_lab.lm.sampling`), on the device and inside the graphs: the same sample in any batch.
 * **Pinned lengths** (``pin_lengths``): each request decodes exactly ``true_tokens`` tokens, end-of-turn
   ignored (vLLM's serving-benchmark convention), so no policy changes the work it serves.
 
@@ -199,6 +201,9 @@ class KVBackend:
         if self.S < self.max_seqs:
             raise UserError(f"platform.engine.kv_slots ({self.S}) must be >= max_seqs ({self.max_seqs})")
         self.pin = bool(pin_lengths)
+        from rtlm_lab.lm.sampling import sampling_params
+
+        self.temperature, self.top_p, self.seed_base = sampling_params(chat_lm.spec)
         self.graphs = bool(cuda_graphs if cuda_graphs is not None else self.dev.type == "cuda")
         if self.graphs and self.dev.type != "cuda":
             self.graphs = False
@@ -217,6 +222,7 @@ class KVBackend:
         self.count = torch.zeros(self.S, **z)      # tokens it generated
         self.limit = torch.full((self.S,), 1, **z)  # tokens it may generate
         self.active = torch.zeros(self.S, dtype=torch.bool, device=self.dev)  # decodes in this step
+        self.seed = torch.zeros(self.S, **z)       # its request's sampling seed (sampled decoding)
         self.ar = torch.arange(self.L + 1, device=self.dev)
         self.slot_ids = torch.arange(self.S, device=self.dev)
         self._act_host = torch.zeros(self.S, dtype=torch.bool, pin_memory=self.dev.type == "cuda")
@@ -409,7 +415,7 @@ class KVBackend:
         if self.probe is not None:
             ent, eos = self.probe.scalars(logits)
             self.p_ent[:B], self.p_eos[:B] = ent, eos
-        nxt = logits.argmax(-1)
+        nxt = self._pick(logits, self.seed[:B], self.count[:B])
         act = self.active[:B]
         self.last[:B] = torch.where(act, nxt, self.last[:B])
         self.pos[:B] += act
@@ -419,6 +425,14 @@ class KVBackend:
             stop |= self.is_stop[nxt]
         out[0, :B] = nxt
         out[1, :B] = (stop & act).long()
+
+    def _pick(self, logits, seed, step):
+        """The next token of each row: argmax, or the seeded sample (:func:`rtlm_lab.lm.sampling.sample`)."""
+        if self.temperature <= 0:
+            return logits.argmax(-1)
+        from rtlm_lab.lm.sampling import sample
+
+        return sample(logits, seed, step, self.temperature, self.top_p)
 
     def _len_bucket(self, n: int) -> int:
         return min(self.L + 1, _pow2(n, 64))
@@ -619,7 +633,16 @@ class KVBackend:
                 self._pending.append(("prefill", [j for j, _, _ in p_fin],
                                       self.probe.prefill_from_features(last, mean, ent, eos, n)))
             self.probe_s += time.perf_counter() - t1
-        nxt = logits.argmax(-1)
+        if self.temperature <= 0:
+            nxt = logits.argmax(-1)
+        else:  # decoding rows at their own steps, then each finished prompt's first (or next) token
+            seeds = torch.tensor([self._seed(j) for j, _, _ in fin_jobs], dtype=torch.long)
+            steps = torch.tensor([g for _, _, g in fin_jobs], dtype=torch.long)
+            sd = torch.stack([seeds, steps]).to(self.dev, non_blocking=True)
+            parts = [self._pick(logits[:B], self.seed[:B], self.count[:B])] if B else []
+            if fin_jobs:
+                parts.append(self._pick(logits[B:B + len(fin_jobs)], sd[0], sd[1]))
+            nxt = torch.cat(parts) if parts else logits.argmax(-1)
         nd = B
         act = self.active[:B]
         if B:
@@ -636,13 +659,15 @@ class KVBackend:
         if fin_jobs:
             fs = torch.tensor([j.slot for j, _, _ in fin_jobs], dtype=torch.long)
             meta = torch.tensor([[p for _, p, _ in fin_jobs], [g + 1 for _, _, g in fin_jobs],
-                                 [j.limit for j, _, _ in fin_jobs]], dtype=torch.long).to(self.dev, non_blocking=True)
+                                 [j.limit for j, _, _ in fin_jobs], [self._seed(j) for j, _, _ in fin_jobs]],
+                                dtype=torch.long).to(self.dev, non_blocking=True)
             fs = fs.to(self.dev, non_blocking=True)
             ct = nxt[B:B + len(fin_jobs)]
             self.last[fs] = ct
             self.pos[fs] = meta[0]
             self.count[fs] = meta[1]
             self.limit[fs] = meta[2]
+            self.seed[fs] = meta[3]
             s = meta[1] >= meta[2]
             if not self.pin:
                 s |= self.is_stop[ct]
@@ -657,6 +682,11 @@ class KVBackend:
                 c_tok[j.rid] = (toks[B + k], bool(fl[B + k]))
         return d_tok, c_tok
 
+    def _seed(self, job: Job) -> int:
+        from rtlm_lab.lm.sampling import request_seed
+
+        return request_seed(job.rid, int(getattr(job.req, "sample", 0)), self.seed_base)
+
     def stop_reason(self, job: Job) -> str:
         toks = self.gen.pop(job.rid, [])
         self.ids.pop(job.rid, None)
@@ -670,7 +700,9 @@ class KVBackend:
 
     def facts(self) -> dict[str, Any]:
         return {"backend": "kv", "kv_slots": self.S, "max_len": self.L, "kv_bytes": self.kv.bytes(),
-                "cuda_graphs": self.graphs, "n_graphs": len(self.graphs_), "graph_steps": self.n_graph_steps,
+                "cuda_graphs": self.graphs,
+                "sampling": None if self.temperature <= 0 else {"temperature": self.temperature, "top_p": self.top_p,
+                                                                "seed": self.seed_base}, "n_graphs": len(self.graphs_), "graph_steps": self.n_graph_steps,
                 "eager_steps": self.n_eager_steps, "pin_lengths": self.pin, "evictions": self.slots.n_evicted,
                 "lm_state_probe": None if self.probe is None else {"layers": list(self.probe.layers),
                                                                    "refine_every": self.probe.refine_every,
