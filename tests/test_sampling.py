@@ -75,3 +75,34 @@ def test_kv_engine_samples_what_generate_samples_with_the_same_seeds(arch, tiny_
         assert backend.facts()["sampling"] == {"temperature": 1.5, "top_p": 0.95, "seed": 11}
         for k in rids:
             assert got[k].output_ids == list(ref[k].output_ids), (policy, k)
+
+
+def test_spread_profile_kv_engine_and_generate_draw_the_same_lengths(tiny_dirs, tmp_path):
+    """rtlm-spread's two decoders give every prompt the same K sampled lengths (the same seeds), sample 0 is
+    ``n_output_tokens``, the summary columns follow from the samples, and a rerun resumes from the parts."""
+    import pandas as pd
+
+    from test_kvengine import _lm
+
+    from rtlm_lab.scheduler.spread import run_spread
+
+    spec = {"temperature": 1.2, "top_p": 0.95, "seed": 5}
+    lm = _lm(tiny_dirs["gpt2"], stop_strings=["e"], max_new_tokens=12, sampling=spec)
+    data = {"name": "prompts", "path": "tests/data/my_prompts.jsonl", "n_prompts": 6, "sample_seed": 0,
+            "with_context": False, "max_chars": None, "split": "prompts"}
+    out = {}
+    for engine in ("kv", "generate"):
+        cfg = {"lm": lm.spec, "platform": {"name": "cpu", "device": "cpu", "engine": {"max_batch_tokens": 64}},
+               "data": data, "spread": {"samples": 3, "engine": engine, "batch_size": 4, "chunk": 4}}
+        s = run_spread(cfg, tmp_path / engine, lm=lm)
+        assert s["n_prompts"] == 6 and s["samples"] == 3
+        out[engine] = pd.read_parquet(tmp_path / engine / "spread.parquet")
+    a, b = out["kv"], out["generate"]
+    assert a["request_id"].tolist() == b["request_id"].tolist()
+    assert [list(x) for x in a["lengths"]] == [list(x) for x in b["lengths"]]
+    assert (a["n_output_tokens"] == [x[0] for x in a["lengths"]]).all()
+    assert a["len_mean"].tolist() == pytest.approx([float(np.mean(x)) for x in a["lengths"]])
+    assert any(len(set(x)) > 1 for x in a["lengths"])  # the samples differ: a spread to measure
+    assert len(list((tmp_path / "kv" / "parts").glob("part-*.parquet"))) == 2
+    again = run_spread(cfg, tmp_path / "generate", lm=None)  # everything done: no LM is even loaded
+    assert again["n_prompts"] == 6
