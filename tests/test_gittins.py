@@ -447,3 +447,32 @@ def test_the_continuous_simulators_pool_carries_the_predicted_quantiles():
     rs = to_requests(_pool(held).assign(arrival_s=[0.0, 1.0]), keep_predictions=True)
     assert rs[0].pred["pred_quantiles"] == (2.0, 5.0, 9.0) and rs[1].pred["pred_rtlm"] == 19.0
     assert "pred_quantiles" not in to_requests(_pool(held), keep_predictions=False)[0].pred
+
+
+def test_oracle_dist_ranks_by_the_true_distribution_not_the_sample():
+    """oracle_dist: the Gittins index of each prompt's sampled lengths (a spread profile's ``lengths``), blind to
+    the sample drawn. ``a`` always needs 4 tokens; ``b`` needs 1 or 12 (half each) and drew 12: the oracle of the
+    sample (SRPT) runs ``a`` first, the distribution oracle bets on ``b``'s short branch (index 1/2 per token
+    against 1/4) and learns after one token that it lost; on point masses it is SRPT. The pool carries the
+    lengths from a spread profile to the requests."""
+    import pandas as pd
+
+    from rtlm_lab.scheduler.continuous import _pool, to_requests
+
+    held = pd.DataFrame({"request_id": ["a", "b"], "text": ["x", "y"], "context": ["", ""], "n_input_tokens": [1, 1],
+                         "n_output_tokens": [4, 12], "lengths": [[4, 4], [1, 12]]})
+    rs = to_requests(_pool(held).assign(arrival_s=[0.0, 0.0]), keep_predictions=False)
+    assert rs[1].true_dist == (1, 12) and rs[0].true_dist == (4, 4)
+
+    def run(policy, reqs):
+        clock = VirtualClock()
+        pol = make_policy(policy, {})
+        eng = Engine("e0", SimBackend(UNIT), pol, max_seqs=1, max_batch_tokens=4096, step_model=UNIT)
+        jobs, _ = serve(reqs, pol, [eng], clock, PredictorServer(reqs, (), clock))
+        return {j.rid: j.finish_s for j in jobs}
+
+    fresh = lambda: to_requests(_pool(held).assign(arrival_s=[0.0, 0.0]), keep_predictions=False)  # noqa: E731
+    assert run("oracle_srpt", fresh()) == {"a": 4.0, "b": 16.0}
+    assert run("oracle_dist", fresh()) == {"a": 5.0, "b": 16.0}   # b's first token, then a, then b's rest
+    with pytest.raises(UserError, match="spread profile"):
+        run("oracle_dist", _reqs([("z", 0.0, 3, _point(3))]))

@@ -124,18 +124,21 @@ def to_requests(df: pd.DataFrame, keep_predictions: bool) -> list[Request]:
             q = getattr(row, "pred_quantiles", None)  # the distribution-aware policies' predicted quantiles
             if q is not None and not (isinstance(q, float) and math.isnan(q)):
                 pred["pred_quantiles"] = tuple(float(x) for x in q)
+        lengths = getattr(row, "lengths", None)  # a spread profile: the prompt's sampled lengths (oracle_dist)
         out.append(Request(request_id=str(row.request_id), text=str(row.text),
                            context=str(getattr(row, "context", "") or ""),
                            arrival_s=float(getattr(row, "arrival_s", 0.0)), n_input_tokens=int(row.n_input_tokens),
                            true_tokens=int(row.true_tokens), pred=pred,
-                           isolated_s=float(getattr(row, "isolated_s", math.nan))))
+                           isolated_s=float(getattr(row, "isolated_s", math.nan)),
+                           true_dist=tuple(int(x) for x in lengths) if lengths is not None and not (
+                               isinstance(lengths, float) and math.isnan(lengths)) else ()))
     return out
 
 
 def _pool(held: pd.DataFrame) -> pd.DataFrame:
     pool = held.rename(columns={"n_output_tokens": "true_tokens"})
     cols = [c for c in ("request_id", "text", "context", "n_input_tokens", "true_tokens", "pred_rtlm",
-                        "uncertainty", "pred_proxy", "ltr_score", "pred_quantiles") if c in pool.columns]
+                        "uncertainty", "pred_proxy", "ltr_score", "pred_quantiles", "lengths") if c in pool.columns]
     pool = pool[cols].copy()
     pool["context"] = pool["context"].fillna("").astype(str) if "context" in pool else ""
     return pool
@@ -364,7 +367,7 @@ def run_continuous(cfg: Mapping[str, Any], run_dir: Path, profile: pd.DataFrame,
     """Serve the workload on the continuous engine; returns (records, metrics, trace). ``state_probe``: a
     fitted :class:`~rtlm_lab.scheduler.lmprobe.StateProbe` for the lmstate policy (else loaded/fitted from the
     LM's committed train profile)."""
-    from rtlm_lab.scheduler.workload import arrival_times, check_workload, choose_requests
+    from rtlm_lab.scheduler.workload import arrival_params, arrival_times, check_workload, choose_requests
 
     mode = str(cfg["mode"])
     lm_spec, platform, sched = dict(cfg["lm"]), dict(cfg["platform"]), dict(cfg["scheduler"])
@@ -421,8 +424,7 @@ def run_continuous(cfg: Mapping[str, Any], run_dir: Path, profile: pd.DataFrame,
     rho = float(workload.get("rho", 0.9))
     rate = rho * float(cap["capacity_rps"])  # the measured capacity of all the engines together
     chosen = choose_requests(pool, n, seed)
-    params = {k: workload[k] for k in ("cv", "burst_factor", "burst_share", "mean_sojourn_requests") if k in workload}
-    chosen.insert(3, "arrival_s", arrival_times(kind, rate, n, seed=seed, **params))
+    chosen.insert(3, "arrival_s", arrival_times(kind, rate, n, seed=seed, **arrival_params(workload)))
     chosen["isolated_s"] = [step_model.isolated(a, b) for a, b in zip(chosen["n_input_tokens"], chosen["true_tokens"])]
     trace = chosen
 

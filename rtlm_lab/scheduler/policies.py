@@ -50,6 +50,7 @@ class Request:
     isolated_s: float = math.nan           # service model, batch 1, true tokens (SLO reference)
     retries: int = 0
     sample: int = 0                        # sampled decoding: which of the request's seeded samples it draws
+    true_dist: tuple = ()                  # sampled decoding: the prompt's sampled lengths (oracle_dist only)
 
     @property
     def uncertainty(self) -> float:
@@ -541,6 +542,30 @@ class SRPTExpected(_SizeDistributionPolicy):
         return dist.expected_remaining(age)
 
 
+class OracleDist(Gittins):
+    """The honest lower bound under sampled decoding (issue 34): the Gittins index of each prompt's *true*
+    length distribution (its ``K`` samples in the spread profile, ``req.true_dist``, each of weight ``1/K``),
+    not the sample this request will draw (``oracle_srpt`` knows that). Needs a spread profile as the workload
+    (``profile=<spread.parquet>``: its ``lengths`` column)."""
+
+    name = "oracle_dist"
+    needs = ()
+
+    def dist(self, req: Request):
+        from rtlm_lab.scheduler.gittins import DiscreteSize
+
+        d = self._dists.get((req.request_id, ()))
+        if d is None:
+            if not req.true_dist:
+                raise UserError(f"policy oracle_dist needs each prompt's sampled lengths (request {req.request_id} "
+                                "has none): serve a spread profile, profile=<rtlm-spread's spread.parquet>")
+            import numpy as np
+
+            vals, counts = np.unique(np.asarray(req.true_dist, dtype=float), return_counts=True)
+            d = self._dists[(req.request_id, ())] = DiscreteSize(vals, counts / counts.sum(), self.overrun_mean)
+        return d
+
+
 BASELINES = {"fcfs": FCFS, "sjf_input": SJFInput, "sjf_proxy": SJFProxy, "ltr": LTR, "oracle_sjf": OracleSJF,
              "oracle_srpt": OracleSRPT}
 ABLATIONS = {
@@ -553,7 +578,8 @@ ABLATIONS = {
     "rtlm_wc": {"work_conserving": True},  # extension: work-conserving consolidation (see RTLM)
 }
 EXTENSIONS = {"lmstate": {}, "lmstate_no_refine": {"refine_every": 0}}
-DISTRIBUTIONAL = {"gittins": Gittins, "srpt_expected": SRPTExpected}   # read req.pred["pred_quantiles"]
+DISTRIBUTIONAL = {"gittins": Gittins, "srpt_expected": SRPTExpected,  # read req.pred["pred_quantiles"]
+                  "oracle_dist": OracleDist}                          # reads req.true_dist (a spread profile)
 POLICIES = tuple(BASELINES) + tuple(ABLATIONS) + tuple(EXTENSIONS) + tuple(DISTRIBUTIONAL)
 
 

@@ -13,7 +13,8 @@ Two decoders, the same draws:
 * ``spread.engine=generate``: ``ChatLM.generate`` with :class:`~rtlm_lab.lm.sampling.SeededSampler`, in
   batches of ``spread.batch_size`` (encoder-decoders, and the reference the tests compare the kv engine with).
 
-One row per prompt (``spread.parquet``): ``lengths`` (K ints), ``eos`` (K bools: the reply ended its turn, not
+One row per prompt (``spread.parquet``, usable as a schedule's workload profile: ``profile=<it>``, where
+``oracle_dist`` reads ``lengths``): ``n_input_tokens``, ``lengths`` (K ints), ``eos`` (K bools: the reply ended its turn, not
 the cap), and their summary ``len_mean``, ``len_sd``, ``len_q10`` ... ``len_q90``, ``len_iqr``, ``eos_rate``.
 Rows are saved every chunk of ``spread.chunk`` prompts; a rerun resumes.
 """
@@ -60,7 +61,7 @@ def _kv_samples(lm, backend, texts, contexts, rids, k: int, max_seqs: int, max_b
     clock = WallClock()
     jobs, _ = serve(reqs, pol, [eng], clock, PredictorServer(reqs, (), clock))
     by = {j.rid: j for j in jobs}
-    return [(len(by[r].output_ids), by[r].stop_reason != "max_tokens") for r in rids]
+    return [(len(by[r].output_ids), by[r].stop_reason != "max_tokens", by[r].n_prompt) for r in rids]
 
 
 def _generate_samples(lm, texts, contexts, rids, k: int, base: int, batch_size: int):
@@ -70,7 +71,7 @@ def _generate_samples(lm, texts, contexts, rids, k: int, base: int, batch_size: 
     for s in range(0, len(texts), batch_size):
         seeds = [request_seed(r, k, base) for r in rids[s:s + batch_size]]
         gens = lm.generate(texts[s:s + batch_size], contexts[s:s + batch_size], seeds=seeds)
-        out += [(g.n_output_tokens, g.stop_reason != "max_tokens") for g in gens]
+        out += [(g.n_output_tokens, g.stop_reason != "max_tokens", g.n_input_tokens) for g in gens]
     return out
 
 
@@ -157,7 +158,8 @@ def run_spread(cfg: Mapping[str, Any], run_dir: str | Path, lm=None) -> dict[str
                 lens = [int(per_k[k][i][0]) for k in range(K)]
                 eos = [bool(per_k[k][i][1]) for k in range(K)]
                 rows.append({"request_id": req["request_id"], "conv_id": req.get("conv_id"), "text": req["text"],
-                             "context": req["context"], "n_output_tokens": lens[0], "lengths": lens, "eos": eos,
+                             "context": req["context"], "n_input_tokens": int(per_k[0][i][2]),
+                             "n_output_tokens": lens[0], "lengths": lens, "eos": eos,
                              **summarize_lengths(lens, eos), "lm": lm_cfg["name"],
                              "platform": platform.get("name"), "decoding": decoding, "git_commit": commit})
             store.add(rows)
