@@ -7,6 +7,7 @@ times, so every fact has a value worked out by hand."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pandas as pd
@@ -278,3 +279,19 @@ def test_a_seed_whose_closing_fcfs_drifted_more_than_10pct_is_flagged(tmp_path):
     assert set(df["fcfs_drift_seeds"]) == {"1"}
     assert all("FCFS drift s1 (1.15x)" in f and "s0" not in f for f in df["flags"])
     assert "FCFS drift s1" in format_summary(df.reset_index())
+
+
+def test_step_cost_ratio_compares_decode_steps_at_the_same_rows():
+    """A policy whose decoding steps cost 10% more at every row count gets 1.1, whatever rows it ran; mixed
+    steps (prompt tokens) and rare row counts are left out."""
+    import pandas as pd
+
+    from rtlm_lab.scheduler.protocol import step_cost_ratio
+
+    fcfs = pd.DataFrame({"n_seqs": [4] * 10 + [8] * 10 + [16] * 2, "dt_s": [1.0] * 10 + [2.0] * 10 + [9.0] * 2})
+    fcfs["n_tokens"] = fcfs["n_seqs"]
+    pol = pd.DataFrame({"n_seqs": [4] * 30 + [8] * 10 + [8] * 5, "dt_s": [1.1] * 30 + [2.2] * 10 + [50.0] * 5,
+                        "n_tokens": [4] * 30 + [8] * 10 + [300] * 5})  # the last 5: mixed steps, not compared
+    assert step_cost_ratio(pol, fcfs) == pytest.approx(1.1)
+    assert step_cost_ratio(fcfs, fcfs) == pytest.approx(1.0)
+    assert math.isnan(step_cost_ratio(pol[pol["n_seqs"] == 4], fcfs[fcfs["n_seqs"] == 8]))

@@ -315,6 +315,7 @@ def summarize(run_dirs: Sequence[Path], baseline: str = "fcfs", oracle: str | No
                     b = [rt[gr[gr["seed"] == s]["run_dir"].iloc[0]] for s in seeds]
                     row.update(dict(zip(cols, ratio_ci(a, b, stat, block=block, n_boot=n_boot))))
             row.update(_headroom(g, gp, rt, baseline, g_oracle, block, n_boot))
+            row["step_cost_vs_fcfs"] = _step_cost(g, gp, baseline)
             row.update(_protocol_summary(gp, group_flags, drift_seeds))
             out.append(row)
             bar.update(1)
@@ -351,6 +352,24 @@ def _headroom(g: pd.DataFrame, gp: pd.DataFrame, rt: Mapping[str, np.ndarray], b
         out.update({c: math.nan for c in cols[:3]})
     out["headroom_note"] = note
     return out
+
+
+def _step_cost(g: pd.DataFrame, gp: pd.DataFrame, baseline: str) -> float:
+    """Mean over seeds of :func:`~rtlm_lab.scheduler.protocol.step_cost_ratio` (NaN without steps files)."""
+    from rtlm_lab.scheduler.protocol import step_cost_ratio
+
+    vals = []
+    for s in sorted(set(gp["seed"]) & set(g[g["policy"] == baseline]["seed"])):
+        try:
+            cols = ["dt_s", "n_seqs", "n_tokens"]
+            a = pd.read_parquet(Path(_first_run(gp, gp["policy"].iloc[0], s)) / "steps.parquet", columns=cols)
+            b = pd.read_parquet(Path(_first_run(g, baseline, s)) / "steps.parquet", columns=cols)
+        except (OSError, ValueError, KeyError):
+            continue
+        v = step_cost_ratio(a, b)
+        if math.isfinite(v):
+            vals.append(v)
+    return float(np.mean(vals)) if vals else math.nan
 
 
 def closing_fcfs_drift(g: pd.DataFrame, baseline: str = "fcfs") -> dict[int, float]:

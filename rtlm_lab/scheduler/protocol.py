@@ -15,6 +15,10 @@ recorded. All of them read the whole run, warm-up share included: they judge the
 * **Drift**: ``rt_drift_last_vs_first_third``, the mean response time of the last third of arrivals over the
   first third's (in arrival order). Near 1 in a steady state; a growing queue (or a machine slowing down) makes
   it large.
+* **Engine cost at the same rows** (:func:`step_cost_ratio`, per policy against the seed's FCFS run, in the
+  results table as ``step_cost_vs_fcfs``): pure decoding steps of the same number of rows, the policy's median
+  step time over FCFS's, averaged over the policy's steps. What a policy's predictions and pauses cost the
+  engine (the serving-core issue's aim: within 1.05x), apart from how many rows it runs.
 * **Length**: ``arrival_window_s`` (first to last arrival) over the mean isolated service time
   ``mean_isolated_s`` (a request alone on the engine): ``window_over_isolated``, which the protocol wants
   >= 100.
@@ -87,3 +91,21 @@ def run_protocol(records: pd.DataFrame, nominal_rho: float | None, realized_rho:
         "stable": stable,
         "rt_drift_last_vs_first_third": rt_drift(arr, records["response_s"]),
     }
+
+
+def step_cost_ratio(policy_steps: pd.DataFrame, fcfs_steps: pd.DataFrame, min_steps: int = 5) -> float:
+    """Median step time of pure decoding steps (``n_tokens == n_seqs``) per number of rows, the policy's over
+    FCFS's, weighted by the policy's steps at each row count both runs saw at least ``min_steps`` times; NaN
+    where they share none. Columns ``dt_s``, ``n_seqs``, ``n_tokens`` (``steps.parquet``)."""
+    def med(st):
+        d = st[st["n_tokens"] == st["n_seqs"]]
+        g = d.groupby("n_seqs")["dt_s"]
+        return g.median()[g.size() >= min_steps], g.size()
+
+    pm, pn = med(policy_steps)
+    fm, _ = med(fcfs_steps)
+    common = pm.index.intersection(fm.index)
+    if not len(common):
+        return math.nan
+    w = pn.loc[common].astype(float)
+    return float(((pm.loc[common] / fm.loc[common]) * w).sum() / w.sum())
