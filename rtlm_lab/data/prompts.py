@@ -144,3 +144,26 @@ def load_prompts(path: Any, n: int | None = None, seed: int = 0, with_context: b
     if not with_context:
         df["context"] = ""
     return df
+
+
+def export_ccc(dst_dir: Any, n: int = 500, splits: tuple[str, ...] = ("train", "test")) -> list[Path]:
+    """Write the seeded ``n``-turn CCC samples of ``splits`` (``conf/data/ccc.yaml``'s defaults) as prompt files
+    ``<dst_dir>/<split>.jsonl`` with their request and conversation ids, for machines without the corpus
+    (``make spread-prompts``: the GPU box's ``rtlm-spread``); the same ids as ``data=ccc data.split=<split>
+    data.n_prompts=<n>``, so results join the committed profiles."""
+    import json
+
+    from rtlm_lab.data.ccc import load_requests
+    from rtlm_lab.io import atomic_path
+
+    out = []
+    for split in splits:
+        df = load_requests(split=split, n=n)
+        path = Path(dst_dir) / f"{split}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp, open(tmp, "w") as f:
+            for r in df.itertuples(index=False):
+                f.write(json.dumps({"text": r.text, "context": r.context, "request_id": r.request_id,
+                                    "conversation_id": r.conv_id}) + "\n")
+        out.append(path)
+    return out

