@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # a committed real profile (outputs/reference/profiles): its first 40 rows keep the tests quick
 REAL_PROFILE = ROOT / "outputs" / "reference" / "profiles" / "gemma3_270m__cpu.parquet"
 NOTEBOOK = ROOT / "notebooks" / "01_uncertainty_latency.ipynb"
+SPREAD = ROOT / "tests" / "data" / "spread_dialogpt_ccc_cpu_n40_k4.parquet"  # see tests/test_uncertainty_spread.py
 
 
 def synthetic(n: int = 300, seed: int = 0) -> pd.DataFrame:
@@ -172,7 +173,7 @@ def _cli(args, out_dir):
 @pytest.fixture(scope="module")
 def task_run(six_rows, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("outputs")
-    res = _cli([f"profile={six_rows}", "n_bootstrap=50"], out)
+    res = _cli([f"profile={six_rows}", "n_bootstrap=50", f"spread={SPREAD}"], out)
     assert res.returncode == 0, res.stderr[-3000:]
     return out / "uncertainty" / "gemma3_270m" / "cpu"
 
@@ -190,9 +191,15 @@ def test_task_writes_metrics_scores_figures(task_run, six_rows):
     assert metrics["provenance"]["profile"] == str(six_rows) and metrics["provenance"]["profile_sha256"]
     assert len(metrics["spearman_table"]) == len(FEATURES)
     assert len(pd.read_parquet(task_run / "scores.parquet")) == 40
-    for stem in ("spearman", "output_by_uncertainty", "latency_fit", "spearman_heatmap"):
+    for stem in ("spearman", "output_by_uncertainty", "latency_fit", "spearman_heatmap", "spread_table"):
         for ext in ("png", "svg"):
             assert (task_run / f"{stem}.{ext}").is_file(), stem
+    from rtlm_lab.uncertainty.spread import COLUMNS, TARGETS
+
+    spread = pd.read_csv(task_run / "spread_table.csv")
+    assert list(spread.columns) == COLUMNS and set(spread["target"]) == set(TARGETS)
+    assert set(spread["lm"]) == {"dialogpt_ccc"}  # labelled by the spread profile, not the config
+    assert metrics["spread"]["profiles"] == [str(SPREAD)] and len(metrics["spread"]["table"]) == len(spread)
 
 
 def test_task_missing_profile_is_one_line(tmp_path):
@@ -237,11 +244,12 @@ def test_notebook_runs_with_papermill(six_rows, tmp_path):
     out_dir = tmp_path / "nb"
     papermill.execute_notebook(str(NOTEBOOK), str(tmp_path / "out.ipynb"), kernel_name="python3",
                                parameters={"lm": "gemma3_270m", "platform": "cpu", "profile": str(six_rows),
-                                           "output_dir": str(out_dir), "n_bootstrap": 50},
+                                           "output_dir": str(out_dir), "n_bootstrap": 50, "spread": str(SPREAD)},
                                progress_bar=False, cwd=str(ROOT / "notebooks"))
     metrics = json.loads((out_dir / "metrics.json").read_text())
     assert metrics["n"] == 40 and metrics["provenance"]["config"]["n_bootstrap"] == 50
     assert (out_dir / "spearman.png").is_file() and (out_dir / "latency_fit.svg").is_file()
+    assert (out_dir / "spread_table.csv").is_file() and (out_dir / "spread_table.png").is_file()
 
 
 def test_find_profile_prefers_the_largest(tmp_path):

@@ -187,11 +187,10 @@ def profile_hint(cfg) -> str:
     return " ".join(parts)
 
 
-def resolve_profile(cfg, hint: str) -> Path:
-    """The profile parquet a task reads: ``cfg.profile`` or ``cfg.profile_default``; relative paths are
-    taken from where the command was started. A missing file is a :class:`UserError` naming ``hint``."""
-    given = cfg.get("profile")
-    path = Path(str(given) if given else str(cfg.profile_default)).expanduser()
+def user_path(given: Any) -> Path:
+    """A path given on the command line: ``~`` expanded, a relative one taken from where the command was
+    started (Hydra's ``runtime.cwd``; the current directory without Hydra)."""
+    path = Path(str(given)).expanduser()
     if not path.is_absolute():
         from hydra.core.hydra_config import HydraConfig
 
@@ -199,6 +198,14 @@ def resolve_profile(cfg, hint: str) -> Path:
             path = Path(HydraConfig.get().runtime.cwd) / path
         except ValueError:  # called without Hydra
             path = path.resolve()
+    return path
+
+
+def resolve_profile(cfg, hint: str) -> Path:
+    """The profile parquet a task reads: ``cfg.profile`` or ``cfg.profile_default``; relative paths are
+    taken from where the command was started. A missing file is a :class:`UserError` naming ``hint``."""
+    given = cfg.get("profile")
+    path = user_path(given if given else cfg.profile_default)
     if not path.is_file():
         raise UserError(f"no profile at {path}; run `{hint}` first (or pass profile=<path/to/profile.parquet>)")
     return path

@@ -15,6 +15,13 @@ Reads a profile written by ``rtlm-profile`` (``profile=<parquet>``, or by defaul
   and log P(end of turn), Spearman and partial Spearman | log input tokens with output length
   (conversation-bootstrap CIs); also ``metrics.json["model_vs_input"]``. The LM's prefill states are cached
   under ``data/cache/lmstate/`` (the LM loads on a cache miss);
+* with a spread profile (:mod:`rtlm_lab.uncertainty.spread`; ``spread=<spread.parquet>``, or by default the
+  committed ``outputs/reference/profiles/spread/<lm>__<platform>__{test,train}.parquet`` when they exist, another
+  platform's when this one has none; ``spread=false``: off): ``spread_table.csv`` and the ``spread_table``
+  heatmap: do the same measures rank prompts by the sd / IQR of their sampled reply lengths (and, for
+  comparison, their mean)? Spearman and partial Spearman | input length, conversation-bootstrap CIs; the
+  model-side rows where the LM's prefill states are cached (or computed, with ``model_side=true``); also
+  ``metrics.json["spread"]``;
 * ``manifest.json`` (last): sha256 and size of each of these files.
 
 Examples::
@@ -24,6 +31,7 @@ Examples::
     rtlm-uncertainty profile=outputs/profile/gemma3_270m/cpu/test-n6-s0/profile.parquet n_bootstrap=200
     rtlm-uncertainty lm=dialogpt_ccc profile=outputs/reference/profiles/dialogpt_ccc__cpu.parquet model_side=true
     rtlm-uncertainty data=prompts data.path=my_prompts.jsonl lm=custom lm.local_dir=DIR   # your prompts' profile
+    rtlm-uncertainty lm=dialogpt_ccc spread=outputs/spread/dialogpt_ccc/<platform>/<run>/spread.parquet
 """
 
 from __future__ import annotations
@@ -34,9 +42,23 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from rtlm_lab.errors import UserError
-from rtlm_lab.tasks._cli import check_data, make_main, profile_hint, resolve_profile, task_wrapper
+from rtlm_lab.tasks._cli import check_data, make_main, profile_hint, resolve_profile, task_wrapper, user_path
 
 log = logging.getLogger("rtlm_lab.uncertainty")
+
+
+def spread_paths(cfg: DictConfig) -> list[Path]:
+    """The spread profile(s) of this run: ``cfg.spread`` (checked now: a missing or foreign file is one
+    :class:`UserError` line), ``[]`` with ``spread=false``, else the committed ones of the LM (may be none)."""
+    given = cfg.get("spread")
+    if given is False or str(given).lower() in ("false", "off", "none"):
+        return []
+    from rtlm_lab.uncertainty.spread import find_spread, read_spread
+
+    paths = [user_path(given)] if given else find_spread(cfg.lm.name, cfg.platform.name)
+    for p in paths:
+        read_spread(p)
+    return paths
 
 
 @task_wrapper
@@ -47,6 +69,7 @@ def uncertainty(cfg: DictConfig) -> dict:
     # before the heavy imports: a bad prompt file or a missing profile is a quick one-line error
     check_data(cfg)
     path = resolve_profile(cfg, profile_hint(cfg))
+    spread = spread_paths(cfg)
 
     import matplotlib
 
@@ -76,22 +99,39 @@ def uncertainty(cfg: DictConfig) -> dict:
     metrics["provenance"] = provenance(cfg, profile=str(path), profile_sha256=sha256_file(path),
                                        run_dir=str(run_dir))
     mvi = None
-    if cfg.get("model_side", False):
+
+    def loader():
         from omegaconf import OmegaConf
 
-        from rtlm_lab.io import write_text_atomic
         from rtlm_lab.lm import load_lm
-        from rtlm_lab.uncertainty.modelside import model_vs_input
 
-        def loader():
-            return load_lm(OmegaConf.to_container(cfg.lm, resolve=True),
-                           OmegaConf.to_container(cfg.platform, resolve=True))
+        return load_lm(OmegaConf.to_container(cfg.lm, resolve=True),
+                       OmegaConf.to_container(cfg.platform, resolve=True))
+
+    if cfg.get("model_side", False):
+        from rtlm_lab.io import write_text_atomic
+        from rtlm_lab.uncertainty.modelside import model_vs_input
 
         mvi = model_vs_input(path, lm=cfg.lm.name, platform=cfg.platform.name, loader=loader,
                              n_bootstrap=int(cfg.n_bootstrap), seed=int(cfg.seed),
                              batch_size=int(cfg.get("model_side_batch_size", 16)), scores=scores)["table"]
         metrics["model_vs_input"] = to_jsonable({"t": mvi})["t"]
         write_text_atomic(run_dir / "model_vs_input.csv", mvi.to_csv(index=False, float_format="%.4f"))
+    sp = None
+    if spread:
+        from rtlm_lab.uncertainty.spread import spread_study
+
+        sp = spread_study(spread, lm=cfg.lm.name, platform=cfg.platform.name,
+                          loader=loader if cfg.get("model_side", False) else None,
+                          n_bootstrap=int(cfg.n_bootstrap), seed=int(cfg.seed),
+                          batch_size=int(cfg.get("model_side_batch_size", 16)), out_dir=run_dir,
+                          figure=bool(cfg.get("figures", True)))
+        metrics["spread"] = {"profiles": [str(p) for p in spread], "sha256": [sha256_file(p) for p in spread],
+                             "n": sp["n"], "model_side": sp["model_side"],
+                             "table": to_jsonable({"t": sp["table"]})["t"]}
+    elif cfg.get("spread") is None:
+        log.info("no committed spread profile of %s (outputs/reference/profiles/spread/); spread section skipped",
+                 cfg.lm.name)
     write_parquet_atomic(scores, run_dir / "scores.parquet")
     write_json_atomic(run_dir / "metrics.json", metrics)
     if cfg.get("figures", True):
@@ -114,6 +154,13 @@ def uncertainty(cfg: DictConfig) -> dict:
 
         print("model-side vs input-side: partial Spearman | log input tokens [95% CI] (rho)", flush=True)
         print(to_markdown(mvi), flush=True)
+    if sp is not None:
+        from rtlm_lab.uncertainty.spread import format_spread
+
+        print(f"spread of sampled reply lengths ({sp['n']} prompts of {', '.join(p.name for p in spread)}): "
+              "partial Spearman | log input tokens [95% CI] (rho)", flush=True)
+        print(format_spread(sp["table"]), flush=True)
+        print(f"spread table: {run_dir / 'spread_table.csv'}", flush=True)
     print(f"metrics: {run_dir / 'metrics.json'}", flush=True)
     return metrics
 

@@ -118,9 +118,10 @@ def _percentile(dist: np.ndarray, level: float = CI_LEVEL) -> tuple[np.ndarray, 
 
 def model_input_table(frame: pd.DataFrame, n_bootstrap: int = 1000, seed: int = 0, lm: str = "?",
                       platform: str = "?", groups: Sequence[Any] | None = None,
-                      measures: Sequence[str] = MEASURES) -> pd.DataFrame:
-    """The :data:`COLUMNS` table for the measures of ``frame`` (needs :data:`TARGET`, ``n_input_tokens``)."""
-    for c in (TARGET, "n_input_tokens"):
+                      measures: Sequence[str] = MEASURES, target: str = TARGET) -> pd.DataFrame:
+    """The :data:`COLUMNS` table for the measures of ``frame`` against ``target`` (default :data:`TARGET`;
+    needs it and ``n_input_tokens``)."""
+    for c in (target, "n_input_tokens"):
         if c not in frame.columns:
             raise UserError(f"model_input_table needs a {c!r} column")
     f = frame.reset_index(drop=True)
@@ -128,7 +129,7 @@ def model_input_table(frame: pd.DataFrame, n_bootstrap: int = 1000, seed: int = 
         f = f.assign(**{BASELINE: np.log(f["n_input_tokens"].astype(float).clip(lower=1))})
     measures = [m for m in measures if m in f.columns]
     X = f[measures].to_numpy(float)
-    y = f[TARGET].to_numpy(float)
+    y = f[target].to_numpy(float)
     z = f[BASELINE].to_numpy(float)
     n = len(f)
     rho, par = rank_stats(X, y, z)
@@ -154,10 +155,10 @@ def model_input_table(frame: pd.DataFrame, n_bootstrap: int = 1000, seed: int = 
 # ------------------------------------------------------------------------------------ per-request frame
 def measure_frame(profile_df: pd.DataFrame, states, scores: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per request: ``request_id``, ``n_input_tokens``, ``n_output_tokens``, the input-side scores
-    (``quantify``, or the given ``scores`` frame in the same row order), ``prefill_entropy``, ``log_eos_prob``,
-    ``log_input_tokens``."""
+    (``quantify``, or the given ``scores`` frame in the same row order), ``prefill_entropy``, ``log_eos_prob``
+    (absent when ``states`` is ``None``), ``log_input_tokens``."""
     df = profile_df.reset_index(drop=True)
-    if len(states) != len(df):
+    if states is not None and len(states) != len(df):
         raise UserError(f"{len(states)} LM states for {len(df)} profile rows")
     if scores is None:
         from rtlm_lab.uncertainty import quantify
@@ -165,8 +166,9 @@ def measure_frame(profile_df: pd.DataFrame, states, scores: pd.DataFrame | None 
         scores = quantify(df["text"].fillna("").astype(str).tolist())
     keep = [c for c in ("request_id", "conv_id", "n_input_tokens", TARGET) if c in df.columns]
     out = pd.concat([df[keep], scores[list(INPUT_SIDE)].reset_index(drop=True)], axis=1)
-    out["prefill_entropy"] = np.asarray(states.entropy, dtype=float)
-    out["log_eos_prob"] = np.log(np.clip(np.asarray(states.eos_prob, dtype=float), 1e-12, 1.0))
+    if states is not None:
+        out["prefill_entropy"] = np.asarray(states.entropy, dtype=float)
+        out["log_eos_prob"] = np.log(np.clip(np.asarray(states.eos_prob, dtype=float), 1e-12, 1.0))
     out[BASELINE] = np.log(out["n_input_tokens"].astype(float).clip(lower=1))
     return out
 
@@ -222,13 +224,15 @@ def model_vs_input(profile_path: str | Path, lm: str | None = None, platform: st
 
 # --------------------------------------------------------------------------------------------- figure
 def plot_model_vs_input(table: pd.DataFrame, out_dir: str | Path | None = None, title: str = "",
-                        stem: str = "model_vs_input"):
+                        stem: str = "model_vs_input", by: str | None = None,
+                        label: str = "partial ρ with output tokens | log input tokens"):
     """Measure x LM heatmap of the partial Spearman (| log input tokens) of input-side scores and model-side
     prefill measures with output tokens (:func:`model_input_table`); the ``log_input_tokens`` row shows its
-    plain rho. ``*`` = the cluster-bootstrap 95% CI excludes 0."""
+    plain rho. ``*`` = the cluster-bootstrap 95% CI excludes 0. ``by``: the table column whose values are the
+    heatmap's columns (default: lm, or lm / platform); ``label``: the colour bar's."""
     plt = pyplot()
     t = table.copy()
-    t["column"] = column_label(t)
+    t["column"] = column_label(t) if by is None else t[by].astype(str)
     base = t["measure"] == BASELINE
     t["value"] = np.where(base, t["spearman"], t["partial_spearman"])
     t["lo"] = np.where(base, t["ci_low"], t["partial_ci_low"])
@@ -241,7 +245,7 @@ def plot_model_vs_input(table: pd.DataFrame, out_dir: str | Path | None = None, 
         return g.reindex(index=rows, columns=cols).astype(float)
 
     val, lo, hi = grid("value"), grid("lo"), grid("hi")
-    fig, ax = signed_heatmap(plt, val, lo, hi, "partial ρ with output tokens | log input tokens", 2.8, 1.8)
+    fig, ax = signed_heatmap(plt, val, lo, hi, label, 2.8, 1.8)
     labels = {"prefill_entropy": "LM: prefill entropy", "log_eos_prob": "LM: log P(end of turn)",
               BASELINE: "log input tokens (ρ)"}
     ax.set_yticklabels([labels.get(m, m) for m in rows], rotation=0)
@@ -277,25 +281,34 @@ def with_reference(table: pd.DataFrame, path: str | Path | None = None) -> pd.Da
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=COLUMNS)
 
 
-def to_markdown(table: pd.DataFrame) -> str:
-    """Measures x LMs: ``partial [CI]`` (rho) per cell."""
-    lms = list(dict.fromkeys(table["lm"]))
-    lines = ["| measure | side | " + " | ".join(lms) + " |", "|---|---|" + "---|" * len(lms)]
+def text_grid(table: pd.DataFrame, by: str = "lm") -> pd.DataFrame:
+    """Measures (rows, with their ``side``) x LMs (or x the values of column ``by``): ``partial [CI] (rho)`` per
+    cell as text; a measure without a partial (the baseline) shows ``(rho ..)``."""
+    cols = list(dict.fromkeys(table[by]))
+    rows = []
     for m in dict.fromkeys(table["measure"]):
-        cells = []
-        for lm in lms:
-            r = table[(table["lm"] == lm) & (table["measure"] == m)]
+        row = {"measure": m, "side": side_of(m)}
+        for c in cols:
+            r = table[(table[by] == c) & (table["measure"] == m)]
             if r.empty:
-                cells.append("")
+                row[str(c)] = ""
                 continue
             r = r.iloc[0]
             if np.isfinite(r["partial_spearman"]):
                 ci = (f" [{r['partial_ci_low']:+.2f}, {r['partial_ci_high']:+.2f}]"
                       if np.isfinite(r["partial_ci_low"]) else "")
-                cells.append(f"{r['partial_spearman']:+.2f}{ci} (rho {r['spearman']:+.2f})")
+                row[str(c)] = f"{r['partial_spearman']:+.2f}{ci} (rho {r['spearman']:+.2f})"
             else:
-                cells.append(f"(rho {r['spearman']:+.2f})")
-        lines.append(f"| {m} | {side_of(m)} | " + " | ".join(cells) + " |")
+                row[str(c)] = f"(rho {r['spearman']:+.2f})"
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["measure", "side", *map(str, cols)]).set_index("measure")
+
+
+def to_markdown(table: pd.DataFrame, by: str = "lm") -> str:
+    """:func:`text_grid` as a Markdown table."""
+    g = text_grid(table, by)
+    lines = ["| measure | " + " | ".join(g.columns) + " |", "|---|" + "---|" * len(g.columns)]
+    lines += [f"| {m} | " + " | ".join(r) + " |" for m, r in zip(g.index, g.to_numpy().tolist())]
     return "\n".join(lines)
 
 
