@@ -253,6 +253,25 @@ class StateProbe:
         return np.maximum(out, 0.0)
 
 
+def resolve_pending(pending: list[tuple]) -> None:
+    """Give an engine step's probe results to their jobs, once the step has synchronised (reading a device tensor
+    then does not stall): ``("prefill", jobs, predicted tokens)`` sets ``pred_lmstate`` and the remaining
+    estimate; ``("refine", jobs, predicted remaining, tokens so far, cap left, loop flags)`` updates the remaining
+    estimate (a detected loop: the cap) and records the refinement. Empties ``pending``."""
+    for item in pending:
+        if item[0] == "prefill":
+            for j, p in zip(item[1], item[2].tolist()):
+                j.req.pred["pred_lmstate"] = float(p)
+                j.rem_pred, j.rem_at = float(p), 0
+        else:
+            _, jobs, pred, ts, cap_left, loop = item
+            for j, p, t, lp in zip(jobs, pred.tolist(), ts, loop):
+                r = float(cap_left) if lp else float(p)
+                j.rem_pred, j.rem_at = r, t
+                j.refines.append((t, r))
+    pending.clear()
+
+
 def _by_step(tokens: Sequence[Sequence[int]]) -> dict[int, list[int]]:
     """Positions of ``tokens`` grouped by how many tokens each has (one refinement probe per step)."""
     out: dict[int, list[int]] = {}

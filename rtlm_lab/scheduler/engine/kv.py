@@ -318,20 +318,11 @@ class KVBackend:
         self.probe_s += time.perf_counter() - t0
 
     def _resolve_probe(self) -> None:
-        """This step's predictions to their jobs (read once the step's work is done)."""
+        """This step's probe results to their jobs (the step has synchronised)."""
+        from rtlm_lab.scheduler.lmprobe import resolve_pending
+
         t0 = time.perf_counter()
-        for item in self._pending:
-            if item[0] == "prefill":
-                for j, p in zip(item[1], item[2].tolist()):
-                    j.req.pred["pred_lmstate"] = float(p)
-                    j.rem_pred, j.rem_at = float(p), 0
-            else:
-                _, jobs, pred, ts, cap_left, loop = item
-                for j, p, t, lp in zip(jobs, pred.tolist(), ts, loop):
-                    r = float(cap_left) if lp else float(p)
-                    j.rem_pred, j.rem_at = r, t
-                    j.refines.append((t, r))
-        self._pending.clear()
+        resolve_pending(self._pending)
         self.probe_s += time.perf_counter() - t0
 
     # ------------------------------------------------------------------ forward

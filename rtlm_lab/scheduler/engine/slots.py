@@ -281,21 +281,11 @@ class SlotBackend:
         return time.perf_counter() - t0, events, n_tok
 
     def _resolve_probe(self) -> None:
-        """Give this step's probe results to their jobs (the step has synchronised: reading a device tensor
-        does not stall)."""
+        """This step's probe results to their jobs (the step has synchronised)."""
+        from rtlm_lab.scheduler.lmprobe import resolve_pending
+
         t0 = time.perf_counter()
-        for item in self._pending:
-            if item[0] == "prefill":
-                for j, p in zip(item[1], item[2].tolist()):
-                    j.req.pred["pred_lmstate"] = float(p)
-                    j.rem_pred, j.rem_at = float(p), 0
-            else:
-                _, jobs, pred, ts, cap_left, loop = item
-                for j, p, t, lp in zip(jobs, pred.tolist(), ts, loop):
-                    r = float(cap_left) if lp else float(p)
-                    j.rem_pred, j.rem_at = r, t
-                    j.refines.append((t, r))
-        self._pending.clear()
+        resolve_pending(self._pending)
         self.probe_s += time.perf_counter() - t0
 
     def stop_reason(self, job: Job) -> str:
