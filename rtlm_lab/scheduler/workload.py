@@ -16,6 +16,12 @@ engine's measured capacity (the continuous engine):
 * ``mmpp``: a two-state Markov-modulated Poisson process: a ``burst`` state at ``burst_factor`` times the
   calm state's rate, entered ``burst_share`` of the time, mean sojourn ``mean_sojourn_requests`` arrivals;
   the long-run rate is still ``lambda``;
+* ``overload``: Poisson arrivals with one **overload burst of fixed length**: ``overload_requests``
+  consecutive arrivals (starting after ``overload_start`` x n of them) come at ``overload_rho`` x capacity (2.0:
+  twice what the engine serves), the others at a calm load set so that the whole trace's rate is still
+  ``lambda`` (``rho`` is the run's average load; :func:`overload_calm_rho`). The burst's length in arrivals is
+  fixed, so its duration is ``overload_requests / overload_rho`` capacity service times on any engine: the
+  queue it leaves is about ``overload_requests x (1 - 1 / overload_rho)`` requests deep;
 * ``burst``: every request at time 0 (a stress test: throughput at saturation).
 
 Each drawn trace is then **rescaled to the exact target rate** (``exact_rate=True``, the default; vLLM's
@@ -27,6 +33,7 @@ short run's load is then the nominal one, not the luck of its draw.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 import numpy as np
@@ -34,7 +41,38 @@ import pandas as pd
 
 from rtlm_lab.errors import UserError
 
-KINDS = ("poisson", "gamma", "mmpp", "burst")
+KINDS = ("poisson", "gamma", "mmpp", "overload", "burst")
+#: workload keys that shape the arrival process (passed to :func:`arrival_times` by :func:`arrival_params`)
+ARRIVAL_PARAMS = ("cv", "burst_factor", "burst_share", "mean_sojourn_requests", "overload_rho", "overload_requests",
+                  "overload_start")
+OVERLOAD_DEFAULTS = {"overload_rho": 2.0, "overload_requests": 200, "overload_start": 0.25}
+
+
+def arrival_params(workload: Mapping[str, Any]) -> dict[str, Any]:
+    """The arrival-process parameters of a workload config (``overload``: its ``rho`` too, which the calm load
+    is derived from)."""
+    params = {k: workload[k] for k in ARRIVAL_PARAMS if k in workload and workload[k] is not None}
+    if str(workload.get("kind", "poisson")) == "overload":
+        params["rho"] = float(workload.get("rho", 0.9))
+    return params
+
+
+def overload_calm_rho(rho: float, n: int, overload_rho: float = 2.0, overload_requests: int = 200) -> float:
+    """The calm load of an ``overload`` trace of ``n`` arrivals whose average load is ``rho``: the window holds
+    ``n - overload_requests`` calm gaps at the calm rate and ``overload_requests - 1`` at ``overload_rho``, so
+    ``rho = (n - 1) / ((n - b) / calm + (b - 1) / overload_rho)``. A user error when no calm load gives ``rho``
+    (``rho`` too close to the burst's, or a burst as long as the trace)."""
+    b = int(overload_requests)
+    if not 1 < b < n:
+        raise UserError(f"workload.overload_requests must be between 2 and n_requests - 1 (got {b} of {n})")
+    if not overload_rho > rho > 0:
+        raise UserError(f"workload.overload_rho ({overload_rho}) must exceed the average workload.rho ({rho})")
+    left = (n - 1) / rho - (b - 1) / overload_rho
+    calm = (n - b) / left if left > 0 else math.inf
+    if not 0 < calm < rho:
+        raise UserError(f"no calm load gives an average rho {rho} around a burst of {b} arrivals at rho "
+                        f"{overload_rho} in {n}: lower workload.rho or workload.overload_requests")
+    return calm
 TRACE_COLUMNS = ("request_id", "text", "context", "arrival_s", "n_input_tokens", "true_tokens")
 
 
@@ -59,6 +97,25 @@ def arrival_times(kind: str, rate: float, n: int, seed: int = 0, exact_rate: boo
             raise UserError(f"workload.cv must be > 0 (got {cv})")
         shape = 1.0 / cv**2
         gaps = rng.gamma(shape, 1.0 / (rate * shape), n)
+    elif kind == "overload":
+        o = {**OVERLOAD_DEFAULTS, **params}
+        b, start = int(o["overload_requests"]), float(o["overload_start"])
+        rho = float(o.get("rho", 0.9))
+        calm = overload_calm_rho(rho, n, float(o["overload_rho"]), b)
+        if not 0 <= start <= 1:
+            raise UserError(f"workload.overload_start must be in [0, 1] (got {start})")
+        i0 = min(int(round(start * n)), n - b)  # the burst's first arrival
+        # unit-rate gaps, each segment rescaled to its exact rate: gap i precedes arrival i; the burst's
+        # b - 1 inner gaps (arrivals i0+1 .. i0+b-1) at overload_rho, every other gap at the calm load
+        unit = rng.exponential(1.0, n)
+        inner = np.zeros(n, bool)
+        inner[i0 + 1:i0 + b] = True
+        calm_gaps = ~inner
+        calm_gaps[0] = False  # the lead-in before the first arrival is not in the window
+        gaps = np.empty(n)
+        for mask, r in ((inner, float(o["overload_rho"]) / rho * rate), (calm_gaps, calm / rho * rate)):
+            gaps[mask] = unit[mask] * (mask.sum() / r / unit[mask].sum())
+        gaps[0] = unit[0] / (calm / rho * rate)
     else:  # mmpp
         factor = float(params.get("burst_factor", 8.0))
         share = float(params.get("burst_share", 0.2))
@@ -140,8 +197,7 @@ def build_trace(requests: pd.DataFrame, service, workload: Mapping[str, Any], se
     iso = np.array([service.isolated(a, b) for a, b in zip(requests["n_input_tokens"], requests["true_tokens"])])
     mean_s = float(iso.mean())
     rate = rho / mean_s if kind != "burst" else float("inf")
-    params = {k: workload[k] for k in ("cv", "burst_factor", "burst_share", "mean_sojourn_requests") if k in workload}
-    t = arrival_times(kind, rate, len(requests), seed=seed, **params)
+    t = arrival_times(kind, rate, len(requests), seed=seed, **arrival_params(workload))
     trace = requests.copy()
     trace.insert(3, "arrival_s", t)
     trace["isolated_s"] = iso
