@@ -25,6 +25,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 TEST_THREADS = int(os.environ.setdefault("OMP_NUM_THREADS", "1"))
 for _var in ("MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ.setdefault(_var, str(TEST_THREADS))
+# The override for commands and composed configs that run a model on platform=cpu (its default is 2 threads):
+# measured on the loaded 2-core box, a 40-prompt tiny-GPT-2 rtlm-profile took 47 s of CPU with 2 threads, 19 s
+# with 1 (generate itself 51 s -> 6 s).
+CPU_THREADS = f"platform.threads={TEST_THREADS}"
 
 
 def _test_threads():
@@ -141,8 +145,96 @@ def tmp_roots(tmp_path, monkeypatch):
     return out
 
 
-def schedule_cli(args, out_dir, timeout=600) -> subprocess.CompletedProcess:
-    """``rtlm-schedule`` in a fresh process (``python -m rtlm_lab.tasks.schedule``), its outputs under ``out_dir``."""
+def task_process(module: str, args, out_dir, timeout=600) -> subprocess.CompletedProcess:
+    """``rtlm-<module>`` in a fresh process (``python -m rtlm_lab.tasks.<module>``), its outputs under ``out_dir``:
+    for the few tests that keep the real command line (one per CLI); the others use :func:`run_task`."""
     env = {**os.environ, "RTLM_OUTPUT_DIR": str(out_dir)}
-    return subprocess.run([sys.executable, "-m", "rtlm_lab.tasks.schedule", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", f"rtlm_lab.tasks.{module}", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def schedule_cli(args, out_dir, timeout=600) -> subprocess.CompletedProcess:
+    """``rtlm-schedule`` as its command line runs it (:func:`run_task`: in this process), outputs under ``out_dir``."""
+    return run_task("schedule", args, out_dir)
+
+
+def _show_warning(message):  # what an uncaught warning prints in a fresh interpreter
+    import warnings
+
+    sys.stderr.write(warnings._formatwarnmsg(message))
+
+
+def run_task(module: str, args, out_dir=None, env: dict | None = None, timeout=None) -> subprocess.CompletedProcess:
+    """``rtlm-<module>`` (``rtlm_lab.tasks.<module>``'s console-script ``main``) run in this process, as the
+    command line ``python -m rtlm_lab.tasks.<module> *args`` would run it: the same argv parsing, checks, Hydra
+    composition, run dir and log file, ``RTLM_OUTPUT_DIR=out_dir`` (and ``env``) set for the call; its stdout and
+    stderr (prints, Hydra's console log, warnings) captured, and the exit status as a subprocess's: 0, the
+    ``SystemExit`` code (2 for a user error), or 1 and the traceback for an uncaught exception.
+
+    A subprocess pays ~6 s of CPU (torch, transformers, scikit-learn...) before the task starts; this pays it
+    once per test run. Tests about the process itself (signals, the console script, ``--help``) keep
+    ``subprocess``; ``timeout`` is accepted for the same signature and not enforced."""
+    import contextlib
+    import importlib
+    import io
+    import logging
+    import traceback
+    import warnings
+
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    main = importlib.import_module(f"rtlm_lab.tasks.{module}").main
+    argv = [f"rtlm_lab.tasks.{module}", *map(str, args)]
+    sets = {**({"RTLM_OUTPUT_DIR": str(out_dir)} if out_dir is not None else {}), **(env or {})}
+    saved_env = {k: os.environ.get(k) for k in sets}
+    saved_argv, root = sys.argv, logging.getLogger()
+    saved_log = {name: (lg.handlers[:], lg.level, lg.propagate, lg.disabled)
+                 for name, lg in [("", root), *logging.Logger.manager.loggerDict.items()]
+                 if isinstance(lg, logging.Logger)}
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    try:
+        os.environ.update(sets)
+        sys.argv = argv
+        GlobalHydra.instance().clear()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+            warnings.resetwarnings()  # a fresh interpreter's filters: the default ones, shown on stderr
+            for cat in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                warnings.simplefilter("ignore", cat)
+            warnings._showwarnmsg_impl = _show_warning
+            warnings.showwarning = warnings._showwarning_orig
+            try:
+                main()
+            except SystemExit as exc:
+                if exc.code is None or isinstance(exc.code, int):
+                    code = exc.code or 0
+                else:
+                    print(exc.code, file=sys.stderr)
+                    code = 1
+            except Exception:  # noqa: BLE001 - an uncaught exception: traceback and status 1, as the process
+                traceback.print_exc()
+                code = 1
+    finally:
+        sys.argv = saved_argv
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        GlobalHydra.instance().clear()
+        HydraConfig.instance().cfg = None
+        keep = {id(h) for handlers, *_ in saved_log.values() for h in handlers}
+        for lg in [root, *logging.Logger.manager.loggerDict.values()]:
+            if not isinstance(lg, logging.Logger):
+                continue
+            for h in lg.handlers:
+                if id(h) not in keep:
+                    h.close()  # Hydra's console handler (our buffer) and the run dir's log file
+            handlers, level, propagate, disabled = saved_log.get(lg.name if lg is not root else "",
+                                                                 ([], logging.NOTSET, True, False))
+            lg.handlers[:] = handlers
+            lg.setLevel(level)
+            lg.propagate, lg.disabled = propagate, disabled
+        _test_threads()
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())

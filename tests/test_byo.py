@@ -7,15 +7,13 @@ conftest and the sample prompt files under ``tests/data/``; bad files must give 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from conftest import ROOT
+from conftest import CPU_THREADS, ROOT, run_task
 from rtlm_lab.data.ccc import load_requests
 from rtlm_lab.data.prompts import load_prompts
 from rtlm_lab.data.requests import load_data_requests
@@ -27,9 +25,8 @@ FAST = ["profile.figures=false", "profile.warmup=0", "lm.max_new_tokens=16", "lm
 
 
 def _run(module: str, args: list[str], out: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RTLM_OUTPUT_DIR": str(out)}
-    return subprocess.run([sys.executable, "-m", f"rtlm_lab.tasks.{module}", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    """The task's command line (``python -m rtlm_lab.tasks.<module> *args``), run in this process (run_task)."""
+    return run_task(module, args, out)
 
 
 def _one_error_line(res: subprocess.CompletedProcess) -> str:
@@ -154,7 +151,7 @@ def test_cli_missing_or_unloadable_model_dir_is_one_line(tmp_path):
 
 def test_custom_causal_profile_uncertainty_regressor_schedule(tmp_path, tiny_causal_dir):
     out = tmp_path / "out"
-    common = ["data=prompts", f"data.path={JSONL}", "lm=custom", f"lm.local_dir={tiny_causal_dir}"]
+    common = ["data=prompts", f"data.path={JSONL}", "lm=custom", f"lm.local_dir={tiny_causal_dir}", CPU_THREADS]
     res = _run("profile", [*common, *FAST], out)
     assert res.returncode == 0, res.stderr[-3000:]
     runs = list((out / "profile").glob("custom_tiny_gpt2*/cpu/prompts-my_prompts-*-nNone-s0/profile.parquet"))
@@ -188,7 +185,7 @@ def test_custom_seq2seq_profile_detects_encoder_decoder(tmp_path, tiny_seq2seq_d
     out = tmp_path / "out"
     # lm.arch=causal is wrong on purpose: the model's config.json wins (with a warning)
     res = _run("profile", ["data=prompts", f"data.path={CSV}", "data.n_prompts=6", "lm=custom",
-                           f"lm.local_dir={tiny_seq2seq_dir}", "lm.arch=causal", *FAST], out)
+                           f"lm.local_dir={tiny_seq2seq_dir}", "lm.arch=causal", CPU_THREADS, *FAST], out)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "holds a seq2seq model" in res.stderr + res.stdout
     df = pd.read_parquet(next((out / "profile").rglob("profile.parquet")))

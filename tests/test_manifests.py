@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import ROOT
+from conftest import CPU_THREADS, ROOT, TEST_THREADS, run_task
 
 from rtlm_lab.io import (
     RUN_MANIFEST,
@@ -46,8 +46,8 @@ def _env(out: Path) -> dict:
 
 
 def _task(module: str, args: list[str], out: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", f"rtlm_lab.tasks.{module}", *args], cwd=ROOT, env=_env(out),
-                          capture_output=True, text=True, timeout=timeout, check=False)
+    """The task's command line, run in this process (run_task); the interrupted-profile test starts real ones."""
+    return run_task(module, args, out, env={"RTLM_ROOT": str(ROOT), "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg"})
 
 
 def _manifest(run_dir: Path) -> dict:
@@ -99,7 +99,7 @@ def test_manifest_detects_flipped_byte_missing_and_unlisted_files(tmp_path):
 # ----------------------------------------------------------------------------- rtlm-profile
 def _profile_args(model_dir: Path) -> list[str]:
     return ["lm=dialogpt_ccc", f"lm.local_dir={model_dir}", "lm.stop_strings=[e]", f"data.n_prompts={N}",
-            "profile.flush_every=1", "profile.warmup=0"]
+            "profile.flush_every=1", "profile.warmup=0", CPU_THREADS]
 
 
 def _profile_dir(out: Path) -> Path:
@@ -218,7 +218,7 @@ def test_interrupt_right_after_a_part_is_renamed_keeps_each_row_once(tmp_path, t
     cfg = {"seed": 0, "data": {"split": "test", "n_prompts": 5, "sample_seed": 0, "with_context": False,
                                "max_chars": 600},
            "lm": tiny_spec(tiny_causal_dir), "platform": {"name": "cpu", "device": "cpu", "dtype": "float32",
-                                                          "threads": 2},
+                                                          "threads": TEST_THREADS},
            "profile": {"batch_size": 1, "warmup": 0, "flush_every": 1, "sanity_check": False}}
     monkeypatch.setattr(profiler, "write_parquet_atomic", write_then_interrupt)
     with pytest.raises(KeyboardInterrupt):

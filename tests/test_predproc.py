@@ -83,15 +83,9 @@ def test_static_executor_serves_a_run_through_the_process(fitted, tiny_lm):
     (["scheduler.predictor_process=true", "scheduler.predictor_threads=0"], "must be a positive integer"),
 ])
 def test_cli_bad_predictor_settings_are_one_line(tmp_path, args, msg):
-    import os
-    import subprocess
-    import sys
+    from conftest import run_task
 
-    from conftest import ROOT
-
-    res = subprocess.run([sys.executable, "-m", "rtlm_lab.tasks.schedule", "mode=sim", "lm=gemma3_270m",
-                          "platform=cpu", *args], cwd=ROOT, env={**os.environ, "RTLM_OUTPUT_DIR": str(tmp_path)},
-                         capture_output=True, text=True, timeout=300)
+    res = run_task("schedule", ["mode=sim", "lm=gemma3_270m", "platform=cpu", *args], tmp_path)
     lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
     assert res.returncode == 2 and len(lines) == 1 and msg in lines[0], res.stderr[-2000:]
     assert not list(tmp_path.rglob("metrics.json"))

@@ -9,7 +9,7 @@ import time
 import pandas as pd
 import pytest
 
-from conftest import ROOT, tiny_spec
+from conftest import CPU_THREADS, ROOT, TEST_THREADS, run_task, tiny_spec
 from rtlm_lab.lm import load_lm
 from rtlm_lab.profiling import PROFILE_COLUMNS, run_profile
 
@@ -19,7 +19,7 @@ def _cfg(spec, n=8, **profile):
         "seed": 0,
         "data": {"split": "test", "n_prompts": n, "sample_seed": 0, "with_context": False, "max_chars": 600},
         "lm": spec,
-        "platform": {"name": "cpu", "device": "cpu", "dtype": "float32", "threads": 2},
+        "platform": {"name": "cpu", "device": "cpu", "dtype": "float32", "threads": TEST_THREADS},
         "profile": {"batch_size": 1, "warmup": 0, "flush_every": 2, "sanity_check": True, **profile},
     }
 
@@ -79,9 +79,9 @@ def test_corrupt_part_is_redone(tmp_path, tiny_causal_dir):
 
 
 def _cli(args, env_extra, **kw):
-    env = {**os.environ, **env_extra}
-    return subprocess.run([sys.executable, "-m", "rtlm_lab.tasks.profile", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, **kw)
+    """rtlm-profile as its command line runs it, in this process (test_cli_sigterm_then_resume starts the real
+    process)."""
+    return run_task("profile", args, env=env_extra)
 
 
 def test_cli_user_errors_are_one_line(tmp_path):
@@ -144,7 +144,7 @@ def test_cli_cuda_without_gpu_is_one_line(tmp_path, tiny_causal_dir):
 def test_cli_sigterm_then_resume(tmp_path, tiny_causal_dir):
     """A real process killed with SIGTERM keeps its finished rows; the rerun finishes the rest."""
     args = ["lm=dialogpt_ccc", f"lm.local_dir={tiny_causal_dir}", "lm.stop_strings=[e]", "data.n_prompts=30",
-            "profile.flush_every=1", "profile.figures=false", "profile.warmup=0"]
+            "profile.flush_every=1", "profile.figures=false", "profile.warmup=0", CPU_THREADS]
     env = {**os.environ, "RTLM_OUTPUT_DIR": str(tmp_path)}
     proc = subprocess.Popen([sys.executable, "-m", "rtlm_lab.tasks.profile", *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -212,9 +212,10 @@ def test_cli_writes_metrics_with_all_methods(tmp_path, small_profile):
 
 
 def test_cli_missing_profile_is_one_line(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "rtlm_lab.tasks.train_regressor",
-                          f"profile={tmp_path / 'nope.parquet'}"], env=_env(tmp_path), capture_output=True,
-                         text=True, timeout=120)
+    from conftest import run_task
+
+    res = run_task("train_regressor", [f"profile={tmp_path / 'nope.parquet'}"], tmp_path,
+                   env={"HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg"})
     assert res.returncode == 2 and "rtlm-profile" in res.stderr
     assert len([ln for ln in res.stderr.splitlines() if ln.startswith("error:")]) == 1
 

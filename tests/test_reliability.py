@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
@@ -19,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import ROOT, tiny_spec
+from conftest import ROOT, run_task, tiny_spec
 from rtlm_lab.errors import UserError
 from rtlm_lab.regressor import LengthPredictor
 from rtlm_lab.uncertainty import UNCERTAINTY_TYPES, explain, quantify
@@ -188,9 +185,8 @@ def test_generate_lone_surrogates_and_non_strings(tiny_lms):
 
 # ------------------------------------------------------------------------------ command-line mistakes
 def _cli(module, args, tmp_path, timeout=180):
-    env = {**os.environ, "RTLM_OUTPUT_DIR": str(tmp_path), "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg"}
-    return subprocess.run([sys.executable, "-m", f"rtlm_lab.tasks.{module}", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    """The task's command line, run in this process (run_task)."""
+    return run_task(module, args, tmp_path, env={"HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg"})
 
 
 def _one_error_line(res, needle):

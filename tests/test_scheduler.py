@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import ROOT, schedule_cli, tiny_spec
+from conftest import ROOT, schedule_cli, task_process, tiny_spec
 from rtlm_lab.errors import UserError
 from rtlm_lab.scheduler.core import RECORD_COLUMNS, WorkerSpec
 from rtlm_lab.scheduler.policies import (POLICIES, RTLM, Assignment, Policy, Request, WorkerView, make_policy)
@@ -639,7 +639,7 @@ def test_cli_sim_writes_results_and_skips_reruns(tmp_path):
         pytest.skip("no committed gemma3_270m/cpu profile")
     args = ["mode=sim", "lm=gemma3_270m", "platform=cpu", "policy=rtlm", "workload.n_requests=20",
             "scheduler.overhead_samples=2", "scheduler.figures=false"]
-    res = schedule_cli(args, tmp_path)
+    res = task_process("schedule", args, tmp_path)  # the real command line, in its own process (this CLI's one)
     assert res.returncode == 0, res.stderr[-3000:]
     (metrics_path,) = (tmp_path / "schedule").rglob("metrics.json")
     run_dir = metrics_path.parent

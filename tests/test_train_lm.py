@@ -124,9 +124,9 @@ def test_corrupt_weights_are_retrained(trained, lab_env):
 
 
 def test_cli_rejects_non_lab_lm(lab_env):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", "rtlm_lab.tasks.train_lm", "lm=gemma3_270m"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=60)
+    from conftest import run_task
+
+    proc = run_task("train_lm", ["lm=gemma3_270m"])  # in this process; test_cli_run_dir_manifest runs the real one
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr

@@ -203,6 +203,11 @@ def test_task_writes_metrics_scores_figures(task_run, six_rows):
 
 
 def test_task_missing_profile_is_one_line(tmp_path):
+    from conftest import run_task
+
+    def _cli(args, out_dir):  # in this process (the task_run fixture runs the real command line)
+        return run_task("uncertainty", args, out_dir, env={"RTLM_ROOT": str(ROOT)})
+
     res = _cli(["lm=smollm2_135m", f"profile={tmp_path}/nope.parquet"], tmp_path)
     assert res.returncode == 2
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
