@@ -49,7 +49,10 @@ def test_table_on_the_real_sample(study):
         assert np.all(np.isfinite(fin[:, 1:]))
         assert np.all((fin[:, 1] <= fin[:, 0]) & (fin[:, 0] <= fin[:, 2])), est  # the CI brackets the estimate
     base = t[t["measure"] == modelside.BASELINE]
-    assert base["partial_spearman"].isna().all() and (base["spearman"] > 0).all()  # longer prompts: longer, wider
+    assert base["partial_spearman"].isna().all()
+    assert (base[base["target"] != "len_cv"]["spearman"] > 0).all()  # longer prompts: longer, wider replies
+    sample = pd.read_parquet(SAMPLE)
+    np.testing.assert_allclose(res["frame"]["len_cv"], sample["len_sd"] / sample["len_mean"])
     # the frame is the sample's own numbers
     df = pd.read_parquet(SAMPLE)
     np.testing.assert_allclose(res["frame"]["len_sd"], df["len_sd"])
@@ -59,7 +62,7 @@ def test_table_on_the_real_sample(study):
     assert list(written.columns) == S.COLUMNS and len(written) == len(t)
     assert (out / "spread_table.png").is_file() and (out / "spread_table.svg").is_file()
     md = S.format_spread(t)
-    assert md.splitlines()[0] == "| measure | side | len_sd | len_iqr | len_mean |"
+    assert md.splitlines()[0] == "| measure | side | len_sd | len_iqr | len_cv | len_mean |"
 
 
 def test_partial_is_zero_when_the_spread_depends_on_input_length_only():

@@ -40,12 +40,14 @@ from rtlm_lab.uncertainty import modelside
 
 log = logging.getLogger("rtlm_lab.uncertainty")
 
-#: The per-prompt statistics of the sampled lengths the measures are ranked against (spread first).
-TARGETS: tuple[str, ...] = ("len_sd", "len_iqr", "len_mean")
+#: The per-prompt statistics of the sampled lengths the measures are ranked against (spread first). Lengths are
+#: positive, so a prompt with a longer mean tends to have a larger sd too: ``len_cv`` (sd / mean, computed here)
+#: asks for spread *relative to* the mean, which a measure that only ranks means does not predict.
+TARGETS: tuple[str, ...] = ("len_sd", "len_iqr", "len_cv", "len_mean")
 #: ``spread_table.csv``: modelside's columns with ``target`` after ``platform``.
 COLUMNS = ["lm", "platform", "target", *modelside.COLUMNS[2:]]
 #: A spread profile must have these (``rtlm-spread`` writes them; ``n_input_tokens`` since commit 2b8aef8).
-REQUIRED = ("text", "n_input_tokens", *TARGETS)
+REQUIRED = ("text", "n_input_tokens", "len_sd", "len_iqr", "len_mean")
 SPLITS = ("test", "train")
 FILE_NAME = "spread_table"
 
@@ -98,7 +100,17 @@ def spread_frame(spread_df: pd.DataFrame, states=None, scores: pd.DataFrame | No
     df = spread_df.reset_index(drop=True)
     frame = modelside.measure_frame(df, states, scores)
     for c in TARGETS:
-        frame[c] = df[c].astype(float).to_numpy()
+        if c in df.columns:
+            frame[c] = df[c].astype(float).to_numpy()
+    return _with_cv(frame)
+
+
+def _with_cv(frame: pd.DataFrame) -> pd.DataFrame:
+    """``len_cv`` = ``len_sd`` / ``len_mean`` (0 where the mean is 0), added when missing."""
+    if "len_cv" not in frame.columns:
+        mean = frame["len_mean"].astype(float).to_numpy()
+        frame = frame.assign(len_cv=np.where(mean > 0, frame["len_sd"].astype(float).to_numpy()
+                                             / np.where(mean > 0, mean, 1.0), 0.0))
     return frame
 
 
@@ -107,6 +119,7 @@ def spread_table(frame: pd.DataFrame, groups: Sequence[Any] | None = None, n_boo
     """:data:`COLUMNS`: per target of :data:`TARGETS` and measure, Spearman and partial Spearman | input length
     with cluster-bootstrap CIs (``groups``: conversation of each row; ``None``: rows)."""
     parts = []
+    frame = _with_cv(frame)
     for target in TARGETS:
         t = modelside.model_input_table(frame, n_bootstrap=n_bootstrap, seed=seed, lm=lm, platform=platform,
                                         groups=groups, target=target)
