@@ -17,6 +17,9 @@
   x two platforms, in sim mode on the committed engine measurements; ``sim_grid.csv``, labelled sim);
   ``target=sim_x2``: the same builder over two GPU replicas (``platform=cuda_x2``), one cell per placement
   (``sim_x2.csv``).
+* ``target=regime``: :func:`rtlm_lab.scheduler.regime.build` (the regime map in simulation: max_seqs x load,
+  overload burst included, x burstiness x each decoder-only LM, every policy paired per seed; oracle headroom and
+  headroom captured with CIs -> ``outputs/reference/scheduler/regime/``, resumable).
 
 Examples::
 
@@ -30,6 +33,7 @@ Examples::
     rtlm-reference target=sim_error_cpu_gemma3_270m   # sim_error_cpu_gemma3_270m.csv
     rtlm-reference target=sim_grid    # sim_grid.csv: the simulation grid (resumable)
     rtlm-reference target=sim_x2      # sim_x2.csv: two GPU replicas in sim, one cell per placement
+    rtlm-reference target=regime      # regime/regime.csv: where order pays, in sim (resumable)
 """
 
 from __future__ import annotations
@@ -99,6 +103,14 @@ def reference(cfg: DictConfig):
 
         table = build_sim_error(t, command=" ".join(["rtlm-reference", *sys.argv[1:]]))
         print(summarize(table).to_string(index=False, float_format=lambda v: f"{v:+.3f}"))
+        return table
+    if t.name == "regime":
+        import sys
+
+        from rtlm_lab.scheduler.regime import build as build_regime, findings
+
+        table = build_regime(t, command=" ".join(["rtlm-reference", *sys.argv[1:]]))
+        print("\n".join(findings(table)))
         return table
     if t.name == "sim_grid":
         import sys
