@@ -181,3 +181,29 @@ def run_spread(cfg: Mapping[str, Any], run_dir: str | Path, lm=None) -> dict[str
                "wall_s": round(time.perf_counter() - t0, 1)}
     write_json_atomic(run_dir / "summary.json", {"summary": summary, "provenance": provenance(cfg)})
     return summary
+
+
+def import_spread(src: str | Path, dst: str | Path | None = None, platform: str = "cuda") -> list[Path]:
+    """Copy finished spread runs into the reference: every ``<src>/<lm>__<split>/spread.parquet`` (``box.sh
+    spread``'s layout; the split is the prompt file's stem) becomes ``<dst>/<lm>__<platform>__<split>.parquet``
+    (default ``dst``: ``outputs/reference/profiles/spread``) with its summary and provenance (config, commit,
+    date, machine, GPU) in ``<lm>__<platform>__<split>.provenance.json``."""
+    from rtlm_lab.io import sha256_file, write_json_atomic, write_parquet_atomic
+    from rtlm_lab.paths import reference_dir
+
+    dst = Path(dst) if dst else reference_dir() / "profiles" / "spread"
+    out = []
+    for f in sorted(Path(src).glob("*__*/spread.parquet")):
+        lm, split = f.parent.name.split("__", 1)
+        stem = f"{lm}__{platform}__{split}"
+        df = pd.read_parquet(f)
+        write_parquet_atomic(df, dst / f"{stem}.parquet")
+        summ = f.parent / "summary.json"
+        meta = json.loads(summ.read_text()) if summ.is_file() else {}
+        write_json_atomic(dst / f"{stem}.provenance.json",
+                          {"source_run": str(f.parent), "n": int(len(df)), "sha256": sha256_file(dst / f"{stem}.parquet"),
+                           **meta})
+        out.append(dst / f"{stem}.parquet")
+    if not out:
+        raise UserError(f"no <lm>__<split>/spread.parquet under {src}")
+    return out
