@@ -6,6 +6,9 @@
   LM's prefill entropy / end-of-turn probability, partial Spearman | input length, for each reference LM);
 * ``target=regressor``: :func:`rtlm_lab.regressor.reference.build_reference` (``target.lmstate_only=true``:
   only refresh the LM-state rows from ``outputs/reference/regressor/lmstate/``);
+* ``target=distribution``: :func:`rtlm_lab.regressor.distref.build` (the distributional length predictors of
+  the five LMs: quantile heads over RT-LM's features and the LM state, baselines, refinement after k tokens,
+  drift with run-time recalibration -> ``outputs/reference/regressor/distribution/``);
 * ``target=scheduler``: :func:`rtlm_lab.scheduler.analysis.add_runs` then
   :func:`~rtlm_lab.scheduler.analysis.build` (the continuous-engine results table with CIs);
 * ``target=sim_error``: :func:`rtlm_lab.scheduler.replay.build` (the step model, with its admission term, fitted
@@ -27,6 +30,7 @@ Examples::
     rtlm-reference target=uncertainty
     rtlm-reference target=model_vs_input target.lms=[dialogpt_ccc,smollm2_135m]
     rtlm-reference target=regressor target.profiles=[gemma3_270m__cuda] target.kinds=[ridge]
+    rtlm-reference target=distribution target.lms=[gemma3_270m] target.lmstate_lms=[]
     rtlm-reference target=scheduler 'target.runs=[outputs/schedule/dialogpt_ccc/cpu/real/*/*/*]' target.group=cpu__dialogpt
     rtlm-reference target=sim_error
     rtlm-reference target=sim_error_gemma3_270m   # sim_error_h200_gemma3_270m.csv
@@ -104,6 +108,15 @@ def reference(cfg: DictConfig):
         table = build_sim_error(t, command=" ".join(["rtlm-reference", *sys.argv[1:]]))
         print(summarize(table).to_string(index=False, float_format=lambda v: f"{v:+.3f}"))
         return table
+    if t.name == "distribution":
+        import sys
+
+        from omegaconf import OmegaConf
+
+        from rtlm_lab.regressor.distref import build as build_dist
+
+        return build_dist(OmegaConf.to_container(t, resolve=True),
+                          command=" ".join(["rtlm-reference", *sys.argv[1:]]))
     if t.name == "regime":
         import sys
 
