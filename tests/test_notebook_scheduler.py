@@ -11,6 +11,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from conftest import CPU_THREADS
+
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = ROOT / "notebooks" / "03_scheduler.ipynb"
 REF_PROFILE = ROOT / "outputs" / "reference" / "profiles" / "gemma3_270m__cpu.parquet"
@@ -82,7 +84,9 @@ def test_notebook_sim(tmp_path, monkeypatch):
     monkeypatch.setenv("RTLM_OUTPUT_DIR", str(tmp_path / "outputs"))
     policies = ["fcfs", "sjf_input", "sjf_proxy", "ltr", "oracle_srpt", "rtlm"]
     n = 16
-    m = _run(tmp_path, n_requests=n, rho=0.9, rhos=[0.5, 0.9], policies=policies, n_boot=200)
+    # no per-run response-time CDF (scheduler.figures=false: the study's own figures are checked below)
+    m = _run(tmp_path, n_requests=n, rho=0.9, rhos=[0.5, 0.9], policies=policies, n_boot=200,
+             overrides=["scheduler.figures=false", CPU_THREADS])
     out_dir = tmp_path / "nb03"
     assert m["mode"] == "sim" and m["lm"] == "gemma3_270m" and m["policies"] == policies
     assert m["engine"] == "continuous" and m["oracle"] == "oracle_srpt"
@@ -152,7 +156,7 @@ def test_notebook_real_tiny_model(tmp_path, monkeypatch, tiny_causal_dir):
     m = _run(tmp_path, mode="real", lm="dialogpt_ccc", lm_dir=str(tiny_causal_dir), profile=str(profile),
              lm_overrides={"max_input_tokens": 128, "max_new_tokens": 24, "stop_strings": ["e"]},
              policies=["fcfs", "oracle_srpt", "rtlm"], n_requests=6, rho=0.9, n_boot=50,
-             overrides=["scheduler.capacity_requests=8"])
+             overrides=["scheduler.capacity_requests=8", "scheduler.figures=false", CPU_THREADS])
     name = f"dialogpt_ccc-{tiny_causal_dir.name}"
     assert m["mode"] == "real" and m["sweep"] is None and m["engine"] == "continuous"
     assert m["lm"] == name  # its own name: its measured capacity stays apart
