@@ -106,3 +106,17 @@ def test_spread_profile_kv_engine_and_generate_draw_the_same_lengths(tiny_dirs, 
     assert len(list((tmp_path / "kv" / "parts").glob("part-*.parquet"))) == 2
     again = run_spread(cfg, tmp_path / "generate", lm=None)  # everything done: no LM is even loaded
     assert again["n_prompts"] == 6
+
+
+def test_the_cpu_nucleus_shortcut_draws_what_a_full_sort_draws(monkeypatch):
+    """On the CPU the nucleus comes from the top 128 tokens where they hold top_p of the mass (a full sort per
+    row cost more than the LM step); flat rows need more and get the full sort: the draws are the same."""
+    import rtlm_lab.lm.sampling as S
+
+    torch.manual_seed(0)
+    logits = torch.randn(300, 5000) * 3
+    logits[:5] = 0.0  # flat rows: a nucleus of 4,500 tokens
+    seed, step = torch.arange(300), torch.zeros(300, dtype=torch.long)
+    fast = sample(logits, seed, step, 0.7, 0.9)
+    monkeypatch.setattr(S, "_sorted_head", lambda p, top_p, k=128: torch.sort(p, dim=-1, descending=True))
+    assert torch.equal(fast, sample(logits, seed, step, 0.7, 0.9))

@@ -70,7 +70,7 @@ def sample(logits, seed, step, temperature: float, top_p: float = 1.0):
     p = torch.softmax(logits.float() / float(temperature), dim=-1)
     u = uniform(seed, step).to(p.dtype)
     if top_p < 1.0:
-        ps, order = torch.sort(p, dim=-1, descending=True)
+        ps, order = _sorted_head(p, top_p)
         cum = ps.cumsum(-1)
         ps = torch.where(cum - ps < top_p, ps, torch.zeros_like(ps))
         cum = ps.cumsum(-1)
@@ -79,6 +79,25 @@ def sample(logits, seed, step, temperature: float, top_p: float = 1.0):
     cum = p.cumsum(-1)
     k = torch.searchsorted(cum, (u * cum[:, -1])[:, None]).clamp_max(p.shape[-1] - 1)
     return k[:, 0]
+
+
+def _sorted_head(p, top_p: float, k: int = 128):
+    """The probabilities sorted in descending order (and their token ids), enough of them to hold the nucleus.
+    On the CPU a full sort of every row costs more than the LM step (38 ms a step for 64 rows of an 8,000-word
+    vocabulary): the top ``k`` are enough wherever they hold ``top_p`` of the mass, and rows where they do not
+    get the full sort. On the GPU (and inside a captured graph, where a data-dependent branch is impossible)
+    every row is sorted."""
+    if p.device.type != "cpu" or p.shape[-1] <= k:
+        return torch.sort(p, dim=-1, descending=True)
+    ps, order = torch.topk(p, k, dim=-1, sorted=True)
+    short = ps.sum(-1) < top_p
+    if not bool(short.any()):
+        return ps, order
+    full_p, full_o = torch.sort(p[short], dim=-1, descending=True)
+    ps = torch.cat([ps, ps.new_zeros((ps.shape[0], p.shape[-1] - k))], 1)
+    order = torch.cat([order, order.new_zeros((order.shape[0], p.shape[-1] - k))], 1)
+    ps[short], order[short] = full_p, full_o
+    return ps, order
 
 
 class SeededSampler(LogitsProcessor):
