@@ -306,28 +306,32 @@ def _fmt(v, nd=2):
     return "—" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{nd}f}"
 
 
+def _score_rows(g: pd.DataFrame, lead, extra) -> list[str]:
+    """Markdown rows of one block of methods: ``lead(i, row)`` cells, method, features, pinball, CRPS (the
+    block's best in bold), 50% and 90% coverage with its CI, ``extra(row)`` cells, tau of the median, n."""
+    best = g["crps"].min()
+    out = []
+    for i, r in enumerate(g.itertuples(index=False)):
+        crps = f"**{r.crps:.2f}**" if r.crps == best else f"{r.crps:.2f}"
+        cells = [*lead(i, r), r.method, r.features, f"{r.pinball_mean:.2f}", crps, _fmt(r.cover50),
+                 f"{_fmt(r.cover90)} [{_fmt(r.cover90_lo)}, {_fmt(r.cover90_hi)}]", *extra(r),
+                 _fmt(r.kendall_tau_median), r.n]
+        out.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return out
+
+
 def to_markdown(table: pd.DataFrame, refine: pd.DataFrame, drift: pd.DataFrame) -> str:
     lines = ["### Held-out conversations (test profile; every method trained on the LM's train profile)", "",
              "| LM | method | features | mean pinball | CRPS (tok) | 50% covers | 90% covers [95% CI] | 90% width (tok) "
              "| tau of median | n test |", "|---|---|---|---|---|---|---|---|---|---|"]
     for lm, g in table.groupby("lm", sort=False):
-        best = g["crps"].min()
-        for i, r in enumerate(g.itertuples(index=False)):
-            crps = f"**{r.crps:.2f}**" if r.crps == best else f"{r.crps:.2f}"
-            lines.append(f"| {lm if i == 0 else ''} | {r.method} | {r.features} | {r.pinball_mean:.2f} | {crps} | "
-                         f"{_fmt(r.cover50)} | {_fmt(r.cover90)} [{_fmt(r.cover90_lo)}, {_fmt(r.cover90_hi)}] | "
-                         f"{r.width90:.0f} | {_fmt(r.kendall_tau_median)} | {r.n} |")
+        lines += _score_rows(g, lambda i, r: [lm if i == 0 else ""], lambda r: [f"{r.width90:.0f}"])
     if len(refine):
         lines += ["", "### Refinement: remaining length after k generated tokens (test requests still decoding at k)",
                   "", "| LM | k | method | features | mean pinball | CRPS (tok) | 50% covers | 90% covers [95% CI] "
                   "| tau of median | n |", "|---|---|---|---|---|---|---|---|---|---|"]
         for (lm, k), g in refine.groupby(["lm", "k"], sort=False):
-            best = g["crps"].min()
-            for i, r in enumerate(g.itertuples(index=False)):
-                crps = f"**{r.crps:.2f}**" if r.crps == best else f"{r.crps:.2f}"
-                lines.append(f"| {lm if i == 0 else ''} | {k if i == 0 else ''} | {r.method} | {r.features} | "
-                             f"{r.pinball_mean:.2f} | {crps} | {_fmt(r.cover50)} | {_fmt(r.cover90)} "
-                             f"[{_fmt(r.cover90_lo)}, {_fmt(r.cover90_hi)}] | {_fmt(r.kendall_tau_median)} | {r.n} |")
+            lines += _score_rows(g, lambda i, r: [lm if i == 0 else "", k if i == 0 else ""], lambda r: [])
     if len(drift):
         lines += ["", "### Drift: fitted on one LM's train profile, serving another LM's test requests in order "
                   "(second half of the stream)", "",
