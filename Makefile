@@ -45,11 +45,16 @@ demo: setup
 	$(BIN)/rtlm-profile experiment=demo
 	$(BIN)/rtlm-sweep sweep_size=demo
 
+# Two test processes (pytest-xdist), one a core of CI's 2-core box; --dist loadfile keeps a file's tests, and so its
+# module fixtures, in one process. TEST_WORKERS=0 runs everything in this one process.
+TEST_WORKERS ?= 2
+XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+
 test: setup
-	$(BIN)/python -m pytest -m "not slow" -q
+	$(BIN)/python -m pytest -m "not slow" -q $(XDIST)
 
 test-full: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(XDIST)
 
 bench: setup
 	$(BIN)/python -m rtlm_lab.tasks.bench bench=uncertainty

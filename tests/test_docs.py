@@ -161,5 +161,6 @@ def test_make_test_full_runs_more_than_make_test():
     slow_ids = [ln for ln in res.stdout.splitlines() if "::" in ln]
     assert any(ln.startswith("tests/test_real_lms.py::") for ln in slow_ids), slow_ids
     makefile = (ROOT / "Makefile").read_text()
-    assert re.search(r'^test: .*\n\t.*pytest -m "not slow"', makefile, re.M)
-    assert re.search(r"^test-full: .*\n\t.*pytest -q$", makefile, re.M)
+    assert re.search(r'^test: .*\n\t.*pytest -m "not slow" -q \$\(XDIST\)$', makefile, re.M)
+    assert re.search(r"^test-full: .*\n\t.*pytest -q \$\(XDIST\)$", makefile, re.M)
+    assert re.search(r"^XDIST = .*-n \$\(TEST_WORKERS\) --dist loadfile", makefile, re.M)  # no -m in it
