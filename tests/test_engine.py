@@ -39,10 +39,10 @@ def step_on(backend, clock: StepClock, dt: float = 1.0) -> None:
 
 def reqs(spec):
     """``[(id, arrival_s, true_tokens)]`` -> requests (1 prompt token each; exact predictions, point-mass
-    predicted quantiles)."""
+    predicted quantiles and true length distributions)."""
     return [Request(request_id=i, text=f"text {i}", context="", arrival_s=t, n_input_tokens=1, true_tokens=n,
                     pred={"pred_rtlm": float(n), "pred_proxy": float(n), "ltr_score": float(n), "uncertainty": 0.0,
-                          "pred_quantiles": (float(n),) * 7})
+                          "pred_quantiles": (float(n),) * 7}, true_dist=(n,))
             for i, t, n in spec]
 
 
@@ -121,8 +121,12 @@ def test_wall_clock_fake_decoder_matches_the_simulator(policy):
     model = StepModel(a=0.04, b=0.004)
     sim, _ = run(spec, policy, max_seqs=2, model=model)
     real, _ = run(spec, policy, max_seqs=2, model=model, clock=WallClock())
-    order = lambda jobs: sorted(jobs, key=lambda k: jobs[k].finish_s)  # noqa: E731
-    assert order(sim) == order(real)
+    # the same order wherever the simulator separates two finishes by more than a step's sleep overshoot (two
+    # requests finishing in one step may swap on a loaded machine)
+    for x in sim:
+        for y in sim:
+            if sim[x].finish_s + 0.02 < sim[y].finish_s:
+                assert real[x].finish_s < real[y].finish_s, (x, y)
     for k in sim:  # the wall clock adds sleep overshoot (a loaded 2-core machine): a few ms a step
         assert real[k].finish_s == pytest.approx(sim[k].finish_s, abs=0.05, rel=0.1)
         assert real[k].admit_s == pytest.approx(sim[k].admit_s, abs=0.05, rel=0.1)

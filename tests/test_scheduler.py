@@ -39,16 +39,19 @@ def _main(idle=True, free_at=0.0, max_batch=1, svc=SVC, wid="main") -> WorkerVie
 
 
 def _synthetic_trace(n, rho, seed, svc=SVC, kind="poisson", max_tokens=200):
-    """Requests with varied lengths (perfect rtlm predictions; point-mass predicted quantiles for the
-    distributional policies), arriving at load ``rho``."""
+    """Requests with varied lengths (perfect rtlm predictions; point-mass predicted quantiles and true length
+    distributions for the distributional policies), arriving at load ``rho``."""
     rng = np.random.default_rng(seed)
     n_in = rng.integers(5, 60, n)
     true = rng.integers(1, max_tokens, n)
     mean_iso = float(np.mean([svc.isolated(a, b) for a, b in zip(n_in, true)]))
     t = arrival_times(kind, rho / mean_iso, n, seed=seed)
-    return [_req(f"r{i:04d}", t[i], n_in[i], true[i], svc=svc, pred_rtlm=float(true[i]), uncertainty=0.1,
-                 pred_proxy=float(true[i]), ltr_score=float(true[i]), pred_quantiles=(float(true[i]),) * 7)
-            for i in range(n)]
+    out = [_req(f"r{i:04d}", t[i], n_in[i], true[i], svc=svc, pred_rtlm=float(true[i]), uncertainty=0.1,
+                pred_proxy=float(true[i]), ltr_score=float(true[i]), pred_quantiles=(float(true[i]),) * 7)
+           for i in range(n)]
+    for r in out:  # a point-mass true length distribution (oracle_dist)
+        r.true_dist = (int(r.true_tokens),)
+    return out
 
 
 # ================================================================================================ workload
