@@ -103,6 +103,11 @@ def test_notebook01_runs_in_chromium_and_its_figures_render(tmp_path, notebook_c
     n_code = sum(c.cell_type == "code" for c in nbformat.read(notebook_copy, as_version=4).cells)
     jdir = tmp_path / "jupyter_home"
     jdir.mkdir()
+    # every cell in the page: JupyterLab 4 renders only the cells in view by default (windowing), and the checks
+    # below count and read the cells' DOM
+    settings = jdir / "lab-settings" / "@jupyterlab" / "notebook-extension"
+    settings.mkdir(parents=True)
+    (settings / "tracker.jupyterlab-settings").write_text('{"windowingMode": "none"}')
     try:
         jupyter_path, _, _ = install_kernel(tmp_path / "jupyter_prefix")
         with lab(jdir, jupyter_path, root_dir=notebook_copy.parent) as (base, _):
