@@ -15,7 +15,7 @@ TORCH := torch==2.13.0
 TORCH_INDEX_URL ?=
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: setup demo test test-full bench data lab clean-venv help
+.PHONY: setup demo test test-full bench data lab clean-venv help spread-prompts
 
 help:
 	@grep -E '^#   make' Makefile | sed 's/^#   //'
@@ -37,6 +37,11 @@ setup: $(STAMP)
 
 data: setup
 	$(BIN)/rtlm-corpus
+
+# The CCC samples of rtlm-spread (500 train + 500 test turns, with their ids) as prompt files data/spread/*.jsonl,
+# for a GPU box without the corpus (tools/device/box.sh spread)
+spread-prompts: setup
+	$(BIN)/python -c "from rtlm_lab.data.prompts import export_ccc; print(*export_ccc('data/spread'))"
 
 # The whole pipeline on the embedded default: a real Gemma-3-270M profile of 120 CCC requests on the CPU, then
 # notebooks 01-03 (uncertainty -> length predictor -> scheduler) over it through rtlm-sweep, notebook 03 in real
