@@ -13,8 +13,10 @@ profile of the served LM:
 
 The slot engine (:class:`~rtlm_lab.scheduler.engine.SlotBackend`) asks the model for its hidden states in the
 prefill and in the refinement steps only (``output_hidden_states``: no second pass) and calls
-:meth:`StateProbe.prefill_predictions` / :meth:`StateProbe.refine_predictions`; their time is inside the
-engine step, on the clock, and reported as the prediction cost.
+:meth:`StateProbe.prefill_predictions` / :meth:`StateProbe.refine_predictions`; the kv engine gathers the same
+features with hooks in its own forward and calls :meth:`StateProbe.prefill_from_features` /
+:meth:`StateProbe.refine_from_features`, which both paths end in. Their time is inside the engine step, on the
+clock, and reported as the prediction cost.
 
 :func:`fit_state_probe` fits one from a profile with texts (``text``, ``context``, ``n_output_tokens``,
 ``output_ids``: the reply's first token ids, which the refinement probes teacher-force); :func:`load_state_probe`
@@ -67,19 +69,23 @@ class StateProbe:
         return self._on_device
 
     def prefill_predictions(self, hidden, mask, logits):
-        """Predicted output tokens of every prefill row: a device tensor (ridge) or a numpy array (host path);
-        the engine reads either with ``tolist()`` once the step has synchronised."""
-        if self.on_device():
-            return self.prefill_on_device(hidden, mask, logits)
-        return self.predict_prefill(hidden, mask, logits)
+        """Predicted output tokens of every row of a (left-padded) prefill batch, from its hidden states: a device
+        tensor (ridge) or a numpy array (host path); the engine reads either with ``tolist()`` once the step has
+        synchronised."""
+        import torch
+
+        ix = torch.arange(mask.shape[0], device=logits.device)
+        return self.prefill_from_features(*self._batch_features(hidden, ix, mask, logits,
+                                                                "mean" in self.prefill.which))
 
     def refine_predictions(self, hidden, rows: Sequence[int], mask, logits, tokens: Sequence[Sequence[int]]):
-        """``[(positions in rows, predicted remaining, cap left, loop flags)]``: :meth:`refine_on_device`, or
-        the host path as one group (its cap and loop override already applied)."""
-        if self.on_device():
-            return self.refine_on_device(hidden, rows, mask, logits, tokens)
-        return [(list(range(len(rows))), self.predict_refine(hidden, rows, mask, logits, tokens), 0,
-                 [False] * len(rows))]
+        """Refinement of decoding rows ``rows`` (batch indices) from a batch's hidden states: what
+        :meth:`refine_from_features` returns."""
+        import torch
+
+        ix = torch.as_tensor(list(rows), device=logits.device)
+        last, _, ent, eos, n_tok = self._batch_features(hidden, ix, mask, logits, with_mean=False)
+        return self.refine_from_features(last, ent, eos, n_tok, tokens)
 
     def _w(self, model, dev):
         """``(w, b)`` of a ridge probe, ``w`` a float64 tensor on ``dev`` (cached)."""
@@ -124,38 +130,20 @@ class StateProbe:
         n = X.shape[1]
         return X @ w[0][:n] + w[1], n
 
-    def _z(self, hidden, ix, mask, logits, which, w, dev):
-        """Ridge score of rows ``ix`` of a (left-padded) batch's hidden states (see :meth:`_zf`)."""
+    def _batch_features(self, hidden, ix, mask, logits, with_mean: bool):
+        """``(last, mean, entropy, end-of-turn probability, tokens)`` of rows ``ix`` of a left-padded batch:
+        per layer the state of the token just fed and (``with_mean``) the mean over the mask, as
+        :meth:`prefill_from_features` and :meth:`refine_from_features` take them."""
         m = mask.index_select(0, ix)
         last, mean = {}, {}
         for l in self.layers:
             h = hidden[l].index_select(0, ix)
             last[l] = h[:, -1]
-            if "mean" in which:
+            if with_mean:
                 mm = m[:, -h.shape[1]:].unsqueeze(-1).to(h.dtype)
                 mean[l] = (h * mm).sum(1) / mm.sum(1).clamp_min(1)
         ent, eos = self.scalars(logits.index_select(0, ix))
-        return self._zf(last, mean, ent, eos, m.sum(1), which, w)
-
-    def prefill_on_device(self, hidden, mask, logits):
-        """Predicted output tokens for every prefill row, as a tensor on the LM's device (no sync)."""
-        import torch
-
-        dev = logits.device
-        ix = torch.arange(mask.shape[0], device=dev)
-        z, _ = self._z(hidden, ix, mask, logits, self.prefill.which, self._w(self.prefill.model_, dev), dev)
-        return torch.expm1(z.clamp(-50, 50)).clamp_min(1.0)
-
-    def refine_on_device(self, hidden, rows: Sequence[int], mask, logits, tokens: Sequence[Sequence[int]]):
-        """[(row positions in ``rows``, predicted remaining tensor, cap left, loop mask)] per step group, as
-        :meth:`~rtlm_lab.regressor.lmstate.LMStatePredictor.refine_predict` (token features, cap, gated loop
-        override) computes it; the tensors stay on the device until the step's end."""
-        import torch
-
-        ix = torch.as_tensor(list(rows), device=logits.device)
-        last = {l: hidden[l].index_select(0, ix)[:, -1] for l in self.layers}
-        ent, eos = self.scalars(logits.index_select(0, ix))
-        return self.refine_from_features(last, ent, eos, mask.index_select(0, ix).sum(1), tokens)
+        return last, mean, ent, eos, m.sum(1)
 
     def prefill_from_features(self, last, mean, ent, eos, n_tok):
         """Predicted output tokens from features the engine gathered itself (``last``/``mean``: ``{layer: [n,
@@ -216,41 +204,6 @@ class StateProbe:
         return LMStates({l: f(v) for l, v in last.items()}, {l: f(v) for l, v in mean.items()},
                         f(ent).astype(np.float32), f(eos.clamp(0, 1)).astype(np.float32),
                         f(n_tok).astype(np.float32), self.layers)
-
-    # ------------------------------------------------------------------ features from the engine's tensors
-    def _states(self, hidden, idx, pos, mask, logits, with_mean: bool):
-        """:class:`LMStates` of rows ``idx`` at position ``pos`` (``-1``: the token just fed)."""
-        import torch
-
-        from rtlm_lab.regressor.lmstate import LMStates, _uncertainty
-
-        ix = torch.as_tensor(idx, device=logits.device)
-        last = {l: hidden[l][ix, pos].float().cpu().numpy() for l in self.layers}
-        mean = {}
-        m = mask.index_select(0, ix)
-        if with_mean:
-            mm = m[:, -hidden[0].shape[1]:].unsqueeze(-1).to(hidden[0].dtype)
-            mean = {l: ((hidden[l][ix] * mm).sum(1) / mm.sum(1).clamp_min(1)).float().cpu().numpy()
-                    for l in self.layers}
-        ent, eos = _uncertainty(logits.index_select(0, ix), self.eot_ids)
-        n_tok = m.sum(1).float().cpu().numpy()
-        return LMStates(last, mean, ent.astype(np.float32), eos.astype(np.float32), n_tok.astype(np.float32),
-                        self.layers)
-
-    def predict_prefill(self, hidden, mask, logits) -> np.ndarray:
-        """Predicted output tokens for every row of a (left-padded) prefill batch."""
-        st = self._states(hidden, list(range(mask.shape[0])), -1, mask, logits, with_mean=True)
-        return np.maximum(self.prefill.predict_from_states(st), 1.0)
-
-    def predict_refine(self, hidden, rows: Sequence[int], mask, logits, tokens: Sequence[Sequence[int]]
-                       ) -> np.ndarray:
-        """Predicted tokens still to come for decoding rows ``rows`` (batch indices), each with the reply
-        tokens generated so far (``tokens``; rows may be at different steps)."""
-        out = np.zeros(len(rows))
-        for ks in _by_step(tokens).values():
-            st = self._states(hidden, [rows[k] for k in ks], -1, mask, logits, with_mean=False)
-            out[ks] = self.refine.refine_predict(st, [tokens[k] for k in ks], use_loop="gated")
-        return np.maximum(out, 0.0)
 
 
 def resolve_pending(pending: list[tuple]) -> None:

@@ -624,12 +624,11 @@ class KVBackend:
                 self._pending.append(("prefill", [j for j, _, _ in p_fin],
                                       self.probe.prefill_from_features(last, mean, ent, eos, n)))
             self.probe_s += time.perf_counter() - t1
+        fin_seeds = [self._seed(j) for j, _, _ in fin_jobs]
         if self.temperature <= 0:
             nxt = logits.argmax(-1)
         else:  # decoding rows at their own steps, then each finished prompt's first (or next) token
-            seeds = torch.tensor([self._seed(j) for j, _, _ in fin_jobs], dtype=torch.long)
-            steps = torch.tensor([g for _, _, g in fin_jobs], dtype=torch.long)
-            sd = torch.stack([seeds, steps]).to(self.dev, non_blocking=True)
+            sd = torch.tensor([fin_seeds, [g for _, _, g in fin_jobs]], dtype=torch.long).to(self.dev, non_blocking=True)
             parts = [self._pick(logits[:B], self.seed[:B], self.count[:B])] if B else []
             if fin_jobs:
                 parts.append(self._pick(logits[B:B + len(fin_jobs)], sd[0], sd[1]))
@@ -650,7 +649,7 @@ class KVBackend:
         if fin_jobs:
             fs = torch.tensor([j.slot for j, _, _ in fin_jobs], dtype=torch.long)
             meta = torch.tensor([[p for _, p, _ in fin_jobs], [g + 1 for _, _, g in fin_jobs],
-                                 [j.limit for j, _, _ in fin_jobs], [self._seed(j) for j, _, _ in fin_jobs]],
+                                 [j.limit for j, _, _ in fin_jobs], fin_seeds],
                                 dtype=torch.long).to(self.dev, non_blocking=True)
             fs = fs.to(self.dev, non_blocking=True)
             ct = nxt[B:B + len(fin_jobs)]
@@ -691,9 +690,9 @@ class KVBackend:
 
     def facts(self) -> dict[str, Any]:
         return {"backend": "kv", "kv_slots": self.S, "max_len": self.L, "kv_bytes": self.kv.bytes(),
-                "cuda_graphs": self.graphs,
+                "cuda_graphs": self.graphs, "n_graphs": len(self.graphs_), "graph_steps": self.n_graph_steps,
                 "sampling": None if self.temperature <= 0 else {"temperature": self.temperature, "top_p": self.top_p,
-                                                                "seed": self.seed_base}, "n_graphs": len(self.graphs_), "graph_steps": self.n_graph_steps,
+                                                                "seed": self.seed_base},
                 "eager_steps": self.n_eager_steps, "pin_lengths": self.pin, "evictions": self.slots.n_evicted,
                 "lm_state_probe": None if self.probe is None else {"layers": list(self.probe.layers),
                                                                    "refine_every": self.probe.refine_every,
