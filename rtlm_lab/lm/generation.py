@@ -168,16 +168,15 @@ class ChatLM:
         enc = self.encode(texts, contexts, max_new).to(self.device)
         batch = enc["input_ids"].shape[0]
         prompt_len = 0 if self.is_encoder_decoder else enc["input_ids"].shape[1]
+        # where the reply starts in the output ids: encoder-decoder outputs start with the decoder start token
+        start = prompt_len + (1 if self.is_encoder_decoder else 0)
         temperature, top_p, base = sampling_params(self.spec)
         procs = None
         if temperature > 0:
             if seeds is None:
                 seeds = [request_seed(str(t), 0, base) for t in texts]
-            procs = LogitsProcessorList([SeededSampler(seeds, prompt_len + (1 if self.is_encoder_decoder else 0),
-                                                       temperature, top_p)])
-        # encoder-decoder outputs start with the decoder start token
-        stopper = _TurnStopper(self.tokenizer, self.spec.get("stop_strings", []) or [],
-                               prompt_len + (1 if self.is_encoder_decoder else 0), batch, self._sync,
+            procs = LogitsProcessorList([SeededSampler(seeds, start, temperature, top_p)])
+        stopper = _TurnStopper(self.tokenizer, self.spec.get("stop_strings", []) or [], start, batch, self._sync,
                                self.eos_ids)
         self._sync()
         t0 = time.perf_counter()
@@ -189,7 +188,6 @@ class ChatLM:
         )
         self._sync()
         t_end = time.perf_counter()
-        start = prompt_len + (1 if self.is_encoder_decoder else 0)
         results = []
         n_in = enc["attention_mask"].sum(dim=1).tolist()
         stops = self.spec.get("stop_strings", []) or []

@@ -278,7 +278,7 @@ def summarize(run_dirs: Sequence[Path], baseline: str = "fcfs", oracle: str | No
     runs, rt = collect(run_dirs, groups)
     from tqdm.auto import tqdm
 
-    out = []
+    out, steps_cache = [], {}
     bar = tqdm(total=int(runs.groupby(list(GROUP) + ["mode", "policy"]).ngroups), desc="ratios (bootstrap)",
                unit="row", disable=not progress, mininterval=2.0)
     for key, g in runs.groupby(list(GROUP) + ["mode"], sort=True):
@@ -315,7 +315,7 @@ def summarize(run_dirs: Sequence[Path], baseline: str = "fcfs", oracle: str | No
                     b = [rt[gr[gr["seed"] == s]["run_dir"].iloc[0]] for s in seeds]
                     row.update(dict(zip(cols, ratio_ci(a, b, stat, block=block, n_boot=n_boot))))
             row.update(_headroom(g, gp, rt, baseline, g_oracle, block, n_boot))
-            row["step_cost_vs_fcfs"] = _step_cost(g, gp, baseline)
+            row["step_cost_vs_fcfs"] = _step_cost(g, gp, baseline, steps_cache)
             row.update(_protocol_summary(gp, group_flags, drift_seeds))
             out.append(row)
             bar.update(1)
@@ -354,16 +354,21 @@ def _headroom(g: pd.DataFrame, gp: pd.DataFrame, rt: Mapping[str, np.ndarray], b
     return out
 
 
-def _step_cost(g: pd.DataFrame, gp: pd.DataFrame, baseline: str) -> float:
-    """Mean over seeds of :func:`~rtlm_lab.scheduler.protocol.step_cost_ratio` (NaN without steps files)."""
+def _step_cost(g: pd.DataFrame, gp: pd.DataFrame, baseline: str, cache: dict) -> float:
+    """Mean over seeds of :func:`~rtlm_lab.scheduler.protocol.step_cost_ratio` (NaN without steps files);
+    ``cache``: run dir -> its steps, so a group's FCFS runs are read once for all its policies."""
     from rtlm_lab.scheduler.protocol import step_cost_ratio
+
+    def _steps(run_dir: str) -> pd.DataFrame:
+        if run_dir not in cache:
+            cache[run_dir] = pd.read_parquet(Path(run_dir) / "steps.parquet", columns=["dt_s", "n_seqs", "n_tokens"])
+        return cache[run_dir]
 
     vals = []
     for s in sorted(set(gp["seed"]) & set(g[g["policy"] == baseline]["seed"])):
         try:
-            cols = ["dt_s", "n_seqs", "n_tokens"]
-            a = pd.read_parquet(Path(_first_run(gp, gp["policy"].iloc[0], s)) / "steps.parquet", columns=cols)
-            b = pd.read_parquet(Path(_first_run(g, baseline, s)) / "steps.parquet", columns=cols)
+            a = _steps(_first_run(gp, gp["policy"].iloc[0], s))
+            b = _steps(_first_run(g, baseline, s))
         except (OSError, ValueError, KeyError):
             continue
         v = step_cost_ratio(a, b)
