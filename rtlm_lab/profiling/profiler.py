@@ -41,9 +41,11 @@ OUTPUT_IDS_COLUMN = "output_ids"
 
 
 class ProfileStore:
-    """Append-only store of profile rows under ``<run_dir>/parts``; survives interruption."""
+    """Append-only store of profile rows under ``<run_dir>/parts``; survives interruption. ``columns``: the
+    columns every part is written with (default the profile's; ``None``: the rows' own, e.g. rtlm-spread's)."""
 
-    def __init__(self, run_dir: str | Path):
+    def __init__(self, run_dir: str | Path, columns: list[str] | None = PROFILE_COLUMNS):
+        self.columns = columns
         self.run_dir = Path(run_dir)
         self.parts = self.run_dir / "parts"
         self.parts.mkdir(parents=True, exist_ok=True)
@@ -61,7 +63,7 @@ class ProfileStore:
                 log.warning("ignoring unreadable part %s (its requests will be redone)", p.name)
                 p.rename(p.with_suffix(".corrupt"))
         if not frames:
-            return pd.DataFrame(columns=PROFILE_COLUMNS)
+            return pd.DataFrame(columns=self.columns or ["request_id"])
         df = pd.concat(frames, ignore_index=True)
         return df.drop_duplicates("request_id", keep="first").reset_index(drop=True)
 
@@ -83,7 +85,8 @@ class ProfileStore:
         # buffer was cleared) used to make the final flush write the same rows again as a second part
         rows, self._buffer = self._buffer, []
         try:
-            cols = PROFILE_COLUMNS + ([OUTPUT_IDS_COLUMN] if rows and OUTPUT_IDS_COLUMN in rows[0] else [])
+            cols = None if self.columns is None else (
+                self.columns + ([OUTPUT_IDS_COLUMN] if rows and OUTPUT_IDS_COLUMN in rows[0] else []))
             write_parquet_atomic(pd.DataFrame(rows, columns=cols), path)
         except BaseException:
             if not path.exists():  # not written: keep the rows for the next flush

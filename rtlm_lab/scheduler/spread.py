@@ -49,8 +49,9 @@ def summarize_lengths(lengths: Sequence[int], eos: Sequence[bool]) -> dict[str, 
     return out
 
 
-def _kv_samples(lm, backend, texts, contexts, rids, k: int, max_seqs: int, max_batch_tokens: int):
-    """Sample ``k`` of every prompt through the kv engine (all submitted at once, FCFS): ``[(tokens, eos)]``."""
+def _kv_samples(backend, texts, contexts, rids, k: int, max_seqs: int, max_batch_tokens: int):
+    """Sample ``k`` of every prompt through the kv engine (all submitted at once, FCFS):
+    ``[(tokens, ended its turn, prompt tokens)]``."""
     from rtlm_lab.scheduler.engine import Engine, PredictorServer, WallClock, serve
     from rtlm_lab.scheduler.policies import Request, make_policy
 
@@ -65,6 +66,7 @@ def _kv_samples(lm, backend, texts, contexts, rids, k: int, max_seqs: int, max_b
 
 
 def _generate_samples(lm, texts, contexts, rids, k: int, base: int, batch_size: int):
+    """Sample ``k`` of every prompt through ``ChatLM.generate``: as :func:`_kv_samples`."""
     from rtlm_lab.lm.sampling import request_seed
 
     out = []
@@ -75,38 +77,12 @@ def _generate_samples(lm, texts, contexts, rids, k: int, base: int, batch_size: 
     return out
 
 
-class _Parts:
-    """One parquet per finished chunk (written atomically): what a rerun finds is done."""
-
-    def __init__(self, d: Path):
-        self.d = d
-        d.mkdir(parents=True, exist_ok=True)
-
-    def load(self) -> pd.DataFrame:
-        frames = []
-        for p in sorted(self.d.glob("part-*.parquet")):
-            try:
-                frames.append(pd.read_parquet(p))
-            except Exception:  # noqa: BLE001 - a torn part is redone, never fatal
-                log.warning("ignoring unreadable part %s (its prompts will be redone)", p.name)
-                p.rename(p.with_suffix(".corrupt"))
-        if not frames:
-            return pd.DataFrame({"request_id": []})
-        return pd.concat(frames, ignore_index=True).drop_duplicates("request_id").reset_index(drop=True)
-
-    def add(self, rows: list[dict]) -> None:
-        from rtlm_lab.io import write_parquet_atomic
-
-        n = len(list(self.d.glob("part-*.parquet")))
-        write_parquet_atomic(pd.DataFrame(rows), self.d / f"part-{n:05d}.parquet")
-
-
 def run_spread(cfg: Mapping[str, Any], run_dir: str | Path, lm=None) -> dict[str, Any]:
     """Replies ``K`` times per prompt (see the module doc); returns the summary."""
     from rtlm_lab.io import git_commit, provenance, write_json_atomic, write_parquet_atomic
     from rtlm_lab.lm import load_lm
     from rtlm_lab.lm.sampling import sampling_params
-    from rtlm_lab.profiling.profiler import select_requests
+    from rtlm_lab.profiling.profiler import ProfileStore, select_requests
 
     run_dir = Path(run_dir)
     sp = dict(cfg.get("spread") or {})
@@ -122,8 +98,8 @@ def run_spread(cfg: Mapping[str, Any], run_dir: str | Path, lm=None) -> dict[str
         raise UserError("rtlm-spread needs sampled decoding: lm.sampling (default: the LM's chat_sampling) has "
                         "temperature 0")
     requests = select_requests(cfg)
-    store = _Parts(run_dir / "parts")
-    done = set(store.load()["request_id"]) if len(store.load()) else set()
+    store = ProfileStore(run_dir, columns=None)  # one part per chunk (atomic): a rerun resumes after the last
+    done = set(store.load()["request_id"])
     todo = requests[~requests["request_id"].isin(done)].reset_index(drop=True)
     log.info("%d prompts x %d samples: %d done, %d to go", len(requests), K, len(requests) - len(todo), len(todo))
     backend = None
@@ -149,7 +125,7 @@ def run_spread(cfg: Mapping[str, Any], run_dir: str | Path, lm=None) -> dict[str
             per_k = []
             for k in range(K):
                 if engine == "kv":
-                    per_k.append(_kv_samples(lm, backend, texts, ctx, rids, k, batch, backend.max_batch_tokens))
+                    per_k.append(_kv_samples(backend, texts, ctx, rids, k, batch, backend.max_batch_tokens))
                 else:
                     per_k.append(_generate_samples(lm, texts, ctx, rids, k, base, batch))
                 bar.update(len(rids))
@@ -162,9 +138,10 @@ def run_spread(cfg: Mapping[str, Any], run_dir: str | Path, lm=None) -> dict[str
                              "n_output_tokens": lens[0], "lengths": lens, "eos": eos,
                              **summarize_lengths(lens, eos), "lm": lm_cfg["name"],
                              "platform": platform.get("name"), "decoding": decoding, "git_commit": commit})
-            store.add(rows)
+            store.add(rows, flush_every=1)
     finally:
         bar.close()
+        store.flush()
         if backend is not None:
             backend.close()
     df = store.load()
