@@ -6,7 +6,7 @@ Every policy gets the same engine(s), built from the platform config alone (``pl
 only in order (and preemption) and placement. Steps of a run:
 
 1. **capacity** (:func:`measure_capacity`): a saturation run of the same engine on the workload's own length
-   mix (``scheduler.capacity_requests`` held-out requests, all queued at t=0, FCFS): decode tokens/s while the
+   mix (:func:`capacity_requests` held-out requests, all queued at t=0, FCFS): decode tokens/s while the
    queue is non-empty, divided by the mix's mean output tokens = requests/s. Its steps also fit the engine's
    :class:`~rtlm_lab.scheduler.engine.StepModel` (what the simulator replays). Cached per LM x platform x
    engine config under ``outputs/schedule/capacity/`` (``scheduler.recalibrate=true`` measures again); the
@@ -185,6 +185,14 @@ def _close(engines) -> None:
             e.backend.close()
 
 
+def capacity_requests(sched: Mapping[str, Any], ecfg: Mapping[str, Any]) -> int:
+    """Requests in the saturation run: ``scheduler.capacity_requests``, by default 8 x ``max_seqs`` and at least 64
+    (each row serves a run of requests in turn, so the start and the drain weigh little: a 16-request run at 4 rows
+    lasted 0.8 s on the CPU and overstated the capacity under arrivals by ~10%); never fewer than 2 x ``max_seqs``."""
+    m = int(ecfg["max_seqs"])
+    return max(int(sched.get("capacity_requests") or max(8 * m, 64)), 2 * m)
+
+
 def saturation(factory: EngineFactory, pool: pd.DataFrame, n: int, seed: int, progress: bool = False
                ) -> tuple[dict[str, Any], pd.DataFrame]:
     """A saturation run: ``n`` requests of the pool's mix, all queued at t=0, FCFS. Returns the capacity
@@ -229,8 +237,8 @@ def measure_capacity(factory: EngineFactory, pool: pd.DataFrame, sched: Mapping[
             return cap
         except (json.JSONDecodeError, KeyError, UserError) as exc:
             log.warning("capacity cache %s unreadable (%s); measuring again", cache, exc)
-    n = int(sched.get("capacity_requests") or 4 * factory.ecfg["max_seqs"])
-    cap, steps = saturation(factory, pool, max(n, 2 * factory.ecfg["max_seqs"]), seed, progress)
+    n = capacity_requests(sched, factory.ecfg)
+    cap, steps = saturation(factory, pool, n, seed, progress)
     sm = StepModel.fit(steps, source=f"saturation run of {cap['n_requests']} requests")
     cap["step_model"] = sm.to_dict()
     cap["engine"] = dict(factory.ecfg)
