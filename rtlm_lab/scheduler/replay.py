@@ -352,8 +352,11 @@ def build(cfg: Mapping[str, Any], command: str = "") -> pd.DataFrame:
 
     cal, val = _expand(cfg.get("calibration") or []), _expand(cfg.get("runs") or [])
     cal_steps = _expand_files(cfg.get("calibration_steps") or [])
+    if not cal and not cal_steps:
+        raise UserError("no calibration runs: target.calibration and target.calibration_steps name none (no "
+                        "committed group to validate against yet: conf/target/sim_error.yaml, docs/results.md)")
     if not val:
-        raise UserError("target.runs names no run dirs to replay")
+        raise UserError("no validation runs: target.runs names no run dirs to replay")
     overlap = {p.resolve() for p in cal} & {p.resolve() for p in val}
     if overlap:
         raise UserError(f"{len(overlap)} run(s) are both calibration and validation runs, e.g. "
@@ -376,7 +379,7 @@ def build(cfg: Mapping[str, Any], command: str = "") -> pd.DataFrame:
     if out is None:
         from rtlm_lab.scheduler.analysis import reference_root
 
-        out = reference_root() / "sim_error_h200.csv"
+        out = reference_root() / "sim_error.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
         table.round(4).to_csv(tmp, index=False)
