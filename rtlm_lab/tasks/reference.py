@@ -12,14 +12,8 @@
 * ``target=scheduler``: :func:`rtlm_lab.scheduler.analysis.add_runs` then
   :func:`~rtlm_lab.scheduler.analysis.build` (the continuous-engine results table with CIs);
 * ``target=sim_error``: :func:`rtlm_lab.scheduler.replay.build` (the step model, with its admission term, fitted
-  on calibration runs; the validation runs' exact traces replayed in the simulator; ``sim_error_h200.csv``);
-  ``target=sim_error_gemma3_270m`` / ``target=sim_error_dialogpt_ccc_session`` (H200) and
-  ``target=sim_error_cpu_gemma3_270m`` (the 2-core CPU): the same builder calibrated on a same-session
-  saturation run's steps (``target.calibration_steps``) instead of real runs under arrivals;
-* ``target=sim_grid``: :func:`rtlm_lab.scheduler.simgrid.build` (every policy and ablation x rho x seed, five LMs
-  x two platforms, in sim mode on the committed engine measurements; ``sim_grid.csv``, labelled sim);
-  ``target=sim_x2``: the same builder over two GPU replicas (``platform=cuda_x2``), one cell per placement
-  (``sim_x2.csv``).
+  on calibration runs or a saturation run's steps; the validation runs' exact traces replayed in the simulator;
+  ``conf/target/sim_error.yaml`` names no runs until a kv-engine group is committed: pass them as overrides);
 * ``target=regime``: :func:`rtlm_lab.scheduler.regime.build` (the regime map in simulation: max_seqs x load,
   overload burst included, x burstiness x each decoder-only LM, every policy paired per seed; oracle headroom and
   headroom captured with CIs -> ``outputs/reference/scheduler/regime/``, resumable).
@@ -32,11 +26,7 @@ Examples::
     rtlm-reference target=regressor target.profiles=[gemma3_270m__cuda] target.kinds=[ridge]
     rtlm-reference target=distribution target.lms=[gemma3_270m] target.lmstate_lms=[]
     rtlm-reference target=scheduler 'target.runs=[outputs/schedule/dialogpt_ccc/cpu/real/*/*/*]' target.group=cpu__dialogpt
-    rtlm-reference target=sim_error
-    rtlm-reference target=sim_error_gemma3_270m   # sim_error_h200_gemma3_270m.csv
-    rtlm-reference target=sim_error_cpu_gemma3_270m   # sim_error_cpu_gemma3_270m.csv
-    rtlm-reference target=sim_grid    # sim_grid.csv: the simulation grid (resumable)
-    rtlm-reference target=sim_x2      # sim_x2.csv: two GPU replicas in sim, one cell per placement
+    rtlm-reference target=sim_error 'target.calibration=[...]' 'target.runs=[...]' target.out=/tmp/sim_error.csv
     rtlm-reference target=regime      # regime/regime.csv: where order pays, in sim (resumable)
 """
 
@@ -94,7 +84,8 @@ def reference(cfg: DictConfig):
         runs = expand(t.runs)
         if runs:
             if not t.group:
-                raise UserError("target.group names the group the runs are added as (e.g. h200__dialogpt_ccc)")
+                raise UserError("target.group names the group the runs are added as "
+                                "(e.g. h100__dialogpt_ccc__kv4_rho095_pinned)")
             add_runs([Path(r) for r in runs], str(t.group), note=str(t.note))
         df = build(n_boot=int(t.n_boot))
         write_scheduler_docs(df)  # the report builder writes the pages (README, docs/results.md), not the analysis
@@ -124,14 +115,6 @@ def reference(cfg: DictConfig):
 
         table = build_regime(t, command=" ".join(["rtlm-reference", *sys.argv[1:]]))
         print("\n".join(findings(table)))
-        return table
-    if t.name == "sim_grid":
-        import sys
-
-        from rtlm_lab.scheduler.simgrid import build as build_grid, headline
-
-        table = build_grid(t, command=" ".join(["rtlm-reference", *sys.argv[1:]]))
-        print(headline(table, float(t.get("headline_rho", 0.9))).to_markdown(index=False))
         return table
     from rtlm_lab.regressor.reference import build_reference, merge_lmstate
 
