@@ -478,37 +478,48 @@ def fill_markers(doc: str | Path, name: str, body: str) -> bool:
     return True
 
 
+# What the pages say where outputs/reference/scheduler/runs/ holds no group (each relative to its own page).
+NO_GROUPS_README = ("No real run group meets the protocol yet, so there is no table: the earlier groups failed it and "
+                    "were removed ([docs/results.md](docs/results.md#removed-groups)).")
+NO_GROUPS_RESULTS = ("No run group meets the protocol yet, so there is no table: the earlier groups failed it and "
+                     "were removed ([removed groups](#removed-groups)).")
+
+
 def write_scheduler_docs(df=None, root: str | Path | None = None, repo: str | Path | None = None) -> list[Path]:
     """The committed scheduler results in the pages: the results table (``df``, as
     :func:`rtlm_lab.scheduler.analysis.build` returns it; ``None``: read from ``root``'s ``summary.csv``) in full in
     ``docs/results.md`` and as the headline in ``README.md`` (markers ``scheduler-summary``), and the closing-FCFS
-    drift of ``root``'s groups in ``docs/results.md`` (markers ``fcfs-drift``). ``root``: default
-    ``outputs/reference/scheduler``; ``repo``: the checkout whose pages are written (default: this one). Returns
-    the pages written. From a shell: ``python -c "from rtlm_lab.report import write_scheduler_docs;
-    write_scheduler_docs()"`` after ``rtlm-reference target=scheduler``."""
+    drift of ``root``'s groups in ``docs/results.md`` (markers ``fcfs-drift``). An empty table (no group under
+    ``root/runs/``) puts one line in both pages saying so. ``root``: default ``outputs/reference/scheduler``;
+    ``repo``: the checkout whose pages are written (default: this one). Returns the pages written. From a shell:
+    ``python -c "from rtlm_lab.report import write_scheduler_docs; write_scheduler_docs()"`` after
+    ``rtlm-reference target=scheduler``."""
+    import pandas as pd
+
     from rtlm_lab.paths import ROOT
-    from rtlm_lab.scheduler.analysis import (fcfs_drift, format_drift, format_headline, format_summary,
+    from rtlm_lab.scheduler.analysis import (fcfs_drift, format_drift, format_headline, format_summary, has_groups,
                                              reference_root)
 
     root = Path(root) if root else reference_root()
     if df is None:
-        import pandas as pd
-
         from rtlm_lab.errors import UserError
 
-        if not (root / "summary.csv").is_file():
+        if (root / "summary.csv").is_file():
+            df = pd.read_csv(root / "summary.csv")
+            for c in ("gpu", "oracle", "seeds"):  # empty text columns read back as NaN
+                if c in df:
+                    df[c] = df[c].fillna("").astype(str)
+        elif has_groups(root):
             raise UserError(f"no {root / 'summary.csv'}: run `rtlm-reference target=scheduler` first")
-        df = pd.read_csv(root / "summary.csv")
-        for c in ("gpu", "oracle", "seeds"):  # empty text columns read back as NaN
-            if c in df:
-                df[c] = df[c].fillna("").astype(str)
+        else:
+            df = pd.DataFrame()
     repo = Path(repo) if repo else ROOT
     results, readme = repo / "docs" / "results.md", repo / "README.md"
     done = []
-    if fill_markers(results, "scheduler-summary", format_summary(df)):
+    if fill_markers(results, "scheduler-summary", NO_GROUPS_RESULTS if df.empty else format_summary(df)):
         done.append(results)
     if fill_markers(results, "fcfs-drift", format_drift(fcfs_drift(root))) and results not in done:
         done.append(results)
-    if fill_markers(readme, "scheduler-summary", format_headline(df)):
+    if fill_markers(readme, "scheduler-summary", NO_GROUPS_README if df.empty else format_headline(df)):
         done.append(readme)
     return done

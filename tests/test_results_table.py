@@ -190,21 +190,77 @@ def test_build_writes_the_results_files_and_the_report_side_writes_the_pages(tmp
     assert not fill_markers(tmp_path / "missing.md", "scheduler-summary", "x")
 
 
-def test_the_pages_rebuild_from_summary_csv_as_committed(tmp_path):
-    """write_scheduler_docs without a table reads the committed summary.csv: the committed README and
-    docs/results.md (its full table and the FCFS drift) come out as they are."""
+def test_the_pages_rebuild_from_what_is_committed(tmp_path):
+    """write_scheduler_docs without a table reads what is committed under outputs/reference/scheduler/ (its
+    summary.csv, or no table where runs/ holds no group): the committed README and docs/results.md (the table,
+    the headline and the FCFS drift) come out as they are."""
     import shutil
 
     from conftest import ROOT
-    from rtlm_lab.report import write_scheduler_docs
+    from rtlm_lab.report import NO_GROUPS_README, NO_GROUPS_RESULTS, write_scheduler_docs
+    from rtlm_lab.scheduler.analysis import has_groups
 
     repo = tmp_path / "repo"
     (repo / "docs").mkdir(parents=True)
     for page in ("README.md", "docs/results.md"):
         shutil.copy(ROOT / page, repo / page)
     before = [(repo / p).read_text() for p in ("README.md", "docs/results.md")]
-    write_scheduler_docs(repo=repo)
+    assert sorted(write_scheduler_docs(repo=repo)) == sorted([repo / "README.md", repo / "docs" / "results.md"])
     after = [(repo / p).read_text() for p in ("README.md", "docs/results.md")]
     assert after == before
-    summary = (ROOT / "outputs/reference/scheduler/summary.md").read_text().strip()
-    assert summary in after[1] and "No group has closing FCFS runs yet" in after[1]
+    committed = ROOT / "outputs/reference/scheduler"
+    if has_groups(committed):
+        assert (committed / "summary.md").read_text().strip() in after[1]
+    else:  # no group meets the protocol yet: no table, and both pages say so
+        assert not (committed / "summary.csv").exists() and not (committed / "summary.md").exists()
+        assert NO_GROUPS_README in after[0] and NO_GROUPS_RESULTS in after[1]
+    assert "No group has closing FCFS runs yet" in after[1] or "closing / first" in after[1]
+
+
+def test_no_group_gives_no_table_one_line_and_pages_that_say_so(tmp_path, monkeypatch, capsys):
+    """`rtlm-reference target=scheduler` with an empty runs/ folder: no crash, one printed line, no summary files
+    (a stale pair is removed), and the pages' markers say plainly that no group meets the protocol; adding a group
+    afterwards brings the table back."""
+    import rtlm_lab.paths
+    import rtlm_lab.scheduler.analysis as analysis
+    from omegaconf import OmegaConf
+
+    from rtlm_lab.errors import UserError
+    from rtlm_lab.report import NO_GROUPS_README, NO_GROUPS_RESULTS, write_scheduler_docs
+    from rtlm_lab.tasks.reference import reference
+
+    root, repo = tmp_path / "scheduler", tmp_path / "repo"
+    (root / "runs").mkdir(parents=True)
+    (root / "summary.csv").write_text("group,policy\nold,fcfs\n")  # stale, from groups since removed
+    (root / "summary.md").write_text("| old |\n")
+    (repo / "docs").mkdir(parents=True)
+    (repo / "README.md").write_text("# R\n<!-- scheduler-summary:begin -->\n| old |\n<!-- scheduler-summary:end -->\n")
+    (repo / "docs" / "results.md").write_text("<!-- scheduler-summary:begin -->\n| old |\n<!-- scheduler-summary:end -->\n"
+                                              "<!-- fcfs-drift:begin -->\n<!-- fcfs-drift:end -->\n")
+    monkeypatch.setattr(analysis, "reference_root", lambda: root)
+    monkeypatch.setattr(rtlm_lab.paths, "ROOT", repo)
+    cfg = OmegaConf.create({"target": {"name": "scheduler", "runs": [], "group": None, "note": "", "n_boot": 50}})
+    df = reference(cfg)
+    assert df.empty
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out == [analysis.NO_GROUPS] and out[0].startswith("no conforming groups")
+    assert not (root / "summary.csv").exists() and not (root / "summary.md").exists()
+    readme, results = (repo / "README.md").read_text(), (repo / "docs" / "results.md").read_text()
+    assert "| old |" not in readme and NO_GROUPS_README in readme
+    assert "| old |" not in results and NO_GROUPS_RESULTS in results and "No group has closing FCFS runs" in results
+    # the same from no table at all (what the pages are rebuilt from without a build)
+    assert sorted(write_scheduler_docs(root=root, repo=repo)) == sorted([repo / "README.md", repo / "docs" / "results.md"])
+    assert (repo / "README.md").read_text() == readme
+    # a group added: the table is back, and the line is gone
+    rng = np.random.default_rng(9)
+    base = rng.uniform(0.5, 1.5, 60)
+    _run(root / "runs", "g", "fcfs", 0, base)
+    _run(root / "runs", "g", "rtlm", 0, 2 * base)
+    df = analysis.build(root, n_boot=50)
+    assert len(df) == 2 and (root / "summary.csv").is_file()
+    write_scheduler_docs(df, root=root, repo=repo)
+    assert NO_GROUPS_README not in (repo / "README.md").read_text() and "2.00 [2.00, 2.00]" in (repo / "README.md").read_text()
+    # a committed group whose summary.csv is missing is an error, not an empty table
+    (root / "summary.csv").unlink()
+    with pytest.raises(UserError, match="summary.csv"):
+        write_scheduler_docs(root=root, repo=repo)

@@ -196,14 +196,46 @@ def test_build_with_saturation_steps_as_calibration(tmp_path):
     assert out.name in md and "new_no_admission" not in md  # the ablation stays in the csv
 
 
-def test_committed_sim_error_summary_covers_every_table():
-    """``sim_error_summary.csv`` is rebuilt from the committed tables (no table left out, none stale)."""
-    from rtlm_lab.scheduler.analysis import reference_root
-    from rtlm_lab.scheduler.replay import summary_all
+def test_the_summary_covers_every_table_beside_it_and_none_stale(tmp_path):
+    """Two sim-error tables in one folder (one calibrated on real runs, one on a saturation run's steps): each build
+    rewrites ``sim_error_summary.csv`` from every table beside it, so after the second build the summary holds both
+    tables and equals a fresh :func:`summary_all` of the folder (no table left out, none stale)."""
+    from rtlm_lab.scheduler.replay import build, summary_all
 
-    root = reference_root()
-    tables = sorted(p.name for p in root.glob("sim_error*.csv") if p.stem != "sim_error_summary")
-    fresh = summary_all(root)
-    assert sorted(set(fresh["table"])) == tables
-    committed = pd.read_csv(root / "sim_error_summary.csv")
+    out_dir = tmp_path / "ref"
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    cal = [_fake_run(runs, TRUE, seed=s)[0] for s in (1, 2)]
+    val = _fake_run(runs, TRUE, seed=0)[0]
+    _saturation_steps(tmp_path, TRUE)
+    build({"calibration": [str(d) for d in cal], "runs": [str(val)], "out": str(out_dir / "sim_error_a.csv")})
+    first = pd.read_csv(out_dir / "sim_error_summary.csv")
+    assert set(first["table"]) == {"sim_error_a.csv"}
+    assert set(first["calibration"]) == {"each run's own saturation run (served with)",
+                                         f"2 real run(s): {cal[0].name} + 1 more"}
+    build({"calibration_steps": [str(tmp_path / "sat.steps.parquet")], "runs": [str(val)],
+           "out": str(out_dir / "sim_error_b.csv")})
+    committed = pd.read_csv(out_dir / "sim_error_summary.csv")
+    fresh = summary_all(out_dir)
+    assert sorted(set(fresh["table"])) == ["sim_error_a.csv", "sim_error_b.csv"]
+    assert len(fresh) == 6  # three models a table
     pd.testing.assert_frame_equal(committed, fresh.round(4), check_dtype=False)
+    md = (out_dir / "sim_error_summary.md").read_text()
+    assert "sim_error_a.csv" in md and "sim_error_b.csv" in md
+
+
+def test_the_committed_config_names_no_runs_and_says_so_in_one_line(tmp_path):
+    """conf/target/sim_error.yaml names no runs (the groups it validated were removed): the build stops with one
+    UserError line, before touching any file; with calibration but no runs, another one line."""
+    from omegaconf import OmegaConf
+
+    from conftest import ROOT
+    from rtlm_lab.scheduler.replay import build
+
+    cfg = OmegaConf.load(ROOT / "conf" / "target" / "sim_error.yaml")
+    assert list(cfg.calibration) == list(cfg.calibration_steps) == list(cfg.runs) == []
+    with pytest.raises(UserError, match="^no calibration runs: ") as exc:
+        build(cfg)
+    assert "\n" not in str(exc.value)
+    with pytest.raises(UserError, match="^no validation runs: "):
+        build({**OmegaConf.to_container(cfg), "calibration_steps": [str(_saturation_steps(tmp_path, TRUE)[0])]})

@@ -230,7 +230,7 @@ def collect(run_dirs: Iterable[Path], groups: Mapping[str, str] | None = None
     """One row per run: its group keys, policy, seed and headline metrics (units in the names); and each run's
     measured response times in arrival order (run dir as given -> seconds), for the bootstrap, from the same
     read of its files. ``groups``: run dir (as given) -> group name, where the parent folder's name is not the
-    group (e.g. the sim grid)."""
+    group (e.g. the regime map's cells)."""
     rows, rt = [], {}
     for d in run_dirs:
         m, r = load_run(d)
@@ -263,7 +263,7 @@ def summarize(run_dirs: Sequence[Path], baseline: str = "fcfs", oracle: str | No
     ``oracle``: None = the engine's own oracle where the group ran it (``oracle_srpt`` on the continuous engine,
     ``oracle_sjf`` on the static path, where a batch is not preempted; as ``study.run_study`` picks), else the
     other; column ``oracle`` names it. ``groups``: as :func:`collect`; ``progress``: a bar over group x policy
-    (the bootstrap takes minutes over the sim grid's 650 rows).
+    (the bootstrap takes minutes over the regime map's cells).
 
     The protocol (docs/scheduling.md#the-protocol), per row: ``headroom_captured`` with its CI (see
     :func:`headroom_ci`), reported only where the oracle's headroom over FCFS is significant (the CI of
@@ -430,7 +430,9 @@ def _protocol_summary(gp: pd.DataFrame, group_flags: list[str], drift_seeds: lis
 
 
 def format_summary(df: pd.DataFrame) -> str:
-    """The table as markdown (what docs/results.md shows)."""
+    """The table as markdown (what docs/results.md shows); :data:`NO_GROUPS` for an empty table."""
+    if df.empty:
+        return NO_GROUPS
     def ci(r, c):
         v = r[c]
         if not math.isfinite(v):
@@ -534,14 +536,28 @@ def add_runs(run_dirs: Sequence[Path], group: str, root: Path | None = None, not
     return out
 
 
+NO_GROUPS = "no conforming groups: no run group under outputs/reference/scheduler/runs/ yet, so no table"
+
+
+def has_groups(root: Path | None = None) -> bool:
+    """Whether ``<root>/runs/`` holds any finished run of a group (the table has rows)."""
+    root = Path(root) if root else reference_root()
+    return any(root.glob("runs/*/*/metrics.json"))
+
+
 def build(root: Path | None = None, n_boot: int = 2000) -> pd.DataFrame:
     """``summary.csv`` and ``summary.md`` of every committed run under ``<root>/runs/<group>/<run>/``; returns the
     table. The pages that show it (README.md, docs/results.md) are written by the report side:
-    :func:`rtlm_lab.report.write_scheduler_docs`."""
+    :func:`rtlm_lab.report.write_scheduler_docs`. With no group under ``runs/`` there is no table: an empty
+    frame is returned and a stale ``summary.csv`` / ``summary.md`` is removed, not rewritten."""
     from rtlm_lab.io import atomic_path, write_text_atomic
 
     root = Path(root) if root else reference_root()
     dirs = sorted(p.parent for p in root.glob("runs/*/*/metrics.json"))
+    if not dirs:
+        for stale in ("summary.csv", "summary.md"):
+            (root / stale).unlink(missing_ok=True)
+        return pd.DataFrame()
     df = summarize(dirs, n_boot=n_boot)
     with atomic_path(root / "summary.csv") as tmp:
         df.to_csv(tmp, index=False)
@@ -550,7 +566,10 @@ def build(root: Path | None = None, n_boot: int = 2000) -> pd.DataFrame:
 
 
 def format_headline(df: pd.DataFrame) -> str:
-    """README's table: real runs only, one row per group, each policy's mean response time / FCFS [95% CI]."""
+    """README's table: real runs only, one row per group, each policy's mean response time / FCFS [95% CI];
+    :data:`NO_GROUPS` for an empty table."""
+    if df.empty:
+        return NO_GROUPS
     real = df[df["mode"] == "real"]
     pols = [p for p in ("sjf_input", "sjf_proxy", "ltr", "rtlm", "lmstate", "oracle_sjf", "oracle_srpt") if p in set(real["policy"])]
     rows = []
