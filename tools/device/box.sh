@@ -106,6 +106,7 @@ aside() {
     local p
     for p in "$@"; do
         [ -L "$p" ] && continue
+        [ -e "$p" ] || continue  # nothing there to move (e.g. scheduler/runs while no group is committed)
         [ -e "$A/$p" ] && die "$A/$p exists already (box.sh tree restore first, or clear it)"
         mkdir -p "$A/$(dirname "$p")" && mv "$p" "$A/$p" && ln -s "$A/$p" "$p"
         git rm -r -q --cached "$p"
