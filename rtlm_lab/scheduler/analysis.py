@@ -433,6 +433,7 @@ def format_summary(df: pd.DataFrame) -> str:
     """The table as markdown (what docs/results.md shows); :data:`NO_GROUPS` for an empty table."""
     if df.empty:
         return NO_GROUPS
+
     def ci(r, c):
         v = r[c]
         if not math.isfinite(v):
