@@ -499,3 +499,109 @@ def test_slot_engine_parks_a_preempted_rows_kv_in_its_own_storage(tiny_causal_di
     for j in jobs:
         assert j.output_ids == list(ref[j.rid].output_ids), j.rid
     backend.close()
+
+
+def _synthetic_probe(resid_q, cap: int = 64):
+    """A real :class:`StateProbe` around a real ridge probe fitted on synthetic states (no LM): what
+    ``gittins_lmstate`` reads is the probe's residual quantiles and cap, set here by hand."""
+    import numpy as np
+
+    from rtlm_lab.lm.states import LMStates
+    from rtlm_lab.regressor.lmstate import LMStatePredictor
+    from rtlm_lab.scheduler.lmprobe import StateProbe
+
+    rng = np.random.default_rng(0)
+    n = 40
+    st = LMStates({0: rng.normal(size=(n, 3))}, {0: rng.normal(size=(n, 3))}, rng.random(n), rng.random(n),
+                  rng.integers(2, 9, n).astype(float), (0,))
+    pre = LMStatePredictor(probe="ridge").fit(st, rng.integers(1, cap, n), max_new_tokens=cap)
+    return StateProbe(pre, None, 0, [], {}, resid_q=resid_q)
+
+
+def test_gittins_lmstate_index_by_hand_and_point_masses_give_srpt():
+    """``gittins_lmstate``: the probe's residual quantiles turn a point prediction into the total length's
+    quantiles (``rem_at + expm1(log1p(pred) + r)``, within ``[rem_at + 1, cap]``); the key is minus the Gittins
+    index of that distribution at the job's attained service; with zero residuals (a point mass) it ranks as
+    SRPT on the predicted remaining tokens; an unpredicted job ranks first."""
+    from rtlm_lab.distmetrics import DEFAULT_LEVELS
+    from rtlm_lab.errors import UserError
+    from rtlm_lab.scheduler.engine import Job
+    from rtlm_lab.scheduler.gittins import DiscreteSize
+
+    r = [math.log(0.5), math.log(0.5), 0.0, 0.0, 0.0, math.log(3.0), math.log(3.0)]  # x0.5 / x1 / x3 in 1+n
+    probe = _synthetic_probe({0: r, 8: [0.0] * 7})
+    # prefill prediction 9 tokens: 1 + total = 10 x {0.5, 1, 3} -> totals {4, 9, 29}
+    assert probe.quantiles(9.0, 0) == pytest.approx((4, 4, 9, 9, 9, 29, 29))
+    # after a refinement at 8 tokens (zero residuals): a point mass at 8 + 5 = 13; the cap bounds it
+    assert probe.quantiles(5.0, 8) == pytest.approx((13,) * 7)
+    assert probe.quantiles(500.0, 8) == pytest.approx((64,) * 7)
+    # before step 8 a refinement would use the prefill residuals (the largest step <= rem_at with residuals)
+    assert probe.quantiles(9.0, 3)[0] == pytest.approx(3 + 4)
+
+    pol = make_policy("gittins_lmstate", {})
+    pol.attach_probe(probe)
+    a, b, c = (Job(req=x) for x in reqs([("a", 0.0, 5), ("b", 0.0, 5), ("c", 1.0, 5)]))
+    assert pol.key(c, 2.0) == -math.inf  # no prediction yet: prefill first
+    a.rem_pred, a.rem_at, a.generated = 9.0, 0, 0
+    # the index of the midpoint-rule distribution of those quantiles (support {4, 9, 29}; the index itself is
+    # checked by hand in tests/test_gittins.py)
+    d = DiscreteSize.from_quantiles(DEFAULT_LEVELS, (4, 4, 9, 9, 9, 29, 29))
+    assert pol.key(a, 2.0) == pytest.approx(-d.index(0))
+    a.generated = 5  # past the short outcome, 4 tokens from the likely one (9): the index rises
+    assert pol.key(a, 2.0) == pytest.approx(-d.index(5)) and d.index(5) > d.index(0)
+    # point masses (refinement residuals 0): SRPT on the predicted remaining tokens
+    a.rem_pred, a.rem_at, a.generated = 6.0, 8, 9    # 8 + 6 = 14 total, 5 left
+    b.rem_pred, b.rem_at, b.generated = 3.0, 8, 8    # 8 + 3 = 11 total, 3 left
+    assert pol.key(a, 2.0) == pytest.approx(-1 / 5) and pol.key(b, 2.0) == pytest.approx(-1 / 3)
+    assert pol.key(b, 2.0) < pol.key(a, 2.0) and pol.preemptive and pol.uses_lm_state
+    with pytest.raises(UserError):
+        make_policy("gittins_lmstate", {"overrun_mean": -1})
+
+
+def test_gittins_lmstate_on_the_kv_engine_keeps_tokens_and_reads_the_probes_distribution(tiny_causal_dir,
+                                                                                          ccc_sample):
+    """The real kv engine with a probe fitted on a tiny LM: the probe carries held-out residual quantiles for
+    its prefill and refinement probes, every request gets batch-1 ``generate``'s tokens under the policy's
+    preemptions, and the policy ranks each job by the distribution the probe gives its latest prediction."""
+    import pandas as pd
+
+    from rtlm_lab.lm import load_lm
+    from rtlm_lab.scheduler.continuous import attach_state_probe
+    from rtlm_lab.scheduler.engine.kv import KVBackend
+    from rtlm_lab.scheduler.gittins import DiscreteSize
+    from rtlm_lab.scheduler.lmprobe import fit_state_probe
+
+    lm = load_lm(tiny_spec(tiny_causal_dir, stop_strings=["e"], max_new_tokens=16))
+    train_texts = ccc_sample[:80]
+    gens = [lm.generate([t])[0] for t in train_texts]
+    train = pd.DataFrame({"request_id": [f"c{i // 2}-{i}" for i in range(len(gens))], "text": train_texts,
+                          "context": "", "n_output_tokens": [g.n_output_tokens for g in gens],
+                          "output_ids": [list(g.output_ids) for g in gens]})
+    probe = fit_state_probe(lm, train, refine_ks=(2, 4), refine_every=2, probe="ridge")
+    assert 0 in probe.resid_q and len(probe.resid_q[0]) == len(probe.levels)
+    assert list(probe.resid_q[0]) == sorted(probe.resid_q[0]) and probe.resid_q[0][0] < probe.resid_q[0][-1]
+    assert probe.meta["resid_q"]
+
+    texts = ccc_sample[200:209]
+    ref = {f"q{i}": lm.generate([t])[0] for i, t in enumerate(texts)}
+    rs = [Request(request_id=f"q{i}", text=t, context="", arrival_s=0.003 * i, n_input_tokens=5,
+                  true_tokens=ref[f"q{i}"].n_output_tokens) for i, t in enumerate(texts)]
+    pol = make_policy("gittins_lmstate", {"refine_every": 2})
+    pol.token_s = 0.01
+    pol.attach_probe(probe)
+    backend = KVBackend(lm, max_seqs=3, max_batch_tokens=6, kv_slots=4)
+    eng = Engine("cpu0", backend, pol, 3, 6)
+    attach_state_probe([eng], probe)
+    clock = StepClock()
+    step_on(backend, clock)
+    jobs, _ = serve(rs, pol, [eng], clock, PredictorServer(rs, (), clock))
+    got = {j.rid: j for j in jobs}
+    assert sorted(got) == sorted(ref)
+    for k, g in ref.items():
+        j = got[k]
+        assert j.output_ids == list(g.output_ids), k
+        assert math.isfinite(j.rem_pred), k
+        q = probe.quantiles(j.rem_pred, j.rem_at)
+        assert list(q) == sorted(q) and q[0] >= j.rem_at + 1 and q[-1] <= 16
+        assert pol.dist(j).mean == pytest.approx(DiscreteSize.from_quantiles(probe.levels, q).mean)
+    backend.close()

@@ -473,6 +473,8 @@ def run_continuous(cfg: Mapping[str, Any], run_dir: Path, profile: pd.DataFrame,
             state_probe = load_state_probe(lms[devices[0]], platform["name"], policy.probe_params)
         if policy.refine_every != state_probe.refine_every:
             state_probe = _with_refine_every(state_probe, policy.refine_every)
+        if hasattr(policy, "attach_probe"):  # gittins_lmstate: the probe's residual quantiles shape its predictions
+            policy.attach_probe(state_probe)
         probe_meta = dict(state_probe.meta)
     split = mode == "real" and bool(sched.get("engine_process", False))
     if split and (uses_state or n_off):

@@ -6,6 +6,11 @@ profile of the served LM:
 * ``prefill``: output tokens from the state at the end of the prompt (``last`` and ``mean`` of the chosen
   layers, next-token entropy, end-of-turn probability, prompt tokens), as ``rtlm-train-regressor
   regressor.use_prefill=true`` evaluates it;
+* ``resid_q``: per probe (the prefill one, ``0``, and each refinement step ``k``), the quantiles at
+  :data:`~rtlm_lab.distmetrics.DEFAULT_LEVELS` of its held-out log residuals ``log1p(y) - log1p(prediction)``
+  (a group split of the train conversations, the probe refitted on the rest): :meth:`StateProbe.quantiles`
+  turns a point prediction into a length *distribution* (a band of constant width in log space, as
+  ``ridge_residuals`` in ``rtlm-reference target=distribution``), what ``gittins_lmstate`` ranks by;
 * ``refine``: remaining tokens after ``t`` generated tokens, for ``t`` = every ``refine_every``-th step, from the
   decoding step's state (``last`` of the layers and the scalars: a decoding step has no prompt-wide mean) plus
   the repetition features of the tokens so far and the gated loop override (a verbatim repeat of the last
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -39,18 +45,40 @@ from rtlm_lab.errors import UserError
 
 log = logging.getLogger("rtlm_lab.scheduler")
 
-PROBE_VERSION = 1
+PROBE_VERSION = 2  # 2: residual quantiles (StateProbe.resid_q) for the distribution-aware gittins_lmstate
 
 
 class StateProbe:
     """Prefill and refinement predictors over the served LM's hidden states (see the module doc)."""
 
-    def __init__(self, prefill, refine, refine_every: int, eot_ids: Sequence[int], meta: Mapping[str, Any]):
+    def __init__(self, prefill, refine, refine_every: int, eot_ids: Sequence[int], meta: Mapping[str, Any],
+                 resid_q: Mapping[int, Sequence[float]] | None = None, levels: Sequence[float] | None = None):
+        from rtlm_lab.distmetrics import DEFAULT_LEVELS
+
         self.prefill, self.refine = prefill, refine
         self.refine_every = int(refine_every) if refine is not None else 0
         self.layers = tuple(prefill.layers_)
         self.eot_ids = list(eot_ids)
         self.meta = dict(meta)
+        self.levels = tuple(float(v) for v in (levels or DEFAULT_LEVELS))
+        self.resid_q = {int(k): tuple(float(x) for x in v) for k, v in (resid_q or {}).items()}
+        self.cap = int(prefill.max_new_tokens_)
+
+    # ------------------------------------------------------------------ distributions (host, per request)
+    def quantiles(self, rem_pred: float, rem_at: int) -> tuple[float, ...]:
+        """Quantiles of the request's *total* output length at :attr:`levels`, from the point prediction of the
+        tokens still to come after ``rem_at`` generated ones (what :func:`resolve_pending` keeps on the job):
+        ``rem_at + expm1(log1p(rem_pred) + r_tau)``, ``r_tau`` the held-out residual quantiles of the probe that
+        made the prediction (the prefill one at ``rem_at = 0``, else the refinement probe of the largest step
+        <= ``rem_at``; a probe without residuals: a point mass), at least ``rem_at + 1`` and at most the cap."""
+        ks = [k for k in self.resid_q if k <= rem_at and (k > 0 or rem_at == 0)]
+        r = self.resid_q.get(max(ks)) if ks else self.resid_q.get(0)
+        z = math.log1p(max(0.0, float(rem_pred)))
+        lo, hi = float(rem_at + 1), float(max(self.cap, rem_at + 1))
+        if not r:
+            v = min(hi, max(lo, rem_at + float(rem_pred)))
+            return tuple(v for _ in self.levels)
+        return tuple(min(hi, max(lo, rem_at + math.expm1(z + x))) for x in r)
 
     # ------------------------------------------------------------------ on the device, without a sync
     # Ridge probes (``probe=ridge``, the lmstate policy's default) are one dot product: computed on the LM's
@@ -266,6 +294,8 @@ def fit_state_probe(lm, train: pd.DataFrame, refine_ks: Sequence[int] = (8, 16),
     cap = int(lm.spec.get("max_new_tokens", int(y.max())))
     S0 = states(0)
     pre = LS.LMStatePredictor(probe=probe, seed=seed).fit(S0, y, groups=groups, max_new_tokens=cap)
+    val = _val_split(groups, seed)
+    resid_q = {0: _resid_quantiles(pre, LS.feature_matrix(S0, pre.which), y, val)}
     ref = None
     ks = sorted({int(k) for k in refine_ks or []})
     if ks and int(refine_every) > 0:
@@ -274,7 +304,12 @@ def fit_state_probe(lm, train: pd.DataFrame, refine_ks: Sequence[int] = (8, 16),
         longest = _reply_prefix(train, ks[-1])
         for k in ks:
             prefix = [p[:k] for p in longest]
-            ref.fit_refine(k, states(k, prefix), y, tokens=prefix)
+            Sk = states(k, prefix)
+            ref.fit_refine(k, Sk, y, tokens=prefix)
+            alive, rem = LS.remaining_targets(y, k)
+            if k in getattr(ref, "refiners_tok_", {}):  # the probe the engine uses at step k (with token features)
+                Xk = np.hstack([LS.feature_matrix(Sk, ref.which), LS.token_features(prefix)])
+                resid_q[k] = _resid_quantiles(ref, Xk, rem, val, alive)
     meta = {"n_train": int(len(train)), "probe": pre.probe_, "val_kendall_tau": pre.val_scores_,
             "refine_ks": ks, "refine_every": int(refine_every), "layers": list(pre.layers_),
             "fit_s": round(time.perf_counter() - t0, 2), "lm": name, "version": PROBE_VERSION}
@@ -282,7 +317,38 @@ def fit_state_probe(lm, train: pd.DataFrame, refine_ks: Sequence[int] = (8, 16),
              len(train), {k: round(v, 3) for k, v in pre.val_scores_.items()}, ks)
     from rtlm_lab.regressor.lmstate import end_of_turn_ids
 
-    return StateProbe(pre, ref, refine_every, end_of_turn_ids(lm), meta)
+    meta["resid_q"] = {int(k): [round(x, 4) for x in v] for k, v in resid_q.items() if v}
+    return StateProbe(pre, ref, refine_every, end_of_turn_ids(lm), meta, resid_q={k: v for k, v in resid_q.items()
+                                                                                   if v})
+
+
+def _val_split(groups: np.ndarray, seed: int, val_size: float = 0.25) -> np.ndarray:
+    """A held-out mask over the train rows, by conversation (the probes' own validation convention)."""
+    from sklearn.model_selection import GroupShuffleSplit
+
+    n = len(groups)
+    if len(set(groups.tolist())) < 4:
+        return np.zeros(n, bool)
+    _, va = next(GroupShuffleSplit(1, test_size=val_size, random_state=seed).split(np.zeros(n), groups=groups))
+    m = np.zeros(n, bool)
+    m[va] = True
+    return m
+
+
+def _resid_quantiles(pred, X: np.ndarray, y: np.ndarray, val: np.ndarray, rows: np.ndarray | None = None
+                     ) -> tuple[float, ...]:
+    """Quantiles at the levels of held-out log residuals ``log1p(y) - log1p(prediction)``: ``pred``'s probe
+    kind refitted on the train rows outside ``val`` (of ``rows``), scored on those in it; ``()`` with fewer than
+    10 held-out rows (the probe then gives a point mass)."""
+    from rtlm_lab.distmetrics import DEFAULT_LEVELS
+
+    rows = np.ones(len(y), bool) if rows is None else np.asarray(rows, bool)
+    tr, va = rows & ~val, rows & val
+    if va.sum() < 10 or tr.sum() < 10:
+        return ()
+    m = pred._new(pred.probe_).fit(X[tr], y[tr])
+    r = np.log1p(np.clip(y[va], 0, None)) - np.log1p(np.clip(m.predict(X[va]), 0, None))
+    return tuple(float(v) for v in np.quantile(r, DEFAULT_LEVELS))
 
 
 def train_profile_path(lm_name: str, platform: str, given: str | None = None) -> Path:

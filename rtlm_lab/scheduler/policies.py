@@ -24,7 +24,8 @@ ranking score), ``oracle_sjf`` (the true output length: the lower bound of what 
 prediction, refined while decoding; preemptive, with aging) and its ablation ``lmstate_no_refine``; and the
 distribution-aware ``gittins`` (the Gittins index of each request's predicted length distribution at its attained
 service, :mod:`rtlm_lab.scheduler.gittins`) with its ablation ``srpt_expected`` (expected remaining tokens), both
-preemptive, both reading the predicted quantiles ``req.pred["pred_quantiles"]``.
+preemptive, both reading the predicted quantiles ``req.pred["pred_quantiles"]``; and ``gittins_lmstate``, the
+Gittins index over the LM-state probe's own length distribution (read from the engine's forward, as ``lmstate``).
 """
 
 from __future__ import annotations
@@ -577,10 +578,68 @@ ABLATIONS = {
     "rtlm_batch1": {"max_batch": 1},
     "rtlm_wc": {"work_conserving": True},  # extension: work-conserving consolidation (see RTLM)
 }
+class GittinsLMState(LMStatePolicy):
+    """Our extension (issue 34): the Gittins index over the served LM's *own* length distribution. The
+    LM-state probe's point prediction (prefill, then each refinement) becomes a distribution of the total length
+    by the probe's held-out residual quantiles (:meth:`~rtlm_lab.scheduler.lmprobe.StateProbe.quantiles`: a
+    band of constant width in log space, refitted per refinement step); the job with the largest index at its
+    attained service ``job.generated`` runs first (key = ``-G(a)``, :mod:`rtlm_lab.scheduler.gittins`),
+    preemptive, prefill first as ``lmstate``. No aging (the index is the rule itself). Its cost is
+    ``lmstate``'s (the same probe inside the engine's steps) plus a host-side index per job and step, cached
+    while a job neither advances nor is re-predicted. Real kv/slots engine only, as ``lmstate``."""
+
+    name = "gittins_lmstate"
+
+    def __init__(self, overrun_mean: float | None = None, **params: Any):
+        params.pop("aging", None)
+        super().__init__(aging=0.0, **params)
+        if overrun_mean is not None and not float(overrun_mean) > 0:
+            raise UserError(f"policy.overrun_mean must be > 0 or null (got {overrun_mean})")
+        self.overrun_mean = None if overrun_mean is None else float(overrun_mean)
+        self.probe = None
+        self._dists: dict[str, tuple[int, float, Any]] = {}     # request id -> (rem_at, rem_pred, distribution)
+        self._keys: dict[str, tuple[int, float, int, float]] = {}
+
+    def describe(self):
+        return {**super().describe(), "overrun_mean": self.overrun_mean}
+
+    def attach_probe(self, probe) -> None:
+        """The fitted probe whose residual quantiles shape each prediction (the harness calls this)."""
+        self.probe = probe
+
+    def dist(self, job):
+        """The job's :class:`~rtlm_lab.scheduler.gittins.DiscreteSize` of its total length, from its latest
+        prediction (cached per prediction)."""
+        from rtlm_lab.scheduler.gittins import DiscreteSize
+
+        c = self._dists.get(job.rid)
+        if c is not None and c[0] == job.rem_at and c[1] == job.rem_pred:
+            return c[2]
+        if self.probe is None:
+            raise UserError("policy gittins_lmstate needs the LM-state probe (the harness attaches it)")
+        q = self.probe.quantiles(job.rem_pred, job.rem_at)
+        d = DiscreteSize.from_quantiles(self.probe.levels, q, self.overrun_mean)
+        self._dists[job.rid] = (job.rem_at, job.rem_pred, d)
+        return d
+
+    def key(self, job, now):
+        if not math.isfinite(job.rem_pred):
+            return -math.inf  # prefill first: its prefill gives the prediction
+        c = self._keys.get(job.rid)
+        if c is not None and c[0] == job.rem_at and c[1] == job.rem_pred and c[2] == job.generated:
+            k = c[3]
+        else:
+            k = -self.dist(job).index(job.generated)
+            self._keys[job.rid] = (job.rem_at, job.rem_pred, job.generated, k)
+        return k
+
+
 EXTENSIONS = {"lmstate": {}, "lmstate_no_refine": {"refine_every": 0}}
+LM_STATE_DISTRIBUTIONAL = {"gittins_lmstate": GittinsLMState}
 DISTRIBUTIONAL = {"gittins": Gittins, "srpt_expected": SRPTExpected,  # read req.pred["pred_quantiles"]
                   "oracle_dist": OracleDist}                          # reads req.true_dist (a spread profile)
-POLICIES = tuple(BASELINES) + tuple(ABLATIONS) + tuple(EXTENSIONS) + tuple(DISTRIBUTIONAL)
+POLICIES = tuple(BASELINES) + tuple(ABLATIONS) + tuple(EXTENSIONS) + tuple(LM_STATE_DISTRIBUTIONAL) + \
+    tuple(DISTRIBUTIONAL)
 
 
 def make_policy(name: str, params: Mapping[str, Any] | None = None) -> Policy:
@@ -596,6 +655,10 @@ def make_policy(name: str, params: Mapping[str, Any] | None = None) -> Policy:
         for k in ("uncertainty_weight", "consolidation", "length_window", "batch_wait_s", "offload"):
             params.pop(k, None)
         return LMStatePolicy(name=name, **{**params, **EXTENSIONS[name]})
+    if name in LM_STATE_DISTRIBUTIONAL:
+        for k in ("uncertainty_weight", "consolidation", "length_window", "batch_wait_s", "offload", "levels"):
+            params.pop(k, None)
+        return LM_STATE_DISTRIBUTIONAL[name](name=name, **params)
     if name in DISTRIBUTIONAL:
         for k in ("uncertainty_weight", "aging", "consolidation", "length_window", "batch_wait_s", "offload"):
             params.pop(k, None)

@@ -162,7 +162,7 @@ def fail(msg):
     sys.exit(f"box.sh group: {path}: {msg}")
 if not isinstance(c, dict):
     fail("not a mapping")
-known = {"group", "lm", "platform", "mode", "policies", "seeds", "rho", "n_requests", "overrides", "note"}
+known = {"group", "lm", "platform", "mode", "policies", "seeds", "rho", "n_requests", "overrides", "note", "same_rate_as"}
 if set(c) - known:
     fail(f"unknown fields {sorted(set(c) - known)} (known: {sorted(known)})")
 missing = [k for k in ("lm", "platform", "policies", "seeds", "rho", "n_requests") if c.get(k) in (None, "", [])]
@@ -181,7 +181,10 @@ seeds = [int(s) for s in (c["seeds"] if isinstance(c["seeds"], list) else [c["se
 over = [str(o) for o in (c.get("overrides") or [])]
 q = shlex.quote
 print(f"G_NAME={q(name)} G_LM={q(str(c['lm']))} G_PLATFORM={q(str(c['platform']))} G_MODE={q(mode)}")
-print(f"G_RHO={q(str(c['rho']))} G_N={int(c['n_requests'])} G_NOTE={q(str(c.get('note') or ''))}")
+same = str(c.get("same_rate_as") or "")
+if same and not re.fullmatch(r"[A-Za-z0-9_.-]+", same):
+    fail(f"same_rate_as {same!r}: a group name")
+print(f"G_RHO={q(str(c['rho']))} G_N={int(c['n_requests'])} G_NOTE={q(str(c.get('note') or ''))} G_SAME={q(same)}")
 print("G_POLICIES=(" + " ".join(q(p) for p in pols) + ")")
 print("G_SEEDS=(" + " ".join(str(s) for s in seeds) + ")")
 print("G_OVERRIDES=(" + " ".join(q(o) for o in over) + ")")
@@ -258,6 +261,11 @@ group() {
     [ -n "${DRY_RUN:-}" ] || mkdir -p "$work"
     # real runs measure the card; sim runs replay the committed measurements (outputs/reference/scheduler/engine/)
     if [ "$G_MODE" == real ] && [ -d "$gdir" ] && [ -z "${DRY_RUN:-}" ]; then group_seed_caches "$gdir" "$work"; fi
+    # same_rate_as: another group's recorded capacity seeds this one's caches too (same arrival rate, same traces)
+    if [ -n "$G_SAME" ] && [ -z "${DRY_RUN:-}" ]; then
+        [ -d "$root/runs/$G_SAME" ] || die "same_rate_as: no group $root/runs/$G_SAME"
+        group_seed_caches "$root/runs/$G_SAME" "$work"
+    fi
     echo "box.sh group $G_NAME: $G_LM on $G_PLATFORM ($G_MODE), rho $G_RHO, $G_N requests, seeds ${G_SEEDS[*]}," \
          "fcfs ${G_POLICIES[*]} fcfs; into $gdir"
     for s in "${G_SEEDS[@]}"; do
