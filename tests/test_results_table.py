@@ -175,6 +175,7 @@ def test_build_writes_the_results_files_and_the_report_side_writes_the_pages(tmp
     before = [p.read_text() for p in pages]
     df = build(root, n_boot=50)
     assert (root / "summary.csv").is_file() and (root / "summary.md").is_file()
+    assert (root / "headroom.png").stat().st_size > 1000 and (root / "headroom.svg").is_file()
     assert [p.read_text() for p in pages] == before  # the analysis writes no page
     assert sorted(set(df["policy"])) == ["fcfs", "rtlm"] and set(df["n_seeds"]) == {2}  # fcfs_last not in it
     assert df.set_index("policy").loc["rtlm", "mean_rt_vs_fcfs"] == pytest.approx(2.0)
@@ -233,6 +234,7 @@ def test_no_group_gives_no_table_one_line_and_pages_that_say_so(tmp_path, monkey
     (root / "runs").mkdir(parents=True)
     (root / "summary.csv").write_text("group,policy\nold,fcfs\n")  # stale, from groups since removed
     (root / "summary.md").write_text("| old |\n")
+    (root / "headroom.png").write_bytes(b"old")
     (repo / "docs").mkdir(parents=True)
     (repo / "README.md").write_text("# R\n<!-- scheduler-summary:begin -->\n| old |\n<!-- scheduler-summary:end -->\n")
     (repo / "docs" / "results.md").write_text("<!-- scheduler-summary:begin -->\n| old |\n<!-- scheduler-summary:end -->\n"
@@ -245,6 +247,7 @@ def test_no_group_gives_no_table_one_line_and_pages_that_say_so(tmp_path, monkey
     out = capsys.readouterr().out.strip().splitlines()
     assert out == [analysis.NO_GROUPS] and out[0].startswith("no conforming groups")
     assert not (root / "summary.csv").exists() and not (root / "summary.md").exists()
+    assert not (root / "headroom.png").exists()  # the stale figure goes with the table
     readme, results = (repo / "README.md").read_text(), (repo / "docs" / "results.md").read_text()
     assert "| old |" not in readme and NO_GROUPS_README in readme
     assert "| old |" not in results and NO_GROUPS_RESULTS in results and "No group has closing FCFS runs" in results

@@ -546,23 +546,30 @@ def has_groups(root: Path | None = None) -> bool:
     return any(root.glob("runs/*/*/metrics.json"))
 
 
+TABLE_FILES = ("summary.csv", "summary.md", "headroom.png", "headroom.svg")
+
+
 def build(root: Path | None = None, n_boot: int = 2000) -> pd.DataFrame:
-    """``summary.csv`` and ``summary.md`` of every committed run under ``<root>/runs/<group>/<run>/``; returns the
-    table. The pages that show it (README.md, docs/results.md) are written by the report side:
+    """``summary.csv``, ``summary.md`` and the figure ``headroom.png`` / ``.svg``
+    (:func:`rtlm_lab.viz.scheduler.plot_headroom`) of every committed run under ``<root>/runs/<group>/<run>/``;
+    returns the table. The pages that show it (README.md, docs/results.md) are written by the report side:
     :func:`rtlm_lab.report.write_scheduler_docs`. With no group under ``runs/`` there is no table: an empty
-    frame is returned and a stale ``summary.csv`` / ``summary.md`` is removed, not rewritten."""
+    frame is returned and stale :data:`TABLE_FILES` are removed, not rewritten."""
     from rtlm_lab.io import atomic_path, write_text_atomic
+    from rtlm_lab.viz.scheduler import plot_headroom
 
     root = Path(root) if root else reference_root()
     dirs = sorted(p.parent for p in root.glob("runs/*/*/metrics.json"))
     if not dirs:
-        for stale in ("summary.csv", "summary.md"):
+        for stale in TABLE_FILES:
             (root / stale).unlink(missing_ok=True)
         return pd.DataFrame()
     df = summarize(dirs, n_boot=n_boot)
     with atomic_path(root / "summary.csv") as tmp:
         df.to_csv(tmp, index=False)
     write_text_atomic(root / "summary.md", format_summary(df) + "\n")
+    plot_headroom(df[df["mode"] == "real"] if (df["mode"] == "real").any() else df, out_dir=root,
+                  title="Real runs: mean response time over FCFS and the share of the oracle's headroom captured")
     return df
 
 
