@@ -25,9 +25,9 @@ A run dir that already holds ``metrics.json`` is skipped, so an interrupted swee
 
 **The step model**: every max_seqs of an LM replays the same committed saturation measurement
 (``target.lms[].step_model``: ``outputs/reference/scheduler/engine/<lm>__cuda__<hash>.json``, the *slots*
-engine at max_seqs 64 or 128, the only engine measured on the H200 so far; no kv-engine measurement exists yet,
-so the kv planner runs on the slots engine's step times, as ``sim_capacity``'s fallback does, and the table's
-``step_model`` column says so). Its step time is linear in rows and tokens, so a max_seqs below the measured
+engine at max_seqs 64 or 128 for the H200 map, the only engine measured there so far: the kv planner then runs
+on the slots engine's step times, as ``sim_capacity``'s fallback does, and the table's ``step_model`` column
+says so; ``conf/target/regime_sampled.yaml`` replays the kv engine's own CPU measurement). Its step time is linear in rows and tokens, so a max_seqs below the measured
 one interpolates and none extrapolates above 128. Load is relative to the *simulator's own* capacity at each
 max_seqs: a saturation run of the cell's pool on the simulated engine (what ``rtlm-schedule mode=sim`` does
 itself), computed once per LM x max_seqs x seed and stored beside the runs (``capacity-s<seed>.json``).
@@ -222,7 +222,7 @@ def capacity_file(root: Path, grid: Mapping[str, Any], cell: Mapping[str, Any], 
     out = {**cap, "capacity_rps_measured": cap["capacity_rps"], "capacity_rps": sim_cap["capacity_rps"],
            "simulated_saturation": sim_cap, "sim_engine": ecfg, "step_model_file": str(spec["step_model"]),
            "note": f"step model of {Path(str(spec['step_model'])).name} (the {cap.get('engine', {}).get('backend')} "
-                   f"engine at max_seqs {cap.get('engine', {}).get('max_seqs')}: no kv-engine measurement yet); "
+                   f"engine at max_seqs {cap.get('engine', {}).get('max_seqs')}{_KV_NOTE(cap)}); "
                    f"capacity_rps: the simulator's saturation run at max_seqs {ecfg['max_seqs']}, seed {seed}"}
     write_json_atomic(path, out)
     return path
@@ -391,8 +391,22 @@ def _step_model_note(spec: Mapping[str, Any]) -> str:
     cap = json.loads(resolve_path(spec["step_model"]).read_text())
     eng = cap.get("engine") or {}
     return (f"engine/{Path(str(spec['step_model'])).name} ({eng.get('backend')} engine, max_seqs "
-            f"{eng.get('max_seqs')}, {str(cap.get('measured_utc', ''))[:10]}; no kv-engine measurement: the kv "
-            "planner on the slots engine's step times)")
+            f"{eng.get('max_seqs')}, {str(cap.get('measured_utc', ''))[:10]}{_KV_NOTE(cap)})")
+
+
+def _rel_profile(spec: Mapping[str, Any]) -> str:
+    """The workload profile of an LM entry, relative to the repository where it lies inside it."""
+    from rtlm_lab.paths import ROOT
+
+    p = profile_path(spec)
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)
+
+
+def _KV_NOTE(cap: Mapping[str, Any]) -> str:  # noqa: N802 - reads as the constant text it returns
+    """What a step model that is not the kv engine's own measurement means for the kv planner."""
+    if (cap.get("engine") or {}).get("backend") == "kv":
+        return ""
+    return "; no kv-engine measurement: the kv planner on the slots engine's step times"
 
 
 def pick_cells(table: pd.DataFrame, top: int = 3, bottom: int = 1) -> pd.DataFrame:
@@ -558,6 +572,7 @@ def build(cfg: Mapping[str, Any], command: str = "") -> pd.DataFrame:
           f"{ov['rho']} with one burst of {ov['overload_requests']} arrivals at {ov['overload_rho']}x capacity "
           f"(after {ov['overload_start']:.0%} of the arrivals). Step models: "
           + "; ".join(f"{s['lm']}: {_step_model_note(s)}" for s in grid["lms"])
+          + ". Workloads: " + "; ".join(f"{s['lm']}: {_rel_profile(s)}" for s in grid["lms"])
           + ".\n\nEach policy column: mean RT / FCFS [95% CI]; p99 RT / FCFS; headroom captured [95% CI] = (FCFS - "
             "policy) / (FCFS - oracle), only where the oracle's headroom is significant (its CI excludes 1). "
             "`protocol`: ok where every run is stable (completions >= 0.95x arrivals over the second half of the "
