@@ -380,6 +380,32 @@ def test_cpu_offload_worker_is_an_engine_every_policy_can_use(tiny_causal_dir):
         off.close()
 
 
+def _tiny_probe(tiny_causal_dir, ccc_sample, probe_name: str):
+    """A tiny real LM and an LM-state probe fitted on its greedy replies to 80 CCC turns (refinement at 2 and 4
+    tokens, every 2 steps)."""
+    import pandas as pd
+
+    from rtlm_lab.lm import load_lm
+    from rtlm_lab.scheduler.lmprobe import fit_state_probe
+
+    lm = load_lm(tiny_spec(tiny_causal_dir, stop_strings=["e"], max_new_tokens=16))
+    train_texts = ccc_sample[:80]
+    gens = [lm.generate([t])[0] for t in train_texts]
+    train = pd.DataFrame({"request_id": [f"c{i // 2}-{i}" for i in range(len(gens))], "text": train_texts,
+                          "context": "", "n_output_tokens": [g.n_output_tokens for g in gens],
+                          "output_ids": [list(g.output_ids) for g in gens]})
+    return lm, fit_state_probe(lm, train, refine_ks=(2, 4), refine_every=2, probe=probe_name)
+
+
+def _probe_requests(lm, ccc_sample):
+    """Nine held-out CCC turns arriving 3 ms apart: their texts, batch-1 ``generate`` replies and requests."""
+    texts = ccc_sample[200:209]
+    ref = {f"q{i}": lm.generate([t])[0] for i, t in enumerate(texts)}
+    rs = [Request(request_id=f"q{i}", text=t, context="", arrival_s=0.003 * i, n_input_tokens=5,
+                  true_tokens=ref[f"q{i}"].n_output_tokens) for i, t in enumerate(texts)]
+    return texts, ref, rs
+
+
 # the device path (a dot product) and the host path; the kv engine (hooks in its forward, prompts prefilled in
 # chunks of 4 tokens beside decoding rows) and the slots engine (output_hidden_states)
 @pytest.mark.parametrize("backend_name,probe_name", [("kv", "ridge"), ("kv", "mlp"), ("slots", "ridge")])
@@ -389,27 +415,13 @@ def test_lmstate_policy_reads_the_engines_own_prefill_and_refines_while_decoding
     same prompts (the engine's forward gives the same states as a separate pass), each refinement equals the
     offline refinement after teacher-forcing the same tokens, prefill comes first, and every request still gets
     batch-1 ``generate``'s tokens under preemption."""
-    import numpy as np
-    import pandas as pd
-
-    from rtlm_lab.lm import load_lm
     from rtlm_lab.scheduler.engine import SlotBackend
-    from rtlm_lab.scheduler.lmprobe import fit_state_probe
 
-    lm = load_lm(tiny_spec(tiny_causal_dir, stop_strings=["e"], max_new_tokens=16))
-    train_texts = ccc_sample[:80]
-    gens = [lm.generate([t])[0] for t in train_texts]
-    train = pd.DataFrame({"request_id": [f"c{i // 2}-{i}" for i in range(len(gens))], "text": train_texts,
-                          "context": "", "n_output_tokens": [g.n_output_tokens for g in gens],
-                          "output_ids": [list(g.output_ids) for g in gens]})
-    probe = fit_state_probe(lm, train, refine_ks=(2, 4), refine_every=2, probe=probe_name)
+    lm, probe = _tiny_probe(tiny_causal_dir, ccc_sample, probe_name)
     assert probe.refine_every == 2 and probe.meta["probe"] == probe_name
     assert probe.on_device() == (probe_name == "ridge")
 
-    texts = ccc_sample[200:209]
-    ref = {f"q{i}": lm.generate([t])[0] for i, t in enumerate(texts)}
-    rs = [Request(request_id=f"q{i}", text=t, context="", arrival_s=0.003 * i, n_input_tokens=5,
-                  true_tokens=ref[f"q{i}"].n_output_tokens) for i, t in enumerate(texts)]
+    texts, ref, rs = _probe_requests(lm, ccc_sample)
     pol = make_policy("lmstate", {"refine_every": 2})
     pol.token_s = 0.01
     from rtlm_lab.scheduler.continuous import attach_state_probe
@@ -563,29 +575,16 @@ def test_gittins_lmstate_on_the_kv_engine_keeps_tokens_and_reads_the_probes_dist
     """The real kv engine with a probe fitted on a tiny LM: the probe carries held-out residual quantiles for
     its prefill and refinement probes, every request gets batch-1 ``generate``'s tokens under the policy's
     preemptions, and the policy ranks each job by the distribution the probe gives its latest prediction."""
-    import pandas as pd
-
-    from rtlm_lab.lm import load_lm
     from rtlm_lab.scheduler.continuous import attach_state_probe
     from rtlm_lab.scheduler.engine.kv import KVBackend
     from rtlm_lab.scheduler.gittins import DiscreteSize
-    from rtlm_lab.scheduler.lmprobe import fit_state_probe
 
-    lm = load_lm(tiny_spec(tiny_causal_dir, stop_strings=["e"], max_new_tokens=16))
-    train_texts = ccc_sample[:80]
-    gens = [lm.generate([t])[0] for t in train_texts]
-    train = pd.DataFrame({"request_id": [f"c{i // 2}-{i}" for i in range(len(gens))], "text": train_texts,
-                          "context": "", "n_output_tokens": [g.n_output_tokens for g in gens],
-                          "output_ids": [list(g.output_ids) for g in gens]})
-    probe = fit_state_probe(lm, train, refine_ks=(2, 4), refine_every=2, probe="ridge")
+    lm, probe = _tiny_probe(tiny_causal_dir, ccc_sample, "ridge")
     assert 0 in probe.resid_q and len(probe.resid_q[0]) == len(probe.levels)
     assert list(probe.resid_q[0]) == sorted(probe.resid_q[0]) and probe.resid_q[0][0] < probe.resid_q[0][-1]
     assert probe.meta["resid_q"]
 
-    texts = ccc_sample[200:209]
-    ref = {f"q{i}": lm.generate([t])[0] for i, t in enumerate(texts)}
-    rs = [Request(request_id=f"q{i}", text=t, context="", arrival_s=0.003 * i, n_input_tokens=5,
-                  true_tokens=ref[f"q{i}"].n_output_tokens) for i, t in enumerate(texts)]
+    texts, ref, rs = _probe_requests(lm, ccc_sample)
     pol = make_policy("gittins_lmstate", {"refine_every": 2})
     pol.token_s = 0.01
     pol.attach_probe(probe)
