@@ -120,12 +120,18 @@ class LMStatePredictor:
 
         return make_probe(name, seed=self.seed, **dict(self.probe_params.get(name, {})))
 
-    def _select(self, X, y, groups):
+    def val_split(self, groups, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Train and validation row indices of ``n`` rows, split by conversation (``groups``; None: each row its
+        own): where :meth:`_select` picks the probe, and where the serving probe scores its residuals
+        (:func:`rtlm_lab.scheduler.lmprobe.fit_state_probe`)."""
         from sklearn.model_selection import GroupShuffleSplit
 
-        groups = np.arange(len(y)) if groups is None else np.asarray(groups)
-        tr, va = next(GroupShuffleSplit(1, test_size=self.val_size, random_state=self.seed)
-                      .split(X, y, groups=groups))
+        groups = np.arange(n) if groups is None else np.asarray(groups)
+        return next(GroupShuffleSplit(1, test_size=self.val_size, random_state=self.seed)
+                    .split(np.zeros(n), groups=groups))
+
+    def _select(self, X, y, groups):
+        tr, va = self.val_split(groups, len(y))
         scores = {}
         for name in self.candidates:
             p = self._new(name).fit(X[tr], y[tr])

@@ -294,7 +294,7 @@ def fit_state_probe(lm, train: pd.DataFrame, refine_ks: Sequence[int] = (8, 16),
     cap = int(lm.spec.get("max_new_tokens", int(y.max())))
     S0 = states(0)
     pre = LS.LMStatePredictor(probe=probe, seed=seed).fit(S0, y, groups=groups, max_new_tokens=cap)
-    val = _val_split(groups, seed)
+    val = _val_mask(pre, groups)
     resid_q = {0: _resid_quantiles(pre, LS.feature_matrix(S0, pre.which), y, val)}
     ref = None
     ks = sorted({int(k) for k in refine_ks or []})
@@ -317,21 +317,17 @@ def fit_state_probe(lm, train: pd.DataFrame, refine_ks: Sequence[int] = (8, 16),
              len(train), {k: round(v, 3) for k, v in pre.val_scores_.items()}, ks)
     from rtlm_lab.regressor.lmstate import end_of_turn_ids
 
-    meta["resid_q"] = {int(k): [round(x, 4) for x in v] for k, v in resid_q.items() if v}
-    return StateProbe(pre, ref, refine_every, end_of_turn_ids(lm), meta, resid_q={k: v for k, v in resid_q.items()
-                                                                                   if v})
+    resid_q = {k: v for k, v in resid_q.items() if v}  # a probe without enough held-out rows: a point mass
+    meta["resid_q"] = {int(k): [round(x, 4) for x in v] for k, v in resid_q.items()}
+    return StateProbe(pre, ref, refine_every, end_of_turn_ids(lm), meta, resid_q=resid_q)
 
 
-def _val_split(groups: np.ndarray, seed: int, val_size: float = 0.25) -> np.ndarray:
-    """A held-out mask over the train rows, by conversation (the probes' own validation convention)."""
-    from sklearn.model_selection import GroupShuffleSplit
-
-    n = len(groups)
-    if len(set(groups.tolist())) < 4:
-        return np.zeros(n, bool)
-    _, va = next(GroupShuffleSplit(1, test_size=val_size, random_state=seed).split(np.zeros(n), groups=groups))
-    m = np.zeros(n, bool)
-    m[va] = True
+def _val_mask(pred, groups: np.ndarray) -> np.ndarray:
+    """The held-out rows of the train set as a mask: ``pred``'s own validation split by conversation
+    (:meth:`~rtlm_lab.regressor.lmstate.LMStatePredictor.val_split`); none with fewer than 4 conversations."""
+    m = np.zeros(len(groups), bool)
+    if len(set(groups.tolist())) >= 4:
+        m[pred.val_split(groups, len(groups))[1]] = True
     return m
 
 

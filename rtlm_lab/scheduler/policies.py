@@ -442,6 +442,13 @@ class LMStatePolicy(Policy):
         return max(1.0, rem) * self.token_s - self.aging * max(0.0, now - job.req.arrival_s)
 
 
+def _overrun_mean(value: float | None) -> float | None:
+    """``policy.overrun_mean`` checked: tokens > 0, or None (the distribution's own mean)."""
+    if value is not None and not float(value) > 0:
+        raise UserError(f"policy.overrun_mean must be > 0 or null (got {value})")
+    return None if value is None else float(value)
+
+
 class _SizeDistributionPolicy(Policy):
     """Base of the distribution-aware policies (DESIGN.md 1f): each request carries its predicted output-length
     quantiles in ``req.pred["pred_quantiles"]`` (a tuple of tokens at ``levels``, default
@@ -468,9 +475,7 @@ class _SizeDistributionPolicy(Policy):
             self.levels = tuple(float(v) for v in check_levels(DEFAULT_LEVELS if levels is None else levels))
         except ValueError as exc:
             raise UserError(f"policy.levels: {exc}") from None
-        if overrun_mean is not None and not float(overrun_mean) > 0:
-            raise UserError(f"policy.overrun_mean must be > 0 or null (got {overrun_mean})")
-        self.overrun_mean = None if overrun_mean is None else float(overrun_mean)
+        self.overrun_mean = _overrun_mean(overrun_mean)
         self._dists: dict[tuple[str, tuple], Any] = {}
         self._keys: dict[str, tuple[int, Any, float]] = {}   # request id -> (age, quantiles, key)
 
@@ -593,9 +598,7 @@ class GittinsLMState(LMStatePolicy):
     def __init__(self, overrun_mean: float | None = None, **params: Any):
         params.pop("aging", None)
         super().__init__(aging=0.0, **params)
-        if overrun_mean is not None and not float(overrun_mean) > 0:
-            raise UserError(f"policy.overrun_mean must be > 0 or null (got {overrun_mean})")
-        self.overrun_mean = None if overrun_mean is None else float(overrun_mean)
+        self.overrun_mean = _overrun_mean(overrun_mean)
         self.probe = None
         self._dists: dict[str, tuple[int, float, Any]] = {}     # request id -> (rem_at, rem_pred, distribution)
         self._keys: dict[str, tuple[int, float, int, float]] = {}

@@ -27,10 +27,11 @@ A run dir that already holds ``metrics.json`` is skipped, so an interrupted swee
 (``target.lms[].step_model``: ``outputs/reference/scheduler/engine/<lm>__cuda__<hash>.json``, the *slots*
 engine at max_seqs 64 or 128 for the H200 map, the only engine measured there so far: the kv planner then runs
 on the slots engine's step times, as ``sim_capacity``'s fallback does, and the table's ``step_model`` column
-says so; ``conf/target/regime_sampled.yaml`` replays the kv engine's own CPU measurement). Its step time is linear in rows and tokens, so a max_seqs below the measured
-one interpolates and none extrapolates above 128. Load is relative to the *simulator's own* capacity at each
-max_seqs: a saturation run of the cell's pool on the simulated engine (what ``rtlm-schedule mode=sim`` does
-itself), computed once per LM x max_seqs x seed and stored beside the runs (``capacity-s<seed>.json``).
+says so; ``conf/target/regime_sampled.yaml`` replays the kv engine's own CPU measurement). Its step time is
+linear in rows and tokens, so a max_seqs below the measured one interpolates and none extrapolates above 128
+(the sampled map's 16 rows extrapolate its 4-row CPU measurement). Load is relative to the *simulator's own*
+capacity at each max_seqs: a saturation run of the cell's pool on the simulated engine (what
+``rtlm-schedule mode=sim`` does itself), computed once per LM x max_seqs x seed and stored beside the runs (``capacity-s<seed>.json``).
 
 Predictions cost nothing on the simulated clock by default (``scheduler.overhead_samples=0`` in
 ``target.overrides``): the map is about what *order* buys; the real runs carry the predictors' cost.
@@ -222,7 +223,7 @@ def capacity_file(root: Path, grid: Mapping[str, Any], cell: Mapping[str, Any], 
     out = {**cap, "capacity_rps_measured": cap["capacity_rps"], "capacity_rps": sim_cap["capacity_rps"],
            "simulated_saturation": sim_cap, "sim_engine": ecfg, "step_model_file": str(spec["step_model"]),
            "note": f"step model of {Path(str(spec['step_model'])).name} (the {cap.get('engine', {}).get('backend')} "
-                   f"engine at max_seqs {cap.get('engine', {}).get('max_seqs')}{_KV_NOTE(cap)}); "
+                   f"engine at max_seqs {cap.get('engine', {}).get('max_seqs')}{_kv_note(cap)}); "
                    f"capacity_rps: the simulator's saturation run at max_seqs {ecfg['max_seqs']}, seed {seed}"}
     write_json_atomic(path, out)
     return path
@@ -391,7 +392,7 @@ def _step_model_note(spec: Mapping[str, Any]) -> str:
     cap = json.loads(resolve_path(spec["step_model"]).read_text())
     eng = cap.get("engine") or {}
     return (f"engine/{Path(str(spec['step_model'])).name} ({eng.get('backend')} engine, max_seqs "
-            f"{eng.get('max_seqs')}, {str(cap.get('measured_utc', ''))[:10]}{_KV_NOTE(cap)})")
+            f"{eng.get('max_seqs')}, {str(cap.get('measured_utc', ''))[:10]}{_kv_note(cap)})")
 
 
 def _rel_profile(spec: Mapping[str, Any]) -> str:
@@ -402,7 +403,7 @@ def _rel_profile(spec: Mapping[str, Any]) -> str:
     return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)
 
 
-def _KV_NOTE(cap: Mapping[str, Any]) -> str:  # noqa: N802 - reads as the constant text it returns
+def _kv_note(cap: Mapping[str, Any]) -> str:
     """What a step model that is not the kv engine's own measurement means for the kv planner."""
     if (cap.get("engine") or {}).get("backend") == "kv":
         return ""

@@ -83,8 +83,7 @@ def plot_headroom(df: pd.DataFrame, out_dir: str | Path | None = None, title: st
     xmin = float(np.nanmin(np.r_[lo_all, 0.9])) * 0.8
     xmax = float(np.nanmax(np.r_[hi_all, 1.1])) * 1.25
     for ax, g in zip(axes[:, 0], groups):
-        d = df[df["group"] == g].copy()
-        d = d[d["policy"] != "fcfs"].sort_values("mean_rt_vs_fcfs", ascending=False)
+        d = df[(df["group"] == g) & (df["policy"] != "fcfs")].sort_values("mean_rt_vs_fcfs", ascending=False)
         y = np.arange(len(d))
         orc = d[d["policy"] == d["oracle"]]
         if len(orc) and np.isfinite(float(orc["mean_rt_vs_fcfs"].iloc[0])):

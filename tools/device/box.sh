@@ -261,7 +261,8 @@ group() {
     [ -n "${DRY_RUN:-}" ] || mkdir -p "$work"
     # real runs measure the card; sim runs replay the committed measurements (outputs/reference/scheduler/engine/)
     if [ "$G_MODE" == real ] && [ -d "$gdir" ] && [ -z "${DRY_RUN:-}" ]; then group_seed_caches "$gdir" "$work"; fi
-    # same_rate_as: another group's recorded capacity seeds this one's caches too (same arrival rate, same traces)
+    # same_rate_as: another group's recorded capacity seeds this one's caches too (the same arrival rate; the same
+    # traces where n_requests match)
     if [ -n "$G_SAME" ] && [ -z "${DRY_RUN:-}" ]; then
         [ -d "$root/runs/$G_SAME" ] || die "same_rate_as: no group $root/runs/$G_SAME"
         group_seed_caches "$root/runs/$G_SAME" "$work"
