@@ -497,8 +497,8 @@ def write_scheduler_docs(df=None, root: str | Path | None = None, repo: str | Pa
     import pandas as pd
 
     from rtlm_lab.paths import ROOT
-    from rtlm_lab.scheduler.analysis import (fcfs_drift, format_drift, format_headline, format_summary, has_groups,
-                                             reference_root)
+    from rtlm_lab.scheduler.analysis import (drift_attempts, fcfs_drift, format_drift, format_headline,
+                                             format_summary, has_groups, reference_root)
 
     root = Path(root) if root else reference_root()
     if df is None:
@@ -518,7 +518,8 @@ def write_scheduler_docs(df=None, root: str | Path | None = None, repo: str | Pa
     done = []
     if fill_markers(results, "scheduler-summary", NO_GROUPS_RESULTS if df.empty else format_summary(df)):
         done.append(results)
-    if fill_markers(results, "fcfs-drift", format_drift(fcfs_drift(root))) and results not in done:
+    att = drift_attempts(root)
+    if fill_markers(results, "fcfs-drift", format_drift(fcfs_drift(root), att[~att["kept"]])) and results not in done:
         done.append(results)
     if fill_markers(readme, "scheduler-summary", NO_GROUPS_README if df.empty else format_headline(df)):
         done.append(readme)

@@ -295,3 +295,61 @@ def test_step_cost_ratio_compares_decode_steps_at_the_same_rows():
     assert step_cost_ratio(pol, fcfs) == pytest.approx(1.1)
     assert step_cost_ratio(fcfs, fcfs) == pytest.approx(1.0)
     assert math.isnan(step_cost_ratio(pol[pol["n_seqs"] == 4], fcfs[fcfs["n_seqs"] == 8]))
+
+
+# ====================================================================================== the drift gate (box.sh)
+def _seed(root, seed, first, closing, policies=("pol",)):
+    """One attempt of a seed in group ``g``: FCFS (mean RT ``first``), the policies, the closing FCFS run."""
+    for pol in ("fcfs", *policies):
+        _run(root, "g", pol, seed, np.full(50, first if pol == "fcfs" else 1.0))
+    _run(root, "g", "fcfs", seed, np.full(50, closing), sub="fcfs_last")
+
+
+def test_the_drift_gate_reruns_a_drifting_seed_and_records_every_attempt(tmp_path):
+    from rtlm_lab.scheduler.analysis import DRIFT_ATTEMPTS, drift_gate
+
+    g = tmp_path / "g"
+    _seed(tmp_path, 0, 1.0, 1.05)   # within 10%: kept at once
+    _seed(tmp_path, 1, 1.0, 1.30)   # 30% off: dropped while reruns are left
+    kept, msg = drift_gate(g, 0, reruns=1)
+    assert kept and "1.05x" in msg and msg.endswith("kept")
+    kept, msg = drift_gate(g, 1, reruns=1)
+    assert not kept and "dropped" in msg
+    assert not list(g.glob("*__s1/metrics.json")) and not list((g / "fcfs_last").glob("*__s1/metrics.json"))
+    assert (g / "fcfs__s0" / "metrics.json").is_file()  # the other seed's runs stay
+    # the seed's second attempt drifts too: no rerun left, so it stands, flagged
+    _seed(tmp_path, 1, 1.0, 0.70)
+    kept, msg = drift_gate(g, 1, reruns=1)
+    assert kept and "drift flagged" in msg and (g / "pol__s1" / "metrics.json").is_file()
+    log = pd.read_csv(g / DRIFT_ATTEMPTS)
+    assert log[["seed", "attempt"]].values.tolist() == [[0, 1], [1, 1], [1, 2]]
+    assert log["kept"].tolist() == [True, False, True]
+    assert log["closing_vs_first"].round(2).tolist() == [1.05, 1.3, 0.7]
+    # a verdict already given is given again (a cut call resumes), without a new row
+    assert drift_gate(g, 0, reruns=1)[0] and len(pd.read_csv(g / DRIFT_ATTEMPTS)) == 3
+
+
+def test_the_drift_gate_needs_both_fcfs_runs(tmp_path):
+    from rtlm_lab.scheduler.analysis import drift_gate
+
+    _run(tmp_path, "g", "fcfs", 0, np.full(50, 1.0))
+    with pytest.raises(UserError, match="no first or no closing FCFS run"):
+        drift_gate(tmp_path / "g", 0, reruns=2)
+
+
+def test_the_drift_table_counts_attempts_and_lists_the_dropped_ones(tmp_path):
+    from rtlm_lab.scheduler.analysis import drift_attempts, drift_gate, fcfs_drift, format_drift
+
+    root = tmp_path / "ref"
+    runs = root / "runs"
+    _seed(runs, 0, 1.0, 1.5)
+    assert not drift_gate(runs / "g", 0, reruns=2)[0]
+    _seed(runs, 0, 1.0, 0.95)
+    assert drift_gate(runs / "g", 0, reruns=2)[0]
+    df = fcfs_drift(root)
+    assert df[["seed", "attempts"]].values.tolist() == [[0, 2]]
+    assert df["last_vs_first_mean_rt"].iloc[0] == pytest.approx(0.95)
+    att = drift_attempts(root)
+    md = format_drift(df, att[~att["kept"]])
+    assert "Attempts dropped by the drift rule" in md and "1.5" in md
+    assert "dropped" not in format_drift(df, att[att["seed"] < 0])

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import time
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -622,7 +624,8 @@ def fcfs_drift(root: Path | None = None) -> pd.DataFrame:
     and their ratios. Empty (with the columns) where no group has one."""
     root = Path(root) if root else reference_root()
     cols = ["group", "seed", "first_mean_rt_s", "last_mean_rt_s", "last_vs_first_mean_rt", "first_step_ms",
-            "last_step_ms", "last_vs_first_step"]
+            "last_step_ms", "last_vs_first_step", "attempts"]
+    tried = drift_attempts(root).groupby(["group", "seed"]).size().to_dict()
     rows = []
     for f in sorted(root.glob(f"runs/*/{LAST}/*/metrics.json")):
         last_dir, gdir = f.parent, f.parent.parent.parent
@@ -641,15 +644,102 @@ def fcfs_drift(root: Path | None = None) -> pd.DataFrame:
         sa, sb = _mean_step_ms(first[0]), _mean_step_ms(last_dir)
         rows.append({"group": gdir.name, "seed": seed, "first_mean_rt_s": a, "last_mean_rt_s": b,
                      "last_vs_first_mean_rt": b / a if a > 0 else math.nan, "first_step_ms": sa,
-                     "last_step_ms": sb, "last_vs_first_step": sb / sa if sa > 0 else math.nan})
+                     "last_step_ms": sb, "last_vs_first_step": sb / sa if sa > 0 else math.nan,
+                     "attempts": int(tried.get((gdir.name, seed), 1))})
     return pd.DataFrame(rows, columns=cols)
 
 
-def format_drift(df: pd.DataFrame) -> str:
-    """:func:`fcfs_drift` as markdown."""
+DRIFT_ATTEMPTS = "drift_attempts.csv"
+DRIFT_COLUMNS = ("seed", "attempt", "first_run", "closing_run", "closing_sha", "first_mean_rt_s", "closing_mean_rt_s",
+                 "closing_vs_first", "first_step_ms", "closing_step_ms", "kept", "utc")
+
+
+def _median_step_ms(run_dir: Path) -> float:
+    try:
+        steps = pd.read_parquet(Path(run_dir) / "steps.parquet", columns=["dt_s"])
+    except (OSError, ValueError, KeyError):
+        return math.nan
+    return 1e3 * float(steps["dt_s"].median()) if len(steps) else math.nan
+
+
+def drift_gate(gdir: Path, seed: int, reruns: int) -> tuple[bool, str]:
+    """The protocol's drift rule for one seed of a group (``tools/device/box.sh group``, after the seed's closing
+    FCFS run): the attempt stands where the closing FCFS run's mean response time is within
+    ``FCFS_DRIFT_TOLERANCE`` of the first's, or where ``reruns`` reruns are spent (the table then flags the
+    seed); otherwise its runs are deleted, to be run again. Every gated attempt is a row of
+    ``<gdir>/drift_attempts.csv`` (the report counts them). Idempotent: an attempt already gated keeps its
+    verdict (a call cut after the verdict deletes what is left). Returns (kept, one line)."""
+    from rtlm_lab.io import sha256_file, write_text_atomic
+
+    gdir, seed = Path(gdir), int(seed)
+
+    def runs(d: Path, policy: str | None = None) -> list[Path]:  # the seed's finished runs in d, by metrics.json
+        out = []
+        for f in sorted(d.glob("*/metrics.json")):
+            m = json.loads(f.read_text())
+            pol = m["policy"]["name"] if isinstance(m.get("policy"), dict) else str(m.get("policy"))
+            if int(m.get("seed", 0)) == seed and policy in (None, pol):
+                out.append(f.parent)
+        return out
+
+    firsts, lasts = runs(gdir, "fcfs"), runs(gdir / LAST, "fcfs")
+    if not firsts or not lasts:
+        raise UserError(f"seed {seed} has no first or no closing FCFS run in {gdir}")
+    path = gdir / DRIFT_ATTEMPTS
+    log = pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=list(DRIFT_COLUMNS))
+    mine = log[log["seed"].astype(int) == seed]
+    # a rerun's runs get the same names (the config's hash): an attempt is known by its closing run's metrics
+    sha = sha256_file(lasts[0] / "metrics.json")[:16]
+    row = mine[mine["closing_sha"].astype(str) == sha]
+    if row.empty:
+        a = float(json.loads((firsts[0] / "metrics.json").read_text())["mean_rt_s"])
+        b = float(json.loads((lasts[0] / "metrics.json").read_text())["mean_rt_s"])
+        ratio = b / a if a > 0 else math.nan
+        ok = bool(abs(ratio - 1) <= FCFS_DRIFT_TOLERANCE)
+        attempt = len(mine) + 1
+        row = pd.DataFrame([{"seed": seed, "attempt": attempt, "first_run": firsts[0].name,
+                             "closing_run": lasts[0].name, "closing_sha": sha, "first_mean_rt_s": a, "closing_mean_rt_s": b,
+                             "closing_vs_first": ratio, "first_step_ms": _median_step_ms(firsts[0]),
+                             "closing_step_ms": _median_step_ms(lasts[0]), "kept": bool(ok or attempt > reruns),
+                             "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}])
+        log = pd.concat([log, row], ignore_index=True) if len(log) else row
+        write_text_atomic(path, log[list(DRIFT_COLUMNS)].to_csv(index=False))
+    r = row.iloc[0]
+    kept = str(r["kept"]) == "True"
+    ratio = float(r["closing_vs_first"])
+    ok = abs(ratio - 1) <= FCFS_DRIFT_TOLERANCE
+    msg = (f"seed {seed} attempt {int(r['attempt'])}: closing / first FCFS mean RT {ratio:.2f}x (median step "
+           f"{float(r['closing_step_ms']):.1f} / {float(r['first_step_ms']):.1f} ms): "
+           + ("kept" if ok else f"kept, drift flagged (no rerun left of {reruns})" if kept
+              else "dropped, the seed runs again"))
+    if not kept:
+        for run in runs(gdir) + runs(gdir / LAST):
+            shutil.rmtree(run)
+    return kept, msg
+
+
+def drift_attempts(root: Path | None = None) -> pd.DataFrame:
+    """Every group's gated attempts (``runs/<group>/drift_attempts.csv``, :func:`drift_gate`), with the group."""
+    root = Path(root) if root else reference_root()
+    frames = [pd.read_csv(f).assign(group=f.parent.name) for f in sorted(root.glob(f"runs/*/{DRIFT_ATTEMPTS}"))]
+    df = (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["group", *DRIFT_COLUMNS]))
+    df["kept"] = df["kept"].map(lambda v: str(v) == "True").astype(bool)
+    return df
+
+
+def format_drift(df: pd.DataFrame, dropped: pd.DataFrame | None = None) -> str:
+    """:func:`fcfs_drift` as markdown; ``dropped``: :func:`drift_attempts` rows the rule dropped, listed below."""
     if df.empty:
         return "No group has closing FCFS runs yet (`tools/device/box.sh group` makes them)."
     out = df.rename(columns={"first_mean_rt_s": "first FCFS mean RT s", "last_mean_rt_s": "closing FCFS mean RT s",
                              "last_vs_first_mean_rt": "closing / first", "first_step_ms": "first step ms",
-                             "last_step_ms": "closing step ms", "last_vs_first_step": "step closing / first"})
-    return out.round(3).to_markdown(index=False)
+                             "last_step_ms": "closing step ms", "last_vs_first_step": "step closing / first",
+                             "attempts": "attempts (the last kept)"})
+    md = out.round(3).to_markdown(index=False)
+    if dropped is not None and len(dropped):
+        d = dropped[["group", "seed", "attempt", "closing_vs_first", "first_step_ms", "closing_step_ms", "utc"]]
+        md += ("\n\nAttempts dropped by the drift rule (`box.sh group` with `DRIFT_RERUNS`: their runs were deleted "
+               "and the seed ran again; `runs/<group>/drift_attempts.csv`):\n\n"
+               + d.rename(columns={"closing_vs_first": "closing / first", "first_step_ms": "first median step ms",
+                                   "closing_step_ms": "closing median step ms"}).round(3).to_markdown(index=False))
+    return md

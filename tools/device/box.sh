@@ -246,6 +246,24 @@ print("box.sh group: ->", add_runs([Path(run)], dest, root=Path(root), note=note
 PY
 }
 
+group_gate() {  # after a seed's closing FCFS run: analysis.drift_gate keeps the seed's attempt, or drops it
+    # (exit 3: rerun the seed) while its closing/first FCFS mean RT is off by more than the protocol's tolerance
+    # and DRIFT_RERUNS attempts are left; ROOT/runs/<group>/drift_attempts.csv records every attempt
+    "$PY" - "$@" <<'PY'
+import sys
+from pathlib import Path
+from rtlm_lab.errors import UserError
+from rtlm_lab.scheduler.analysis import drift_gate
+
+try:
+    kept, msg = drift_gate(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
+except UserError as exc:
+    sys.exit(f"box.sh group: {exc}")
+print("box.sh group:", msg)
+sys.exit(0 if kept else 3)
+PY
+}
+
 group() {
     local cfg=${1:-} root=${2:-outputs/reference/scheduler}
     [ -n "$cfg" ] || die "usage: box.sh group CONFIG [ROOT]   (CONFIG: conf/groups/<name>.yaml)"
@@ -270,6 +288,7 @@ group() {
     echo "box.sh group $G_NAME: $G_LM on $G_PLATFORM ($G_MODE), rho $G_RHO, $G_N requests, seeds ${G_SEEDS[*]}," \
          "fcfs ${G_POLICIES[*]} fcfs; into $gdir"
     for s in "${G_SEEDS[@]}"; do
+      while true; do  # one attempt of the seed; group_gate decides whether it stands
         seq=(fcfs "${G_POLICIES[@]}" fcfs)
         for i in "${!seq[@]}"; do
             pol=${seq[$i]}
@@ -300,6 +319,13 @@ group() {
                 "$G_MODE" || exit 1
             n_run=$((n_run + 1))
         done
+        [ -z "${DRY_RUN:-}" ] || break
+        local rc=0
+        group_gate "$gdir" "$s" "${DRIFT_RERUNS:-0}" || rc=$?
+        [ "$rc" -eq 3 ] && continue
+        [ "$rc" -eq 0 ] || exit 1
+        break
+      done
     done
     echo "box.sh group $G_NAME: $n_run run(s) $([ -n "${DRY_RUN:-}" ] && echo to make || echo added), $n_done already in $gdir"
     [ -n "${DRY_RUN:-}" ] || echo "the results table: rtlm-reference target=scheduler (tools/device/README.md)"
