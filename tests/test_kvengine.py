@@ -93,6 +93,8 @@ def test_kv_engine_tokens_equal_generate_through_joins_leaves_and_pauses(arch, t
             assert got[k].generated == want[k] and got[k].stop_reason == "pinned"
         assert facts["steps"]["cpu0"]["n_seqs"].max() <= 3
         assert be.slots.n_evicted == 0  # a slot for every request: pauses keep their KV in place
+        # rows moved to the lowest slots (SRPT's below its paused rows: two rows' KV swapped) keep their tokens
+        assert be.slots.n_moves > 0, policy
     assert compared >= sum(want.values())  # most tokens were compared (generate ran past EOS rarely)
 
 
@@ -202,3 +204,32 @@ def test_slot_table_evicts_the_last_ranked_paused_request():
     assert [j.rid for j, _ in plan] == ["c", "a"]
     assert evicted == [b] and b.slot is None and b.prefill_left == 4 + 3 and b.evictions == 1
     assert c.slot == 1
+
+
+def test_compact_moves_decoding_rows_into_the_lowest_slots():
+    """Decoding rows in slots >= T (their number rounded up to a power of two) trade places with the lowest
+    slot below T that no decoding row holds: a free slot (the table's free list follows) or a paused row's."""
+    from rtlm_lab.scheduler.engine.jobs import Job
+
+    def job(rid):
+        r = Request(request_id=rid, text="", context="", arrival_s=0.0, n_input_tokens=4, true_tokens=5)
+        return Job(req=r, n_prompt=4)
+
+    slots = SlotTable(8)
+    jobs = [job(f"j{i}") for i in range(6)]
+    for j in jobs:
+        slots.take(j)                                  # slots 0..5
+    p0, p1, d2, _, d4, d5 = jobs
+    slots.release(jobs[3])                             # slot 3 free
+    # decoding: j2, j4, j5 (T = 4); paused: j0, j1. j4 -> slot 0 (j0's), j5 -> slot 1 (j1's)
+    moves = slots.compact([d2, d4, d5])
+    assert moves == [(4, 0), (5, 1)]
+    assert (d4.slot, d5.slot, d2.slot, p0.slot, p1.slot) == (0, 1, 2, 4, 5)
+    assert {s: j.rid for s, j in slots.holder.items()} == {0: "j4", 1: "j5", 2: "j2", 4: "j0", 5: "j1"}
+    assert sorted(slots.free) == [3, 6, 7]
+    assert slots.compact([d2, d4, d5]) == []          # already low: nothing moves
+    # one decoding row high with a free slot below T: it moves there, its old slot is freed
+    slots.release(d4), slots.release(d5)               # slots 0, 1 free
+    moves = slots.compact([p1])                        # j0/j1 resume alone: T = 1
+    assert moves == [(5, 0)] and p1.slot == 0 and 5 in slots.free and 0 not in slots.free
+    assert slots.n_moves == 3

@@ -288,7 +288,10 @@ group() {
     echo "box.sh group $G_NAME: $G_LM on $G_PLATFORM ($G_MODE), rho $G_RHO, $G_N requests, seeds ${G_SEEDS[*]}," \
          "fcfs ${G_POLICIES[*]} fcfs; into $gdir"
     for s in "${G_SEEDS[@]}"; do
+      local tries=0
       while true; do  # one attempt of the seed; group_gate decides whether it stands
+        tries=$((tries + 1))
+        [ "$tries" -le $((${DRIFT_RERUNS:-0} + 1)) ] || die "seed $s: more attempts than DRIFT_RERUNS allows ($gdir/drift_attempts.csv)"
         seq=(fcfs "${G_POLICIES[@]}" fcfs)
         for i in "${!seq[@]}"; do
             pol=${seq[$i]}
@@ -322,7 +325,10 @@ group() {
         [ -z "${DRY_RUN:-}" ] || break
         local rc=0
         group_gate "$gdir" "$s" "${DRIFT_RERUNS:-0}" || rc=$?
-        [ "$rc" -eq 3 ] && continue
+        if [ "$rc" -eq 3 ]; then  # dropped: the seed's scratch runs go too, or the rerun would find them done
+            find "$work" -mindepth 1 -type d -name "s$s-*" -prune -exec rm -rf {} +
+            continue
+        fi
         [ "$rc" -eq 0 ] || exit 1
         break
       done

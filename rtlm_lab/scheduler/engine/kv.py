@@ -10,6 +10,9 @@ transformers modules (no second copy of the model code):
   slot, a pause leaves the KV where it is. When a request needs a slot and none is free, the planner evicts a
   paused request (its KV is dropped and recomputed on resume, as vLLM's recompute preemption): the rule is the
   engine's (:class:`~rtlm_lab.scheduler.engine.planner.SlotTable`), the same for every policy and the simulator.
+  Before each step the table moves the decoding rows into the lowest slots (:meth:`SlotTable.compact
+  <rtlm_lab.scheduler.engine.planner.SlotTable.compact>`: two rows' KV swapped, :meth:`KVBackend._swap`), so a
+  row paused in a low slot does not make the steps after it compute idle rows.
 * **Mixed steps.** One forward per step over a flat token layout: the decoding rows (slots ``0..B-1``, ``B`` a
   power-of-two bucket) then the prompt chunks the planner admitted under ``max_batch_tokens`` (chunked prefill).
   The layer stack runs on all tokens at once; attention is ours (:func:`slot_attention`, registered with
@@ -510,6 +513,8 @@ class KVBackend:
         for j in evicted:  # recompute later: the prompt and what it generated so far become its prefill
             self.done_prefill.pop(j.rid, None)
         decode = [j for j, _ in plan if j.prefill_left <= 0]
+        for a, b in self.slots.compact(decode):  # decoding rows into the lowest slots: B counts only them
+            self._swap(a, b)
         pre = [(j, t) for j, t in plan if j.prefill_left > 0]
         act = self._act_host
         act.zero_()
@@ -558,6 +563,16 @@ class KVBackend:
         if self._pending:
             self._resolve_probe()
         return time.perf_counter() - t0, events, n_tok
+
+    def _swap(self, a: int, b: int) -> None:
+        """Trade the contents of slots ``a`` and ``b``: both rows' KV in every layer and their per-slot state (the
+        probe's too), in place (the captured graphs read these tensors)."""
+        ix, xi = [a, b], [b, a]
+        per_slot = [*self.kv.k, *self.kv.v, self.last, self.pos, self.count, self.limit, self.seed]
+        if self.probe is not None:
+            per_slot += [*self.h_dec.values(), *self.p_sum.values(), *self.p_last.values(), self.p_ent, self.p_eos]
+        for t in per_slot:
+            t[ix] = t[xi]
 
     def _mixed(self, B, Lb, decode, pre):
         """A step with prompt chunks: one eager forward (decode rows first), argmax/stop on the device."""
@@ -694,6 +709,7 @@ class KVBackend:
                 "sampling": None if self.temperature <= 0 else {"temperature": self.temperature, "top_p": self.top_p,
                                                                 "seed": self.seed_base},
                 "eager_steps": self.n_eager_steps, "pin_lengths": self.pin, "evictions": self.slots.n_evicted,
+                "slot_moves": self.slots.n_moves,
                 "lm_state_probe": None if self.probe is None else {"layers": list(self.probe.layers),
                                                                    "refine_every": self.probe.refine_every,
                                                                    "hooks": "forward hooks, in the step's forward"}}

@@ -41,21 +41,63 @@ class SlotTable:
     request keeps its slot (its KV stays in place: resuming costs nothing). When a planned request needs a slot
     and none is free, the paused request the policy ranks last is evicted: its KV is dropped and it must
     prefill its prompt plus what it generated again when it resumes (recompute preemption, as vLLM). The rule
-    is the engine's, the same for every policy."""
+    is the engine's, the same for every policy.
+
+    :meth:`compact` keeps a step's decoding rows in the lowest slots (the kv engine decodes slots ``0..B-1``, B a
+    power of two), so paused rows in low slots do not make every later step compute idle rows."""
 
     def __init__(self, n_slots: int):
         self.n = int(n_slots)
         self.free = list(range(self.n))
         heapq.heapify(self.free)
+        self.holder: dict[int, Job] = {}
         self.n_evicted = 0
+        self.n_moves = 0
 
     def take(self, job: Job) -> None:
         job.slot = heapq.heappop(self.free)
+        self.holder[job.slot] = job
 
     def release(self, job: Job) -> None:
         if job.slot is not None:
             heapq.heappush(self.free, job.slot)
+            self.holder.pop(job.slot, None)
             job.slot = None
+
+    def compact(self, decode: list[Job]) -> list[tuple[int, int]]:
+        """Move this step's decoding rows into slots ``0..T-1`` (``T``: their number rounded up to a power of
+        two, the batch the kv engine then computes): each row in a slot ``>= T`` trades places with the lowest
+        slot below ``T`` that no decoding row holds (a free one, or a paused or prefilling request's, which
+        moves up in exchange). Returns the ``(a, b)`` slot pairs whose contents the engine swaps, in order;
+        none where the rows already sit low. Every policy gets the rule: under FCFS it moves a row down when
+        rows below it have left; under a preemptive policy it also moves resumed and new rows below paused ones.
+
+        Why: with paused rows holding low slots, resumed and new rows land high, and the engine computed
+        ``pow2(highest slot + 1)`` rows a step. On the 2-core CPU a 4-row DialoGPT-ccc step over 8 slots cost
+        1.15x one over 4 (10.3 vs 12.1 ms, Lb 64); the preemptive policies paid it on every such step. Swapping two
+        rows' KV costs two rows' copy, once. (vLLM's persistent batch condenses its rows the same way when
+        requests leave; its KV stays in paged blocks.)"""
+        n = len(decode)
+        if n == 0:
+            return []
+        T = min(self.n, 1 << max(0, (n - 1).bit_length()))
+        dec = {id(j) for j in decode}
+        low = [s for s in range(T) if not (s in self.holder and id(self.holder[s]) in dec)]
+        moves = []
+        for j in sorted((j for j in decode if j.slot is not None and j.slot >= T), key=lambda j: j.slot):
+            a, b = j.slot, low.pop(0)
+            other = self.holder.get(b)
+            j.slot, self.holder[b] = b, j
+            if other is not None:
+                other.slot, self.holder[a] = a, other
+            else:
+                del self.holder[a]
+                self.free.remove(b)
+                self.free.append(a)
+                heapq.heapify(self.free)
+            moves.append((a, b))
+        self.n_moves += len(moves)
+        return moves
 
     def evict(self, job: Job) -> None:
         self.release(job)
