@@ -224,18 +224,26 @@ def test_the_summary_covers_every_table_beside_it_and_none_stale(tmp_path):
     assert "sim_error_a.csv" in md and "sim_error_b.csv" in md
 
 
-def test_the_committed_config_names_no_runs_and_says_so_in_one_line(tmp_path):
-    """conf/target/sim_error.yaml names no runs (the groups it validated were removed): the build stops with one
-    UserError line, before touching any file; with calibration but no runs, another one line."""
+def test_the_committed_config_rebuilds_the_committed_table_and_bad_configs_say_so_in_one_line(tmp_path):
+    """conf/target/sim_error.yaml names the committed CPU group's runs: rebuilding gives the committed
+    sim_error.csv (the replay is deterministic); a config naming no calibration or no validation runs stops
+    with one UserError line, before touching any file."""
     from omegaconf import OmegaConf
 
     from conftest import ROOT
     from rtlm_lab.scheduler.replay import build
 
-    cfg = OmegaConf.load(ROOT / "conf" / "target" / "sim_error.yaml")
-    assert list(cfg.calibration) == list(cfg.calibration_steps) == list(cfg.runs) == []
+    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "target" / "sim_error.yaml"))
+    assert cfg["calibration"] and cfg["runs"] and not cfg["calibration_steps"]
+    out = tmp_path / "sim_error.csv"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(ROOT)  # the globs are relative to the checkout
+        build({**cfg, "out": str(out)})
+    got, want = pd.read_csv(out), pd.read_csv(ROOT / "outputs/reference/scheduler/sim_error.csv")
+    pd.testing.assert_frame_equal(got, want)
+    cfg = {**cfg, "calibration": [], "runs": []}
     with pytest.raises(UserError, match="^no calibration runs: ") as exc:
         build(cfg)
     assert "\n" not in str(exc.value)
     with pytest.raises(UserError, match="^no validation runs: "):
-        build({**OmegaConf.to_container(cfg), "calibration_steps": [str(_saturation_steps(tmp_path, TRUE)[0])]})
+        build({**cfg, "calibration_steps": [str(_saturation_steps(tmp_path, TRUE)[0])]})
