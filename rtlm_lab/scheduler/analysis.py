@@ -610,12 +610,13 @@ def format_headline(df: pd.DataFrame) -> str:
 LAST = "fcfs_last"
 
 
-def _mean_step_ms(run_dir: Path) -> float:
+def _step_ms(run_dir: Path, stat: str = "mean") -> float:
+    """A run's engine step (``stat``: ``mean`` or ``median`` of ``steps.parquet``'s ``dt_s``), ms; NaN without steps."""
     try:
         steps = pd.read_parquet(Path(run_dir) / "steps.parquet", columns=["dt_s"])
     except (OSError, ValueError, KeyError):
         return math.nan
-    return 1e3 * float(steps["dt_s"].mean()) if len(steps) else math.nan
+    return 1e3 * float(getattr(steps["dt_s"], stat)()) if len(steps) else math.nan
 
 
 def fcfs_drift(root: Path | None = None) -> pd.DataFrame:
@@ -641,7 +642,7 @@ def fcfs_drift(root: Path | None = None) -> pd.DataFrame:
         if first is None:
             continue
         a, b = float(first[1]["mean_rt_s"]), float(m_last["mean_rt_s"])
-        sa, sb = _mean_step_ms(first[0]), _mean_step_ms(last_dir)
+        sa, sb = _step_ms(first[0]), _step_ms(last_dir)
         rows.append({"group": gdir.name, "seed": seed, "first_mean_rt_s": a, "last_mean_rt_s": b,
                      "last_vs_first_mean_rt": b / a if a > 0 else math.nan, "first_step_ms": sa,
                      "last_step_ms": sb, "last_vs_first_step": sb / sa if sa > 0 else math.nan,
@@ -652,14 +653,6 @@ def fcfs_drift(root: Path | None = None) -> pd.DataFrame:
 DRIFT_ATTEMPTS = "drift_attempts.csv"
 DRIFT_COLUMNS = ("seed", "attempt", "first_run", "closing_run", "closing_sha", "first_mean_rt_s", "closing_mean_rt_s",
                  "closing_vs_first", "first_step_ms", "closing_step_ms", "kept", "utc")
-
-
-def _median_step_ms(run_dir: Path) -> float:
-    try:
-        steps = pd.read_parquet(Path(run_dir) / "steps.parquet", columns=["dt_s"])
-    except (OSError, ValueError, KeyError):
-        return math.nan
-    return 1e3 * float(steps["dt_s"].median()) if len(steps) else math.nan
 
 
 def drift_gate(gdir: Path, seed: int, reruns: int) -> tuple[bool, str]:
@@ -699,8 +692,8 @@ def drift_gate(gdir: Path, seed: int, reruns: int) -> tuple[bool, str]:
         attempt = len(mine) + 1
         row = pd.DataFrame([{"seed": seed, "attempt": attempt, "first_run": firsts[0].name,
                              "closing_run": lasts[0].name, "closing_sha": sha, "first_mean_rt_s": a, "closing_mean_rt_s": b,
-                             "closing_vs_first": ratio, "first_step_ms": _median_step_ms(firsts[0]),
-                             "closing_step_ms": _median_step_ms(lasts[0]), "kept": bool(ok or attempt > reruns),
+                             "closing_vs_first": ratio, "first_step_ms": _step_ms(firsts[0], "median"),
+                             "closing_step_ms": _step_ms(lasts[0], "median"), "kept": bool(ok or attempt > reruns),
                              "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}])
         log = pd.concat([log, row], ignore_index=True) if len(log) else row
         write_text_atomic(path, log[list(DRIFT_COLUMNS)].to_csv(index=False))
