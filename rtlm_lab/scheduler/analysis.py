@@ -42,6 +42,22 @@ def load_run(run_dir: Path) -> tuple[dict, pd.DataFrame]:
     return m, r
 
 
+def _policy_name(m: dict) -> str:
+    """A run's policy name from its ``metrics.json`` (a config mapping, or the name in older runs)."""
+    return m["policy"]["name"] if isinstance(m.get("policy"), dict) else str(m.get("policy"))
+
+
+def _seed_runs(d: Path, seed: int, policy: str | None = None) -> list[tuple[Path, dict]]:
+    """The finished runs directly under ``d`` of ``seed`` (and ``policy``, where given), with their metrics, in
+    name order."""
+    out = []
+    for f in sorted(Path(d).glob("*/metrics.json")):
+        m, _ = load_run(f.parent)
+        if int(m.get("seed", 0)) == int(seed) and policy in (None, _policy_name(m)):
+            out.append((f.parent, m))
+    return out
+
+
 def _engine_key(m: dict) -> str:
     if m.get("engine") == "static":  # the paper's path: whole batches of up to max_batch, + CPU offload workers
         # the platform's batch budget (what every policy shares), not a policy's own: rtlm_batch1 is an
@@ -243,7 +259,7 @@ def collect(run_dirs: Iterable[Path], groups: Mapping[str, str] | None = None
         proto = run_protocol_facts(m, r)
         rows.append({"run_dir": str(d), "group": (groups or {}).get(str(d), Path(d).parent.name), "lm": m["lm"], "platform": m["platform"], "mode": m.get("mode", "real"),
                      "engine_key": _engine_key(m), "nominal_rho": float(m.get("nominal_rho", m.get("rho", math.nan))),
-                     "policy": m["policy"]["name"] if isinstance(m["policy"], dict) else str(m["policy"]),
+                     "policy": _policy_name(m),
                      "seed": int(m.get("seed", 0)), "gpu": run_gpu(m),
                      **{k: m.get(k, math.nan) for k in RUN_METRICS if k not in DERIVED_METRICS},
                      **prediction_load(m, r),
@@ -503,7 +519,7 @@ def add_runs(run_dirs: Sequence[Path], group: str, root: Path | None = None, not
     out = []
     for d in map(Path, run_dirs):
         m, _ = load_run(d)
-        pol = m["policy"]["name"] if isinstance(m["policy"], dict) else str(m["policy"])
+        pol = _policy_name(m)
         name = d.name if d.name.startswith(f"{m['lm']}__") else f"{m['lm']}__{m['platform']}__{m.get('mode', 'real')}__{pol}__{d.name}"
         t = dest / name
         t.mkdir(parents=True, exist_ok=True)
@@ -632,15 +648,10 @@ def fcfs_drift(root: Path | None = None) -> pd.DataFrame:
         last_dir, gdir = f.parent, f.parent.parent.parent
         m_last, _ = load_run(last_dir)
         seed = int(m_last.get("seed", 0))
-        first = None
-        for g in sorted(gdir.glob("*/metrics.json")):
-            m, _ = load_run(g.parent)
-            pol = m["policy"]["name"] if isinstance(m["policy"], dict) else str(m["policy"])
-            if pol == "fcfs" and int(m.get("seed", 0)) == seed:
-                first = (g.parent, m)
-                break
-        if first is None:
+        firsts = _seed_runs(gdir, seed, "fcfs")
+        if not firsts:
             continue
+        first = firsts[0]
         a, b = float(first[1]["mean_rt_s"]), float(m_last["mean_rt_s"])
         sa, sb = _step_ms(first[0]), _step_ms(last_dir)
         rows.append({"group": gdir.name, "seed": seed, "first_mean_rt_s": a, "last_mean_rt_s": b,
@@ -666,34 +677,25 @@ def drift_gate(gdir: Path, seed: int, reruns: int) -> tuple[bool, str]:
 
     gdir, seed = Path(gdir), int(seed)
 
-    def runs(d: Path, policy: str | None = None) -> list[Path]:  # the seed's finished runs in d, by metrics.json
-        out = []
-        for f in sorted(d.glob("*/metrics.json")):
-            m = json.loads(f.read_text())
-            pol = m["policy"]["name"] if isinstance(m.get("policy"), dict) else str(m.get("policy"))
-            if int(m.get("seed", 0)) == seed and policy in (None, pol):
-                out.append(f.parent)
-        return out
-
-    firsts, lasts = runs(gdir, "fcfs"), runs(gdir / LAST, "fcfs")
+    firsts, lasts = _seed_runs(gdir, seed, "fcfs"), _seed_runs(gdir / LAST, seed, "fcfs")
     if not firsts or not lasts:
         raise UserError(f"seed {seed} has no first or no closing FCFS run in {gdir}")
     path = gdir / DRIFT_ATTEMPTS
     log = pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=list(DRIFT_COLUMNS))
     mine = log[log["seed"].astype(int) == seed]
     # a rerun's runs get the same names (the config's hash): an attempt is known by its closing run's metrics
-    sha = sha256_file(lasts[0] / "metrics.json")[:16]
+    (first, m_first), (last, m_last) = firsts[0], lasts[0]
+    sha = sha256_file(last / "metrics.json")[:16]
     row = mine[mine["closing_sha"].astype(str) == sha]
     if row.empty:
-        a = float(json.loads((firsts[0] / "metrics.json").read_text())["mean_rt_s"])
-        b = float(json.loads((lasts[0] / "metrics.json").read_text())["mean_rt_s"])
+        a, b = float(m_first["mean_rt_s"]), float(m_last["mean_rt_s"])
         ratio = b / a if a > 0 else math.nan
         ok = bool(abs(ratio - 1) <= FCFS_DRIFT_TOLERANCE)
         attempt = len(mine) + 1
-        row = pd.DataFrame([{"seed": seed, "attempt": attempt, "first_run": firsts[0].name,
-                             "closing_run": lasts[0].name, "closing_sha": sha, "first_mean_rt_s": a, "closing_mean_rt_s": b,
-                             "closing_vs_first": ratio, "first_step_ms": _step_ms(firsts[0], "median"),
-                             "closing_step_ms": _step_ms(lasts[0], "median"), "kept": bool(ok or attempt > reruns),
+        row = pd.DataFrame([{"seed": seed, "attempt": attempt, "first_run": first.name,
+                             "closing_run": last.name, "closing_sha": sha, "first_mean_rt_s": a, "closing_mean_rt_s": b,
+                             "closing_vs_first": ratio, "first_step_ms": _step_ms(first, "median"),
+                             "closing_step_ms": _step_ms(last, "median"), "kept": bool(ok or attempt > reruns),
                              "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}])
         log = pd.concat([log, row], ignore_index=True) if len(log) else row
         write_text_atomic(path, log[list(DRIFT_COLUMNS)].to_csv(index=False))
@@ -706,7 +708,7 @@ def drift_gate(gdir: Path, seed: int, reruns: int) -> tuple[bool, str]:
            + ("kept" if ok else f"kept, drift flagged (no rerun left of {reruns})" if kept
               else "dropped, the seed runs again"))
     if not kept:
-        for run in runs(gdir) + runs(gdir / LAST):
+        for run, _ in _seed_runs(gdir, seed) + _seed_runs(gdir / LAST, seed):
             shutil.rmtree(run)
     return kept, msg
 

@@ -310,10 +310,11 @@ class KVBackend:
     def _refine(self, decode) -> None:
         """Every ``refine_every`` decoding steps: the refinement of the rows that have generated at least that
         many tokens, from the states this step's forward left in ``h_dec`` (the token fed now is a row's t-th)."""
+        due = self._refine_due()
         self._n_dec += 1
-        every = self.probe.refine_every
-        if every <= 0 or self._n_dec % every:
+        if not due:
             return
+        every = self.probe.refine_every
         rows = [j for j in decode if len(self.gen[j.rid]) >= every]
         if not rows:
             return
